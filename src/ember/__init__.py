@@ -1,0 +1,1 @@
+"""Ember: a CPU-first LLM inference engine and quantization workbench."""
