@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
+import torch
+
 from ember.sampling_params import SamplingParams
 
 
@@ -49,6 +51,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.first_token_time: float | None = None
+        # A seeded request owns its generator so its samples do not depend on batch neighbours.
+        self.generator: torch.Generator | None = None
+        if sampling_params.seed is not None:
+            self.generator = torch.Generator().manual_seed(sampling_params.seed + index)
 
     @property
     def num_prompt_tokens(self) -> int:
