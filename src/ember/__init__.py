@@ -1,1 +1,15 @@
 """Ember: a CPU-first LLM inference engine and quantization workbench."""
+
+from ember.outputs import CompletionOutput, RequestOutput
+from ember.sampling_params import SamplingParams
+
+
+def __getattr__(name):
+    # The engine pulls in torch and transformers: import it only when asked for.
+    if name == "LLM":
+        from ember.entrypoints.llm import LLM
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,99 @@
+"""Engine configuration: one frozen dataclass whose fields are also the CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+SUPPORTED_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start; validated once, never mutated.
+
+    Each field becomes a CLI flag (`max_num_seqs` -> `--max-num-seqs`); the metadata `help`
+    is the flag's help text.
+    """
+
+    model: str | None = field(default=None, metadata={
+        "help": "GGUF file, Hugging Face model directory or quantized checkpoint; "
+                "default: the bundled SmolLM2-135M-Instruct"})
+    dtype: str = field(default="bfloat16", metadata={"help": "weights and activations: bfloat16 or float32"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest prompt + output in tokens; default: the model's context length, at most 8192"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    kv_cache_memory_gib: float = field(default=1.0, metadata={"help": "memory for the KV cache in GiB"})
+    num_kv_blocks: int | None = field(default=None, metadata={
+        "help": "number of KV-cache blocks (overrides --kv-cache-memory-gib)"})
+    max_num_seqs: int = field(default=128, metadata={"help": "most requests in one step"})
+    max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
+    seed: int = field(default=0, metadata={"help": "seed of the default random generator"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "intra-op threads; default: the number of physical cores"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def default_num_threads() -> int:
+    """Physical cores available to this process: hyper-threads share a core's matmul units."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        cores = {line for line in text.splitlines() if line.startswith(("physical id", "core id"))}
+        siblings = [int(l.split(":")[1]) for l in text.splitlines() if l.startswith("siblings")]
+        per_core = [int(l.split(":")[1]) for l in text.splitlines() if l.startswith("cpu cores")]
+        if siblings and per_core and siblings[0] > per_core[0] and cores:
+            return max(1, logical * per_core[0] // siblings[0])
+    except (OSError, ValueError):
+        pass
+    return max(1, logical)
+
+
+def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig) -> None:
+    """Add one `--flag` per dataclass field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        base = _base_type(hints[f.name])
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, default=f.default,
+                                help=f"{help_text} (default: {f.default})")
+
+
+def config_from_cli_args(args: argparse.Namespace, cls: type = EngineConfig):
+    """Build `cls` from the flags `add_config_cli_args` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _base_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint

@@ -1,0 +1,201 @@
+"""The synchronous engine: add requests, call `step()`, get outputs (schedule -> run -> postprocess)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ember.config import EngineConfig, default_num_threads
+from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
+from ember.engine.output_processor import ParentState, check_stop
+from ember.engine.request import Request, RequestStatus
+from ember.kv_cache.kv_cache_manager import KVCacheManager
+from ember.loader.model_loader import build_model, load_state, resolve_model_path
+from ember.loader.tokenizer import Tokenizer
+from ember.outputs import Logprob, RequestOutput
+from ember.sampling_params import SamplingParams
+from ember.scheduler.output import SchedulerOutput
+from ember.scheduler.scheduler import Scheduler
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class LLMEngine:
+    """Owns the scheduler, the KV-cache manager, the model runner and per-request output state."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, model_config, tokenizer: Tokenizer,
+                 model_name: str) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        max_len = config.max_model_len or min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        if max_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context length "
+                             f"{model_config.max_position_embeddings}")
+        self.config = config.replace(max_model_len=max_len)
+        dtype = getattr(torch, config.dtype)
+        num_blocks = config.num_kv_blocks or int(
+            config.kv_cache_memory_gib * 2**30 // ModelRunner.kv_bytes_per_block(model_config, config.block_size, dtype))
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, model_config, num_blocks, config.block_size, dtype)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
+        self._parents: dict[str, ParentState] = {}
+        self._counter = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Load the model and tokenizer the config names (the bundled model when None)."""
+        torch.set_num_threads(config.num_threads or default_num_threads())
+        torch.manual_seed(config.seed)
+        path = resolve_model_path(config.model)
+        model_config, state = load_state(path)
+        model = build_model(model_config, state, getattr(torch, config.dtype))
+        del state
+        tokenizer = Tokenizer.from_path(path)
+        name = config.model or "SmolLM2-135M-Instruct"
+        return cls(config, model, model_config, tokenizer, name)
+
+    # ---- requests in -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        """Queue a request (fanned out into `params.n` sequences).
+
+        Raises:
+            ValueError: empty prompt, token id out of range, a duplicate id, or a prompt that
+                cannot fit (prompt + max_tokens beyond max_model_len or the whole KV cache).
+        """
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = self._validate(token_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        children = [Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params,
+                            self.eos_token_id, cache_salt, parent_id=request_id, index=i,
+                            arrival_time=arrival)
+                    for i in range(params.n)]
+        self._parents[request_id] = ParentState(request_id, prompt_text, children, self.tokenizer)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        max_len = self.config.max_model_len
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(token_ids) >= max_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, but the maximum model length "
+                             f"is {max_len} (prompt + at least one output token must fit)")
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=max_len - len(token_ids))
+        if len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(f"this model's maximum context length is {max_len} tokens; the request "
+                             f"asks for {len(token_ids)} prompt + {params.max_tokens} output tokens")
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            err = ValueError(f"logit_bias token ids must be in [0, {vocab})")
+            err.param = "logit_bias"
+            raise err
+        blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.config.block_size)
+        if blocks_needed > self.kv_cache_manager.num_blocks:
+            raise ValueError(f"the request needs {blocks_needed} KV-cache blocks but the cache holds "
+                             f"only {self.kv_cache_manager.num_blocks}")
+        return params
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Drop requests at once and free their KV blocks; unknown ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            parent = self._parents.pop(request_id, None)
+            if parent is None:
+                continue
+            child_ids = [c.request.request_id for c in parent.children]
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def new_request_id(self) -> str:
+        return str(next(self._counter))
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return the requests that progressed."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        return self._postprocess(scheduler_output, runner_output)
+
+    def _postprocess(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        for entry in scheduler_output.scheduled:
+            entry.request.num_computed_tokens += entry.num_new_tokens
+        touched: dict[str, ParentState] = {}
+        finished_ids: list[str] = []
+        sampler_output = runner_output.sampler_output
+        if sampler_output is not None:
+            token_ids = sampler_output.sampled_token_ids.tolist()
+            now = time.monotonic()
+            for row, (request, token) in enumerate(zip(runner_output.sampled_requests, token_ids)):
+                parent = self._parents[request.parent_id]
+                state = parent.children[request.index]
+                request.append_output_token_id(token)
+                self.generation_tokens_total += 1
+                if request.num_output_tokens == 1:
+                    self.prompt_tokens_total += request.num_prompt_tokens
+                if parent.first_token_time is None:
+                    parent.first_token_time = now
+                if state.logprobs is not None:
+                    self._append_logprobs(state, sampler_output, row)
+                prev_len = 0
+                if state.detokenizer is not None:
+                    prev_len = len(state.detokenizer.text)
+                    state.detokenizer.add_tokens([token])
+                check_stop(state, token, prev_len, self.config.max_model_len)
+                if request.is_finished:
+                    finished_ids.append(request.request_id)
+                touched[parent.request_id] = parent
+        for request_id in finished_ids:
+            request = self.scheduler.requests[request_id]
+            self.scheduler.finish_requests([request_id], request.status)
+        outputs = [parent.make_output() for parent in touched.values()]
+        for output in outputs:
+            if output.finished:
+                del self._parents[output.request_id]
+        return outputs
+
+    def _append_logprobs(self, state, sampler_output, row: int) -> None:
+        k = state.request.sampling_params.logprobs
+        ids = sampler_output.logprob_token_ids[row, :k + 1].tolist()
+        values = sampler_output.logprobs[row, :k + 1].tolist()
+        sampled_rank = int(sampler_output.sampled_token_ranks[row])
+        entry = {ids[0]: Logprob(values[0], sampled_rank, self.tokenizer.decode([ids[0]], False))}
+        for rank, (token, value) in enumerate(zip(ids[1:], values[1:]), start=1):
+            entry.setdefault(token, Logprob(value, rank, self.tokenizer.decode([token], False)))
+        state.logprobs.append(entry)
+        state.cumulative_logprob += values[0]
+
+    def get_stats(self) -> EngineStats:
+        manager = self.kv_cache_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), manager.usage,
+                           self.scheduler.num_preemptions_total, self.prompt_tokens_total,
+                           self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens)

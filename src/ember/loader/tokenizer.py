@@ -1,0 +1,74 @@
+"""Tokenizer and chat template, read from the GGUF metadata or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    """A thin wrapper over a `transformers` fast tokenizer with the calls the engine makes."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.vocab_size: int = len(hf_tokenizer)
+        self.all_special_ids = set(hf_tokenizer.all_special_ids)
+
+    @classmethod
+    def from_path(cls, path: str) -> "Tokenizer":
+        """Load from a GGUF file (its embedded vocab, merges and template) or a model directory."""
+        if os.path.isfile(path):
+            folder, name = os.path.split(os.path.abspath(path))
+            return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name))
+        return cls(AutoTokenizer.from_pretrained(path))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(token_ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render `messages` with the model's chat template into prompt text."""
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model has no chat template; use completions with a plain prompt")
+        return self.hf.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text without re-decoding the whole sequence.
+
+    Keeps two offsets into the ids (as vLLM and HF's TextStreamer do): text is emitted only
+    once the trailing tokens decode to complete characters (no U+FFFD from a split UTF-8 byte).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids = list(prompt_token_ids[-6:])  # a little context for leading spaces
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+
+    def add_tokens(self, new_token_ids: list[int]) -> str:
+        """Append tokens; return the newly completed text (may be empty)."""
+        self.token_ids.extend(new_token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        full = decode(self.token_ids[self.prefix_offset:], self.skip_special_tokens)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

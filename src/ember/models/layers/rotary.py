@@ -1,0 +1,38 @@
+"""Rotary position embedding (Su et al., 2021) in the rotate-half layout."""
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q and k given each token's absolute position.
+
+    cos/sin tables for every position up to `max_positions` are built once in float32.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos_cache", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin_cache", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the tables, e.g. after the module was created on the meta device."""
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        freqs = torch.arange(self.max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.cos_cache = emb.cos()
+        self.sin_cache = emb.sin()
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated (q, k) in their dtype."""
+        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
+        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

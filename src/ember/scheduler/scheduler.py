@@ -1,0 +1,117 @@
+"""Continuous batching: which requests run this step, with how many tokens each (FCFS)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+from ember.engine.request import Request, RequestStatus
+from ember.kv_cache.kv_cache_manager import KVCacheManager
+from ember.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    """Hands out a per-step token budget; owns the waiting queue and the running list.
+
+    There are no prefill/decode phases: each running request asks for
+    `num_tokens - num_computed_tokens` tokens (1 when decoding, a chunk of its prompt when
+    prefilling), capped by what is left of `max_num_batched_tokens`. When the KV cache is full
+    the most recently admitted running request is preempted by recompute: its blocks are
+    freed and it goes back to the head of the waiting queue.
+    """
+
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:  # after a preemption the cache is full: admit nobody new
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        manager = self.kv_cache_manager
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not manager.allocate_slots(request, num_new):
+                victim = self.running.pop()  # most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    return budget
+            out.scheduled.append(ScheduledRequest(request, num_new, manager.get_block_ids(request.request_id)))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        manager = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            cached_blocks, num_cached = manager.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not manager.allocate_slots(request, num_new, cached_blocks):
+                break  # FCFS: nobody jumps the head of the queue
+            self.waiting.popleft()
+            if request.status is RequestStatus.WAITING:  # first admission, not a resume
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, manager.get_block_ids(request.request_id)))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests (finished or aborted): free their blocks at once. Unknown ids are ignored."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request in self.running:  # its status may already say why it finished
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self.kv_cache_manager.free(request)
+            request.status = status
+            finished.append(request)
+        return finished
+
+    def check_invariants(self) -> None:
+        """Every known request is in exactly one of waiting/running; the cache agrees."""
+        running_ids = [r.request_id for r in self.running]
+        waiting_ids = [r.request_id for r in self.waiting]
+        assert len(set(running_ids)) == len(running_ids), "duplicate running request"
+        assert not set(running_ids) & set(waiting_ids), "request both running and waiting"
+        assert set(running_ids) | set(waiting_ids) == set(self.requests), "lost or leaked request"
+        assert len(self.running) <= self.max_num_seqs, "too many running requests"
+        for request in self.waiting:
+            assert not self.kv_cache_manager.get_block_ids(request.request_id), \
+                f"waiting {request.request_id} holds blocks"
+        self.kv_cache_manager.check_invariants()
