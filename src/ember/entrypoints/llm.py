@@ -39,11 +39,20 @@ class LLM:
             prompts = [prompts]
         params_list = _broadcast_params(sampling_params, len(prompts))
         request_ids = []
-        for prompt, params in zip(prompts, params_list):
-            request_id = self.engine.new_request_id()
-            self.engine.add_request(request_id, _prompt_input(prompt), params)
-            request_ids.append(request_id)
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = self.engine.new_request_id()
+                salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+                self.engine.add_request(request_id, _prompt_input(prompt), params, cache_salt=salt)
+                request_ids.append(request_id)
+        except ValueError:
+            self.engine.abort_request(request_ids)  # all or nothing
+            raise
         return self._run(request_ids, use_tqdm)
+
+    def get_stats(self):
+        """Engine counters: running/waiting requests, KV usage, preemptions, prefix-cache hits."""
+        return self.engine.get_stats()
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

