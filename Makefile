@@ -1,4 +1,4 @@
-# Ember: `make serve` / `make chat` run the bundled model, `make test` runs the tests.
+# Ember: `make serve` runs the OpenAI-compatible server on the bundled model, `make test` the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ember-setup
 DATA := data
 SHAKESPEARE := $(DATA)/shakespeare
 
-.PHONY: setup test test-all chat serve bench data clean
+.PHONY: setup test test-all chat serve generate bench clean
 
 setup: $(STAMP) $(SHAKESPEARE)/.done
 
@@ -30,6 +30,9 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
+
+serve: setup
+	$(BIN)/ember serve --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
 
 chat: setup
 	$(BIN)/ember chat

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: an asyncio wrapper over the engine, the FastAPI app, metrics."""

@@ -1,0 +1,68 @@
+"""`ember serve`: the OpenAI-compatible HTTP server on one engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+from ember.config import EngineConfig, add_config_cli_args, config_from_cli_args
+from ember.server.config import ServerConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand: every ServerConfig and EngineConfig field is a flag."""
+    parser = subparsers.add_parser(
+        "serve", help="start the OpenAI-compatible server",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, "
+                    "/health, /version and /metrics on one engine.")
+    add_config_cli_args(parser, ServerConfig)
+    add_config_cli_args(parser, EngineConfig)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Start the server; the engine loads in the background (/health answers 503 until it is ready).
+
+    Raises:
+        SystemExit: 2 for invalid options, 1 if the engine fails to load.
+    """
+    import uvicorn
+
+    from ember.engine.llm_engine import LLMEngine
+    from ember.server.app import build_app
+
+    try:
+        server_config = config_from_cli_args(args, ServerConfig)
+        engine_config = config_from_cli_args(args, EngineConfig)
+    except ValueError as exc:
+        raise SystemExit(f"ember serve: {exc}") from None
+    logging.basicConfig(level=server_config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(lambda: LLMEngine.from_config(engine_config), server_config)
+    server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                           log_level=server_config.log_level, timeout_graceful_shutdown=5))
+    async_engine = app.state.async_engine
+
+    def stop_if_load_fails() -> None:
+        if not async_engine.wait_ready() and async_engine.state == "dead":
+            logging.getLogger("ember.server").error("the engine did not load; shutting down")
+            server.should_exit = True
+
+    threading.Thread(target=stop_if_load_fails, daemon=True).start()
+    server.run()
+    if async_engine.state == "dead":
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ember.cli.serve ...`, the same as `ember serve ...`."""
+    parser = argparse.ArgumentParser(prog="ember")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

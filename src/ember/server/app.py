@@ -1,0 +1,131 @@
+"""The FastAPI application: routes of the OpenAI-compatible API plus health, version and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from importlib import metadata
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ember.server.async_engine import AsyncEngine
+from ember.server.config import ServerConfig
+from ember.server.errors import APIError, error_response, install_exception_handlers
+from ember.server.metrics import CONTENT_TYPE, ServerMetrics
+from ember.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest)
+from ember.server.serving_chat import OpenAIServingChat
+from ember.server.serving_completion import OpenAIServingCompletion
+
+
+def ember_version() -> str:
+    try:
+        return metadata.version("ember")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAPI:
+    """Wire engine wrapper, serving objects, metrics and routes; the engine loads at startup.
+
+    Args:
+        engine_factory: returns an `LLMEngine` (called once, on the engine thread).
+        config: network, auth and admission options.
+    """
+    holder: dict[str, Any] = {}
+    metrics = ServerMetrics(lambda: async_engine.stats,
+                            lambda: (async_engine.num_queued_requests, async_engine.num_queued_tokens),
+                            lambda: holder.get("model_name", "unknown"))
+    async_engine = AsyncEngine(engine_factory, config.max_queued_requests, config.max_queued_tokens,
+                               config.retry_after_s, on_finished=metrics.observe_finished)
+    chat = OpenAIServingChat(async_engine, config)
+    completion = OpenAIServingCompletion(async_engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async_engine.start()
+        yield
+        await async_engine.shutdown()
+
+    app = FastAPI(title="ember", version=ember_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    install_exception_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+
+    def served_name() -> str:
+        name = chat.model_name  # raises 503 until the engine is ready
+        holder["model_name"] = name
+        return name
+
+    async def guarded(fn: Callable, *args: Any) -> Response:
+        """Run a generation handler; count refusals (429/503) for /metrics."""
+        try:
+            served_name()
+            return await fn(*args)
+        except Exception as exc:
+            if isinstance(exc, APIError) and exc.status_code in (429, 503):
+                metrics.observe_rejected(exc.status_code)
+            return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.is_ready:
+            served_name()
+            return Response(status_code=200)
+        return error_response(APIError(f"the engine is {async_engine.state}", 503,
+                                       headers={"Retry-After": str(config.retry_after_s)}))
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": ember_version()})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        name = served_name()
+        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ember",
+                "root": async_engine.engine.model_name, "parent": None,
+                "max_model_len": chat.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await guarded(chat.create_chat_completion, body, raw.receive)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await guarded(completion.create_completion, body, raw.receive)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        served_name()
+        chat.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError("give exactly one of prompt or messages", 400, "prompt")
+        if body.messages is not None:
+            text = await chat.render_chat(body.messages, body.add_generation_prompt)
+            add_special = bool(body.add_special_tokens)
+        else:
+            text = body.prompt
+            add_special = body.add_special_tokens is not False
+        tokens = await chat.encode(text, add_special)
+        return JSONResponse({"count": len(tokens), "max_model_len": chat.max_model_len, "tokens": tokens})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        served_name()
+        chat.check_model(body.model)
+        chat.check_token_ids(body.tokens, "tokens")
+        text = await chat.run_tokenizer(lambda: chat.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        return JSONResponse({"prompt": text})
+
+    return app

@@ -1,0 +1,1 @@
+"""`ember bench serve`: load an OpenAI-compatible server and report vLLM-compatible latency metrics."""

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the server, named like vLLM's with an `ember:` prefix."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ember.outputs import RequestOutput
+
+# Bucket edges follow vLLM's, so dashboards built for it read ours.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _EngineStatsCollector:
+    """Reads the engine's latest stats snapshot at scrape time (gauges and engine-owned totals)."""
+
+    def __init__(self, get_stats: Callable[[], Any], get_queue: Callable[[], tuple[int, int]],
+                 model_name: Callable[[], str]) -> None:
+        self.get_stats = get_stats
+        self.get_queue = get_queue
+        self.model_name = model_name
+
+    def collect(self):
+        stats, label = self.get_stats(), [self.model_name()]
+        value = (lambda name: float(getattr(stats, name, 0) or 0)) if stats is not None else (lambda _: 0.0)
+        gauges = [
+            ("ember:num_requests_running", "Requests in the engine's running batch.", "num_running"),
+            ("ember:num_requests_waiting", "Requests waiting in the engine's queue.", "num_waiting"),
+            ("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", "kv_cache_usage"),
+        ]
+        for name, doc, attr in gauges:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(label, value(attr))
+            yield g
+        num_queued, num_queued_tokens = self.get_queue()
+        for name, doc, v in (
+                ("ember:num_requests_queued", "Admitted requests without a first token yet.", num_queued),
+                ("ember:num_tokens_queued", "Prompt tokens of the queued requests.", num_queued_tokens)):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(label, float(v))
+            yield g
+        counters = [
+            ("ember:num_preemptions", "Requests preempted by the scheduler.", "num_preemptions_total"),
+            ("ember:prompt_tokens", "Prompt tokens processed.", "prompt_tokens_total"),
+            ("ember:generation_tokens", "Tokens generated.", "generation_tokens_total"),
+            ("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+        ]
+        for name, doc, attr in counters:
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(label, value(attr))
+            yield c
+
+
+class ServerMetrics:
+    """Owns one registry (no process-global state): request outcomes, latency histograms, engine stats."""
+
+    def __init__(self, get_stats: Callable[[], Any], get_queue: Callable[[], tuple[int, int]],
+                 model_name: Callable[[], str]) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.request_success = Counter(
+            "ember:request_success", "Finished requests by finish reason.",
+            labels + ["finished_reason"], registry=self.registry)
+        self.request_rejected = Counter(
+            "ember:request_rejected", "Requests refused before reaching the engine, by status code.",
+            labels + ["code"], registry=self.registry)
+        self.ttft = Histogram("ember:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("ember:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              labels, buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("ember:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=_E2E_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineStatsCollector(get_stats, get_queue, model_name))
+
+    def observe_finished(self, stream: Any, output: RequestOutput | None) -> None:
+        """Record one ended request; `output` is None when it was aborted (client gone)."""
+        label = self.model_name()
+        if output is None:
+            self.request_success.labels(label, "abort").inc()
+            return
+        for completion in output.outputs:
+            self.request_success.labels(label, completion.finish_reason or "abort").inc()
+        if stream.first_token_time is None:
+            return
+        ttft = stream.first_token_time - stream.arrival_time
+        self.ttft.labels(label).observe(ttft)
+        self.e2e.labels(label).observe(stream.last_token_time - stream.arrival_time)
+        num_tokens = max(len(c.token_ids) for c in output.outputs)
+        if num_tokens > 1:
+            self.tpot.labels(label).observe((stream.last_token_time - stream.first_token_time) / (num_tokens - 1))
+
+    def observe_rejected(self, status_code: int) -> None:
+        self.request_rejected.labels(self.model_name(), str(status_code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,285 @@
+"""What chat and completions share: model check, tokenization, limits, sampling params, streaming plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ember.outputs import Logprob, RequestOutput
+from ember.sampling_params import SamplingParams
+from ember.server.async_engine import AsyncEngine, RequestStream
+from ember.server.config import ServerConfig
+from ember.server.errors import APIError
+from ember.server.protocol import ChatMessage, SamplingRequest
+
+_END = object()
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
+
+
+class OpenAIServing:
+    """Turns validated request bodies into engine requests and back.
+
+    Tokenization runs on one worker thread so long prompts do not stall the event loop.
+    """
+
+    def __init__(self, async_engine: AsyncEngine, config: ServerConfig) -> None:
+        self.async_engine = async_engine
+        self.config = config
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-tokenize")
+
+    @property
+    def engine(self) -> Any:
+        if not self.async_engine.is_ready:
+            raise APIError("the engine is not ready", 503,
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        return self.async_engine.engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        name = self.model_name
+        if model is not None and model != name:
+            raise APIError(f"The model `{model}` does not exist.", 404, "model")
+
+    async def run_tokenizer(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await self.run_tokenizer(lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        """Apply the model's chat template; a template that refuses the messages is a 400."""
+        if not messages:
+            raise APIError("messages must contain at least one message", 400, "messages")
+        dicts = [chat_message_dict(m) for m in messages]
+        try:
+            return await self.run_tokenizer(
+                lambda: self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt))
+        except APIError:
+            raise
+        except Exception as exc:  # jinja raises TemplateError (e.g. roles out of order)
+            raise APIError(f"chat template failed: {exc}", 400, "messages") from None
+
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
+        vocab_size = self.tokenizer.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is out of vocabulary (size {vocab_size})", 400, param)
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        """vLLM's rule: default to what fits; a request beyond max_model_len is a 400."""
+        max_len = self.max_model_len
+        if num_prompt_tokens == 0:
+            raise APIError("the prompt must not be empty", 400, "prompt")
+        if num_prompt_tokens >= max_len:
+            raise APIError(f"This model's maximum context length is {max_len} tokens. However, your "
+                           f"request has {num_prompt_tokens} input tokens. Please reduce the length of "
+                           "the input messages.", 400, "messages")
+        if requested is None:
+            return max_len - num_prompt_tokens
+        if requested < 1:
+            raise APIError(f"max_tokens must be at least 1, got {requested}", 400, "max_tokens")
+        if num_prompt_tokens + requested > max_len:
+            raise APIError(f"This model's maximum context length is {max_len} tokens. However, you "
+                           f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
+                           f"messages, {requested} in the completion). Please reduce the length of the "
+                           "messages or completion.", 400, "max_tokens")
+        return requested
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Build and validate `SamplingParams`; its ValueError carries the offending field."""
+        cfg, vocab_size = self.config, self.tokenizer.vocab_size
+        if not 1 <= req.n <= cfg.max_n:
+            raise APIError(f"n must be in [1, {cfg.max_n}], got {req.n}", 400, "n")
+        if logprobs is not None and not 0 <= logprobs <= cfg.max_logprobs:
+            raise APIError(f"logprobs must be in [0, {cfg.max_logprobs}], got {logprobs}", 400, "logprobs")
+        if req.stream_options is not None and not req.stream:
+            raise APIError("Stream options can only be defined when `stream=True`.", 400, "stream_options")
+        kwargs: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        if kwargs.get("top_k", 0) >= vocab_size:
+            kwargs["top_k"] = 0  # a top-k over the whole vocabulary is no top-k
+        stop_token_ids = req.stop_token_ids or []
+        self.check_token_ids(stop_token_ids, "stop_token_ids")
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
+            stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+            logit_bias=self._logit_bias(req.logit_bias), skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output, **kwargs)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        vocab_size, out = self.tokenizer.vocab_size, {}
+        for key, value in bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise APIError(f"logit_bias key {key!r} is not a token id", 400, "logit_bias") from None
+            if not 0 <= token_id < vocab_size or not math.isfinite(value):
+                raise APIError(f"logit_bias entry {key!r}: {value} is out of range", 400, "logit_bias")
+            out[token_id] = min(100.0, max(-100.0, value))  # OpenAI's documented range
+        return out
+
+    async def submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams) -> list[RequestStream]:
+        """Add one engine request per prompt; on any failure the ones already added are aborted."""
+        base_id = f"{prefix}-{uuid.uuid4().hex}"
+        streams: list[RequestStream] = []
+        try:
+            for i, token_ids in enumerate(prompts):
+                request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.async_engine.add_request(request_id, token_ids, params))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+    async def collect(self, receive: Receive, streams: list[RequestStream]) -> list[RequestOutput] | None:
+        """Wait for every request to finish; None (after aborting them) if the client disconnects."""
+        async def final_outputs() -> list[RequestOutput]:
+            finals = []
+            for stream in streams:
+                last = None
+                async for last in stream:
+                    pass
+                finals.append(last)
+            return finals
+
+        work = asyncio.ensure_future(final_outputs())
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            return work.result() if work.done() else None
+        finally:
+            work.cancel()
+            watcher.cancel()
+            for stream in streams:
+                stream.abort()
+
+
+def chat_message_dict(message: ChatMessage) -> dict:
+    """A message as the chat template expects it; text parts are joined, others are unsupported."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(f"content part of type {part.get('type')!r} is not supported", 501, "messages")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    out = {"role": message.role, "content": content if content is not None else ""}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as (prompt index, output), in arrival order."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((i, output))
+            queue.put_nowait((i, _END))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that stop, and abort their requests, as soon as the client disconnects.
+
+    Starlette only notices a disconnect on its next write; this also listens for it while the
+    generator waits on the engine (queued or in a long prefill).
+    """
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self.stream_response(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if pump.done() and not pump.cancelled() and not isinstance(pump.exception(), OSError):
+                pump.result()
+        finally:
+            pump.cancel()
+            watcher.cancel()
+            await asyncio.gather(pump, watcher, return_exceptions=True)
+            await self.body_iterator.aclose()
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def token_text(tokenizer: Any, token_id: int, logprob: Logprob | None) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def clamp_logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR) if not math.isnan(value) else LOGPROB_FLOOR
+
+
+def top_entries(step: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely candidates of one position, best first."""
+    ranked = sorted(step.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
+                                                    -kv[1].logprob))
+    return ranked[:k]
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def now_s() -> int:
+    return int(time.time())

@@ -1,0 +1,105 @@
+"""The asyncio engine wrapper on a fake engine: streaming, abort, admission limits, failed steps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ember.sampling_params import SamplingParams
+from ember.server.async_engine import AsyncEngine
+from ember.server.errors import APIError
+from fake_engine import FakeEngine
+
+
+def _run(coro_fn, **engine_kwargs):
+    async def main():
+        fake = FakeEngine(poison="POISON")
+        engine = AsyncEngine(lambda: fake, **engine_kwargs)
+        engine.start()
+        assert await asyncio.to_thread(engine.wait_ready, 10)
+        try:
+            return await asyncio.wait_for(coro_fn(engine, fake), timeout=30)
+        finally:
+            await engine.shutdown()
+    return asyncio.run(main())
+
+
+def test_stream_yields_cumulative_outputs_until_finished():
+    async def body(engine, fake):
+        stream = await engine.add_request("r1", [5, 6], SamplingParams(max_tokens=4))
+        texts = [o.outputs[0].text async for o in stream]
+        assert texts[-1] == "abcd" and all("abcd".startswith(t) for t in texts)
+        assert engine.num_queued_requests == 0 and not fake.requests
+    _run(body)
+
+
+def test_abort_removes_request_from_engine():
+    async def body(engine, fake):
+        stream = await engine.add_request("r1", [5], SamplingParams(max_tokens=200))
+        stream.abort()
+        for _ in range(100):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert not fake.requests
+    _run(body)
+
+
+def test_engine_value_error_reaches_the_caller_only():
+    async def body(engine, fake):
+        with pytest.raises(ValueError):
+            await engine.add_request("bad", [], SamplingParams(max_tokens=2))
+        assert engine.num_queued_requests == 0
+        stream = await engine.add_request("good", [5], SamplingParams(max_tokens=2))
+        assert [o async for o in stream][-1].finished
+    _run(body)
+
+
+def test_failed_step_fails_in_flight_requests_and_engine_recovers():
+    async def body(engine, fake):
+        poisoned = await engine.add_request("p", fake.tokenizer.encode("POISON"), SamplingParams(max_tokens=3))
+        with pytest.raises(APIError) as info:
+            async for _ in poisoned:
+                pass
+        assert info.value.status_code == 500 and "boom" not in info.value.message
+        assert engine.is_ready and not fake.requests
+        stream = await engine.add_request("after", [5], SamplingParams(max_tokens=2))
+        assert [o async for o in stream][-1].outputs[0].text == "ab"
+    _run(body)
+
+
+def test_queue_limits_answer_429_with_retry_after():
+    async def body(engine, fake):
+        fake.step_gate.clear()  # no step runs, so admitted requests stay queued
+        first = await engine.add_request("a", [5] * 10, SamplingParams(max_tokens=50))
+        with pytest.raises(APIError) as info:
+            await engine.add_request("b", [5], SamplingParams(max_tokens=2))
+        assert info.value.status_code == 429 and info.value.headers["Retry-After"] == "3"
+        fake.step_gate.set()
+        assert [o async for o in first][-1].finished
+        assert engine.num_queued_requests == 0 and engine.num_queued_tokens == 0
+        second = await engine.add_request("b", [5], SamplingParams(max_tokens=2))
+        assert [o async for o in second][-1].finished
+    _run(body, max_queued_requests=1, retry_after_s=3)
+
+
+def test_token_limit_counts_prompt_tokens():
+    async def body(engine, fake):
+        fake.step_gate.clear()
+        first = await engine.add_request("a", [5] * 8, SamplingParams(max_tokens=2))
+        with pytest.raises(APIError) as info:
+            await engine.add_request("b", [5] * 3, SamplingParams(max_tokens=2))
+        assert info.value.status_code == 429 and engine.num_queued_tokens == 8
+        fake.step_gate.set()
+        assert [o async for o in first][-1].finished
+    _run(body, max_queued_tokens=10)
+
+
+def test_not_ready_is_503():
+    async def main():
+        engine = AsyncEngine(lambda: FakeEngine())
+        with pytest.raises(APIError) as info:
+            await engine.add_request("x", [5], SamplingParams())
+        assert info.value.status_code == 503
+    asyncio.run(main())
