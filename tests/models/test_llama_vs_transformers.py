@@ -14,7 +14,7 @@ def prefill_logits(model, config, token_ids: list[int], block_size: int = 16) ->
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
     caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0,
-                             decode_block_tables=None, decode_mask=None,
+                             decode_block_tables=None, decode_seq_lens=None,
                              prefills=[PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks), None)])
     with torch.inference_mode():
         hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), caches, meta)

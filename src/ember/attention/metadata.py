@@ -30,5 +30,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_seq_lens: torch.Tensor | None  # [num_decode] int64, the new token included
     prefills: list[PrefillChunk]
+    # [num_decode, 1, 1, max_blocks * block_size] bool; only the PyTorch reference path reads it
+    decode_mask: torch.Tensor | None = None

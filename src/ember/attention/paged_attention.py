@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ember.attention.kernels import native_ops
 from ember.attention.metadata import AttentionMetadata
 
 
@@ -55,7 +56,20 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    ops = native_ops()
+    if ops is not None:  # reads K/V through the block table, no gather
+        return ops.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                          meta.decode_seq_lens, scale)
+    return decode_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Gather each sequence's blocks, then masked SDPA. q: [N, H, D] -> [N, H, D]."""
     num_seqs, num_heads, head_dim = q.shape
+    if meta.decode_mask is None:
+        width = meta.decode_block_tables.shape[1] * k_cache.shape[1]
+        meta.decode_mask = (torch.arange(width)[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]
     num_kv_heads = k_cache.shape[2]
     # The query heads sharing one KV head act as that head's queries: [N, KVH, group, D],
     # so grouped-query attention needs no repeated keys.

@@ -84,8 +84,9 @@ class ModelRunner:
                 sampled.append(request)
         positions_t = torch.tensor(positions, dtype=torch.int64)
         slot_mapping = self._slot_mapping(entries, positions_t, bs)
-        decode_block_tables, decode_mask = _decode_tables(decode_tables, decode_lens, bs)
-        meta = AttentionMetadata(slot_mapping, len(decode_tables), decode_block_tables, decode_mask, prefills)
+        decode_block_tables = _pad_tables(decode_tables) if decode_tables else None
+        decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int64) if decode_tables else None
+        meta = AttentionMetadata(slot_mapping, len(decode_tables), decode_block_tables, decode_seq_lens, prefills)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 
     @staticmethod
@@ -107,13 +108,7 @@ def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
     return torch.ones(query_len, context_len + query_len, dtype=torch.bool).tril(context_len)
 
 
-def _decode_tables(tables: list[list[int]], seq_lens: list[int], bs: int):
-    if not tables:
-        return None, None
+def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [N, max_blocks] int64 tensor, rows padded with block 0."""
     width = max(len(t) for t in tables)
-    padded = torch.zeros(len(tables), width, dtype=torch.int64)
-    for row, table in enumerate(tables):
-        padded[row, :len(table)] = torch.tensor(table)
-    lens = torch.tensor(seq_lens)
-    mask = torch.arange(width * bs)[None, :] < lens[:, None]  # [N, S]
-    return padded, mask[:, None, None, :]
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)

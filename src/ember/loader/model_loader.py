@@ -11,6 +11,7 @@ from torch import nn
 from ember.loader.gguf_loader import load_gguf
 from ember.loader.hf_loader import load_hf_dir
 from ember.models.config import ModelConfig
+from ember.models.layers.linear import can_prepack, prepack_linears
 from ember.models.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaForCausalLM
 
@@ -61,4 +62,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers()
     model.load_weights(state)
-    return model.to(dtype).eval().requires_grad_(False)
+    model = model.to(dtype).eval().requires_grad_(False)
+    if can_prepack(dtype):
+        prepack_linears(model)
+    return model
