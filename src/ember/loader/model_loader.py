@@ -64,5 +64,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     model.load_weights(state)
     model = model.to(dtype).eval().requires_grad_(False)
     if can_prepack(dtype):
+        for module in model.modules():
+            if hasattr(module, "fuse_projections"):
+                module.fuse_projections()
         prepack_linears(model)
     return model
