@@ -43,6 +43,7 @@ def chat_replay(llm: LLM, num_turns: int = 6) -> list[dict]:
                  "Which countries does it cross?", "Thank you. Summarize our talk."]
     params = SamplingParams(temperature=0, max_tokens=48)
     turns = []
+    previous: list[int] = []  # last turn's prompt + generated tokens, i.e. what the cache saw
     for question in questions[:num_turns]:
         messages.append({"role": "user", "content": question})
         prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
@@ -50,7 +51,11 @@ def chat_replay(llm: LLM, num_turns: int = 6) -> list[dict]:
         out = llm.generate({"prompt_token_ids": prompt_ids}, params, use_tqdm=False)[0]
         answer = out.outputs[0].text
         messages.append({"role": "assistant", "content": answer})
-        turns.append({"prompt_tokens": len(prompt_ids), "cached_tokens": out.num_cached_tokens,
+        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, previous)) if a != b),
+                      min(len(prompt_ids), len(previous)))
+        previous = prompt_ids + out.outputs[0].token_ids
+        turns.append({"prompt_tokens": len(prompt_ids), "new_tokens": len(prompt_ids) - shared,
+                      "cached_tokens": out.num_cached_tokens,
                       "computed_prefill_tokens": len(prompt_ids) - out.num_cached_tokens,
                       "ttft_ms": round((out.metrics.first_token_time - out.metrics.arrival_time) * 1e3, 1),
                       "latency_s": round(time.monotonic() - start, 3)})
@@ -61,8 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--num-threads", type=int, default=None)
     args = parser.parse_args()
-    llm = LLM(dtype=args.dtype, max_model_len=2048, enable_prefix_caching=args.enable_prefix_caching)
+    llm = LLM(dtype=args.dtype, max_model_len=2048, enable_prefix_caching=args.enable_prefix_caching,
+              num_threads=args.num_threads)
     llm.generate({"prompt_token_ids": list(range(1000, 1100))}, SamplingParams(max_tokens=2), use_tqdm=False)
     result = {"dtype": args.dtype, "enable_prefix_caching": args.enable_prefix_caching,
               "shared_system_prompt": shared_prompt_ttft(llm), "chat_replay": chat_replay(llm),
