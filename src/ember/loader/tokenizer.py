@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _cache_dir_for(gguf_path: str) -> str:
+    """Where the tokenizer converted from a GGUF file is kept (keyed by file name, size, mtime)."""
+    root = os.environ.get("EMBER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
+    stat = os.stat(gguf_path)
+    key = f"{os.path.basename(gguf_path)}-{stat.st_size}-{stat.st_mtime_ns}"
+    return os.path.join(root, "tokenizers", key)
 
 
 class Tokenizer:
@@ -21,8 +32,7 @@ class Tokenizer:
     def from_path(cls, path: str) -> "Tokenizer":
         """Load from a GGUF file (its embedded vocab, merges and template) or a model directory."""
         if os.path.isfile(path):
-            folder, name = os.path.split(os.path.abspath(path))
-            return cls(AutoTokenizer.from_pretrained(folder, gguf_file=name))
+            return cls(_load_gguf_tokenizer(path))
         return cls(AutoTokenizer.from_pretrained(path))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -41,6 +51,25 @@ class Tokenizer:
             raise ValueError("this model has no chat template; use completions with a plain prompt")
         return self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _load_gguf_tokenizer(path: str):
+    """Convert the GGUF vocabulary once (seconds), then reuse the saved fast tokenizer (~0.2 s)."""
+    cache = _cache_dir_for(path)
+    if os.path.isfile(os.path.join(cache, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception as err:  # a damaged cache is rebuilt below
+            logger.warning("ignoring tokenizer cache %s: %s", cache, err)
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        tmp = f"{cache}.tmp{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache) if not os.path.exists(cache) else None
+    except OSError as err:  # read-only home: convert every time
+        logger.info("cannot cache the tokenizer in %s: %s", cache, err)
+    return tokenizer
 
 
 class IncrementalDetokenizer:
