@@ -55,14 +55,11 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
         raise NotImplementedError(f"architecture {config.architecture!r} is not supported")
     with torch.device("meta"):
         model = cls(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_word_embeddings:  # to_empty unties shared parameters
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_weights(state, dtype)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.reset_buffers()
-    model.load_weights(state)
-    model = model.to(dtype).eval().requires_grad_(False)
+            module.reset_buffers()  # float32 tables, cast per use
+    model.eval()
     if can_prepack(dtype):
         for module in model.modules():
             if hasattr(module, "fuse_projections"):

@@ -62,16 +62,22 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden_size] -> float32 logits [N, vocab_size]."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a Hugging Face-named state dict in; every parameter must be present."""
+    def load_weights(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Adopt a Hugging Face-named state dict (converted to `dtype`); every parameter must be present.
+
+        Parameters are replaced, not copied into, so the model may have been built on the meta device.
+        """
         params = dict(self.named_parameters())  # tied weights appear once, as embed_tokens
         missing = [name for name in params if name not in state]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                tensor = state[name]
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model "
-                                     f"shape {tuple(param.shape)}")
-                param.copy_(tensor)
+        for name, param in params.items():
+            tensor = state[name]
+            if tensor.shape != param.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model "
+                                 f"shape {tuple(param.shape)}")
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attr,
+                    nn.Parameter(tensor.to(dtype), requires_grad=False))
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
