@@ -1,0 +1,138 @@
+"""Run workloads W1 (offline throughput), W2 (single stream) and a 512-token prefill on ember.
+
+Prints one JSON object: total and output tokens/s, elapsed, TTFT, TPOT, achieved weight GB/s
+in decode, peak RSS, dtype, threads and the command-line options. Warms up once before timing.
+
+    .venv/bin/python benchmarks/throughput.py --workload all --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workloads as wl  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled model)")
+    wl.add_workload_args(parser)
+    return parser.parse_args(argv)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """`LLM(...)` keyword arguments for the flags that were given and that the engine knows."""
+    wanted = {"dtype": args.dtype, "max_model_len": args.max_model_len,
+              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "kv_cache_memory_gib": args.kv_cache_gib, "enable_prefix_caching": args.prefix_caching,
+              "num_threads": args.threads}
+    wanted = {key: value for key, value in wanted.items() if value is not None}
+    try:
+        from ember.config import EngineConfig
+    except ImportError:  # an engine without a config module takes the vLLM-style core arguments
+        return {k: wanted[k] for k in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
+                if k in wanted}
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    return {key: value for key, value in wanted.items() if key in known}
+
+
+def _params(max_tokens: int):
+    from ember import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def run_offline(llm, requests: list[wl.BenchRequest]) -> dict:
+    """All requests in one `generate` call; wall time from submit to the last output."""
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [_params(r.max_tokens) for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return wl.throughput_metrics(requests, [len(o.outputs[0].token_ids) for o in outputs], elapsed)
+
+
+def run_stream(llm, request: wl.BenchRequest, request_id: str) -> dict:
+    """One request: stepped through the engine when it exposes `add_request`/`step`, so the first
+    and last tokens are timed as they come out; otherwise from `generate`'s request metrics."""
+    engine = getattr(llm, "engine", None)
+    if engine is None or not hasattr(engine, "step"):
+        return _stream_from_metrics(llm, request)
+    start = time.perf_counter()
+    engine.add_request(request_id, list(request.prompt_token_ids), _params(request.max_tokens))
+    first_token = None
+    token_ids: list[int] = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            token_ids = list(output.outputs[0].token_ids)
+            if first_token is None and token_ids:
+                first_token = time.perf_counter()
+    end = time.perf_counter()
+    metrics = wl.stream_metrics(start, first_token, end, len(token_ids))
+    metrics["first_token_ids"] = token_ids[:8]
+    return metrics
+
+
+def _stream_from_metrics(llm, request: wl.BenchRequest) -> dict:
+    (output,) = llm.generate([{"prompt_token_ids": request.prompt_token_ids}], [_params(request.max_tokens)],
+                             use_tqdm=False)
+    m = output.metrics
+    token_ids = list(output.outputs[0].token_ids)
+    metrics = wl.stream_metrics(m.arrival_time, m.first_token_time, m.finished_time, len(token_ids))
+    metrics["first_token_ids"] = token_ids[:8]
+    return metrics
+
+
+def weight_bytes(llm) -> int | None:
+    """Bytes of the model's parameters and buffers, for the decode bandwidth figure."""
+    engine = getattr(llm, "engine", None)
+    model = getattr(getattr(engine, "runner", None), "model", None) or getattr(engine, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load ember, warm up once, run the selected workloads; returns the JSON-ready result."""
+    import torch
+    from ember import LLM
+
+    kwargs = engine_kwargs(args)
+    start = time.perf_counter()
+    llm = LLM(model=args.model, **kwargs)
+    load_s = time.perf_counter() - start
+    parts = wl.selected(args.workload)
+    if not args.no_warmup:
+        run_offline(llm, wl.build_warmup())
+        run_stream(llm, wl.build_warmup()[0], "warmup-stream")
+    result: dict = {"engine": "ember", "model": args.model or "bundled SmolLM2-135M-Instruct (GGUF)",
+                    "dtype": args.dtype, "threads": torch.get_num_threads(), "load_s": round(load_s, 2),
+                    "engine_kwargs": kwargs, "args": vars(args)}
+    if "w1" in parts:
+        result["w1"] = run_offline(llm, wl.build_w1(num_requests=args.num_requests))
+    if "w2" in parts:
+        result["w2"] = run_stream(llm, wl.build_w2(), "w2")
+        num_bytes = weight_bytes(llm)
+        if num_bytes and result["w2"]["tpot_ms"] > 0:
+            result["w2"]["weight_gb_s"] = round(num_bytes / (result["w2"]["tpot_ms"] * 1e-3) / 1e9, 2)
+    if "prefill" in parts:
+        prefill = run_stream(llm, wl.build_prefill(), "prefill")
+        result["prefill"] = {"num_prompt_tokens": wl.PREFILL_LEN, "ttft_ms": prefill["ttft_ms"]}
+    result["peak_rss_mib"] = wl.peak_rss_mib()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    wl.emit(run(args), args.json_out)
+
+
+if __name__ == "__main__":
+    main()
