@@ -14,7 +14,7 @@ from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ember.engine.output_processor import ParentState, check_stop
 from ember.engine.request import Request, RequestStatus
 from ember.kv_cache.kv_cache_manager import KVCacheManager
-from ember.loader.model_loader import build_model, load_state, resolve_model_path
+from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
 from ember.outputs import Logprob, RequestOutput
 from ember.sampling_params import SamplingParams
@@ -71,9 +71,7 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or default_num_threads())
         torch.manual_seed(config.seed)
         path = resolve_model_path(config.model)
-        model_config, state = load_state(path)
-        model = build_model(model_config, state, getattr(torch, config.dtype))
-        del state
+        model, model_config = load_model(path, getattr(torch, config.dtype))
         tokenizer = Tokenizer.from_path(path)
         name = config.model or "SmolLM2-135M-Instruct"
         return cls(config, model, model_config, tokenizer, name)

@@ -66,3 +66,9 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
                 module.fuse_projections()
         prepack_linears(model)
     return model
+
+
+def load_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
+    """Read and build the model at `path` (GGUF file or directory) in `dtype`."""
+    config, state = load_state(path)
+    return build_model(config, state, dtype), config
