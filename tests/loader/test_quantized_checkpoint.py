@@ -1,0 +1,35 @@
+"""A quantized checkpoint directory loads with no flags and generates like the quantized reference."""
+
+import json
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+
+
+@pytest.mark.parametrize("settings", [dict(method="rtn", bits=8), dict(method="rtn", bits=4, group_size=32,
+                                                                           symmetric=False)])
+def test_llm_loads_quantized_dir_and_matches_hf_with_same_layers(tiny_llama_dir, tmp_path, settings):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ember.quant.api import quantize_model
+    from ember.quant.checkpoint import save_quantized
+    from ember.quant.config import QuantConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    config = QuantConfig(**settings)
+    quantize_model(hf, config)
+    out_dir = tmp_path / "quantized"
+    save_quantized(hf, out_dir, config)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out_dir)
+    assert json.loads((out_dir / "quantization_config.json").read_text())["bits"] == settings["bits"]
+
+    llm = LLM(model=str(out_dir), dtype="float32", num_kv_blocks=64, max_model_len=256)
+    prompt = list(range(30, 70))
+    ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    with torch.inference_mode():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == expected
