@@ -1,0 +1,164 @@
+"""Public entry point: quantize a Llama-style model in place with RTN, AWQ, GPTQ or SmoothQuant."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
+from ember.quant.calibration import (ChannelStats, ForwardFn, LayerInputs, capture_activations,
+                                     collect_layer_inputs, default_forward, find_decoder_layers, run_layer)
+from ember.quant.config import QuantConfig
+from ember.quant.gptq import HessianAccumulator, gptq_quantize
+from ember.quant.kernels import KernelPolicy
+from ember.quant.layout import fold_scales, scale_groups
+from ember.quant.linear import QuantLinear
+from ember.quant.rotation import rotate_model
+from ember.quant.rtn import QuantizedWeight, WeightScheme, quantize_weight
+from ember.quant.smoothquant import smoothing_scales
+
+LayerFn = Callable[[nn.Module, dict[str, nn.Linear], LayerInputs], dict[str, QuantizedWeight]]
+
+
+def weight_scheme(config: QuantConfig) -> WeightScheme:
+    return WeightScheme(config.bits, config.group_size, config.symmetric)
+
+
+def target_linears(model: nn.Module, modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """``nn.Linear`` submodules whose name ends with one of ``modules`` (dotted suffixes or globs)."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and any(
+        name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in modules)}
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: QuantConfig,
+             policy: KernelPolicy | None) -> None:
+    for name, weight in weights.items():
+        linear = model.get_submodule(name)
+        set_submodule(model, name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits,
+                                                              policy=policy))
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
+                   calib_batches: Sequence[torch.Tensor] | None = None, forward: ForwardFn = default_forward,
+                   policy: KernelPolicy | None = None, **config_kwargs: Any) -> list[str]:
+    """Quantize the target linears of ``model`` in place, replacing them by ``QuantLinear``.
+
+    Args:
+        model: a Llama-style module tree with Hugging Face names (float weights).
+        config: a ``QuantConfig``; or pass its fields as keyword arguments.
+        calib_batches: token id tensors [batch, seq] for AWQ, GPTQ and SmoothQuant.
+        forward: how to run the model on one batch (default: HF ``model(input_ids=..., use_cache=False)``).
+        policy: kernel policy given to every ``QuantLinear``.
+    Returns:
+        the full names of the replaced modules.
+    Raises:
+        ValueError: bad config, a group size that does not divide a layer's input size, or
+            missing calibration data.
+    """
+    config = config or QuantConfig(**config_kwargs)
+    if config.needs_calibration and not calib_batches:
+        raise ValueError(f"method {config.method!r} needs calib_batches")
+    model.eval()
+    with torch.no_grad():
+        if config.rotate:
+            rotate_model(model, seed=int(config.method_args.get("rotation_seed", 0)))
+        if config.method == "smoothquant":
+            smooth_model(model, calib_batches, alpha=0.5 if config.alpha is None else config.alpha,
+                         forward=forward, smooth_down=bool(config.method_args.get("smooth_down", True)))
+        if config.method in ("awq", "gptq"):
+            layer_fn = _awq_layer_fn(config) if config.method == "awq" else _gptq_layer_fn(config)
+            _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy)
+        targets = target_linears(model, config.modules)  # whatever is still float: RTN
+        scheme = weight_scheme(config)
+        _replace(model, {n: quantize_weight(m.weight, scheme) for n, m in targets.items()}, config, policy)
+    return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
+def _quantize_layerwise(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
+                        forward: ForwardFn, layer_fn: LayerFn, policy: KernelPolicy | None) -> None:
+    """Quantize decoder layers in order; each sees inputs produced by the already quantized layers."""
+    prefix, layers = find_decoder_layers(model)
+    inputs = collect_layer_inputs(model, batches, forward)
+    for index, layer in enumerate(layers):
+        targets = target_linears(layer, config.modules)
+        if targets:
+            weights = layer_fn(layer, targets, inputs)
+            _replace(model, {f"{prefix}.{index}.{n}": w for n, w in weights.items()}, config, policy)
+        inputs.hidden = run_layer(layer, inputs)
+
+
+def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
+    args = config.method_args
+    scheme = weight_scheme(config)
+
+    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, QuantizedWeight]:
+        hessians = HessianAccumulator()
+        with capture_activations(layer, list(targets), reducer=hessians):
+            run_layer(layer, inputs)
+        return {name: gptq_quantize(lin.weight, hessians.hessians[name], scheme,
+                                    block_size=int(args.get("block_size", 128)),
+                                    percdamp=float(args.get("percdamp", 0.01)),
+                                    act_order=bool(args.get("act_order", True)))
+                for name, lin in targets.items()}
+    return layer_fn
+
+
+def _awq_layer_fn(config: QuantConfig) -> LayerFn:
+    scheme = weight_scheme(config)
+    max_tokens = int(config.method_args.get("max_tokens", 1024))  # CPU budget: the grid runs the block 21 times
+    n_grid = int(config.method_args.get("n_grid", 20))
+    clip = bool(config.method_args.get("clip", True))
+
+    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, QuantizedWeight]:
+        groups = [g for g in scale_groups(layer) if all(n in targets for n in g.names)]
+        with capture_activations(layer, list(targets)) as capture:
+            run_layer(layer, inputs)
+        sample = {name: torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])[:max_tokens]
+                  for name, xs in capture.inputs.items()}
+        for group in groups:
+            # the whole MLP is the block for gate/up (AWQ inspects the module the scales affect)
+            inspect = layer.mlp if group.names == ["mlp.gate_proj", "mlp.up_proj"] else None
+            result = awq_search_scales(sample[group.input_key], group.linears, scheme, n_grid=n_grid, inspect=inspect)
+            fold_scales(group, result.scales)
+            for name in group.names:  # the linears now see x / s
+                sample[name] = sample[name] / result.scales
+        if clip:
+            for name, lin in targets.items():
+                if not name.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped (attention logits)
+                    apply_clip(lin.weight, awq_search_clip(sample[name], lin.weight, scheme, n_grid=n_grid))
+        return {name: quantize_weight(lin.weight, scheme) for name, lin in targets.items()}
+    return layer_fn
+
+
+def smooth_model(model: nn.Module, calib_batches: Sequence[torch.Tensor], *, alpha: float = 0.5,
+                 forward: ForwardFn = default_forward, smooth_down: bool = True) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into the norms before q/k/v and gate/up, and into up_proj before down_proj.
+
+    Smoothing down_proj matters for models with massive activations at its input (measured on
+    SmolLM2-135M: perplexity delta 2.9% without, 1.5% with).
+
+    Returns the scales per group, keyed by the first linear's full name. Float outputs are unchanged.
+    """
+    prefix, layers = find_decoder_layers(model)
+    plan = []
+    for index, layer in enumerate(layers):
+        for group in scale_groups(layer):
+            if not isinstance(group.prev, nn.Linear) or (smooth_down and group.names == ["mlp.down_proj"]):
+                plan.append((f"{prefix}.{index}.{group.input_key}", group))
+    stats = ChannelStats()
+    with capture_activations(model, [name for name, _ in plan], reducer=stats):
+        for batch in calib_batches:
+            forward(model, batch)
+    applied = {}
+    for name, group in plan:
+        scales = smoothing_scales(stats.abs_max[name], group.linears, alpha)
+        fold_scales(group, scales)
+        applied[name] = scales
+    return applied

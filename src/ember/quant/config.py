@@ -1,0 +1,94 @@
+"""Frozen configuration of a quantization run and of the quantized checkpoint it produces."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+METHODS = ("rtn", "awq", "gptq", "smoothquant")
+GROUP_SIZES = (32, 64, 128)
+# Linear layers quantized by default; lm_head and embeddings stay in float (they dominate error at 4 bits).
+DEFAULT_MODULES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how; written verbatim to ``quantization_config.json``.
+
+    Args:
+        method: one of ``METHODS``.
+        bits: weight bits, 8 or 4.
+        group_size: input channels per scale for 4-bit weights (32, 64 or 128); ``None`` means
+            one scale per output channel (required for 8-bit).
+        symmetric: symmetric weights (no zero point) if True, else asymmetric (4-bit only).
+        act_bits: 8 for dynamic per-token int8 activations (SmoothQuant W8A8), else ``None``.
+        rotate: whether a QuaRot-style Hadamard rotation was folded in before quantizing.
+        modules: name suffixes of the linears to quantize.
+        alpha: SmoothQuant migration strength; ``None`` for the method default.
+        calibration: free-form description of the calibration data (source, number of samples,
+            tokens per sample); ``None`` when the method needs none.
+        method_args: extra method knobs. GPTQ: ``percdamp`` (0.01), ``act_order`` (True; static
+            groups), ``block_size`` (128). AWQ: ``n_grid`` (20), ``max_tokens`` (1024), ``clip``
+            (True). SmoothQuant: ``smooth_down`` (True). Rotation: ``rotation_seed`` (0).
+    Raises:
+        ValueError: on any inconsistent combination.
+    """
+
+    method: str = "rtn"
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    act_bits: int | None = None
+    rotate: bool = False
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    alpha: float | None = None
+    calibration: dict[str, Any] | None = None
+    method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"4-bit weights need group_size in {GROUP_SIZES}, got {self.group_size}")
+        if self.bits == 8 and (self.group_size is not None or not self.symmetric):
+            raise ValueError("8-bit weights are symmetric per output channel (group_size=None)")
+        if self.act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None or 8, got {self.act_bits}")
+        if self.act_bits == 8 and self.bits != 8:
+            raise ValueError("int8 activations are only supported with int8 weights (W8A8)")
+        if self.method == "smoothquant" and self.act_bits != 8:
+            raise ValueError("smoothquant is W8A8: set bits=8, act_bits=8")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.modules:
+            raise ValueError("modules must name at least one linear")
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["modules"] = list(self.modules)
+        out["format_version"] = FORMAT_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported quantization format_version {version}")
+        data.pop("quantized_modules", None)  # checkpoint bookkeeping, not configuration
+        data.pop("tied", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown quantization_config keys: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,114 @@
+"""GPTQ (Frantar et al. 2022): column-wise quantization with second-order error compensation."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ember.quant.rtn import QuantizedWeight, WeightScheme, compute_qparams, grouped_qparams, pack_weight
+
+
+class HessianAccumulator:
+    """A capture reducer keeping H = 2/n sum_t x_t x_t^T per module (GPTQ Eq. 2), float64 [K, K]."""
+
+    def __init__(self) -> None:
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.num_tokens: dict[str, int] = {}
+        self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _gram(self, tensor: torch.Tensor) -> torch.Tensor:
+        # q/k/v (and gate/up) receive the same input tensor (hooks see detached aliases of it):
+        # compute X^T X once for them; the version counter guards against in-place changes, and
+        # holding the tensor keeps its address from being reused by the next batch
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor._version)
+        if self._last is not None and self._last[0] == key:
+            return self._last[2]
+        x = tensor.reshape(-1, tensor.shape[-1]).float()  # [tokens, K]
+        gram = (x.T @ x).double()  # float32 products as in the GPTQ reference; accumulate in float64
+        self._last = (key, tensor, gram)
+        return gram
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        seen = self.num_tokens.get(name, 0)
+        total = seen + tensor.numel() // tensor.shape[-1]
+        hessian = self.hessians.get(name)
+        update = 2.0 * self._gram(tensor) / total
+        self.hessians[name] = update if hessian is None else hessian * (seen / total) + update
+        self.num_tokens[name] = total
+
+
+def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H) (GPTQ Sec. 4, step 3)."""
+    damp = percdamp * torch.diagonal(hessian).mean()
+    hessian = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False) -> QuantizedWeight:
+    """Quantize ``weight`` [N, K] column by column, spreading each column's error over the rest.
+
+    Args:
+        weight: float weight [N, K].
+        hessian: 2 X^T X / n from calibration inputs [K, K].
+        scheme: target weight scheme (group params are computed when a group starts, from the
+            error-updated weights; with ``act_order`` they are computed up front on the original
+            weights so groups stay contiguous in the stored layout).
+        block_size: columns updated lazily together (rounded to a multiple of the group size).
+        percdamp: damping as a fraction of the mean Hessian diagonal.
+        act_order: quantize columns in decreasing diag(H) order.
+    Returns:
+        a ``QuantizedWeight`` in the original column order.
+    """
+    rows, cols = weight.shape
+    size = scheme.group_len(cols)
+    block_size = max(size, block_size // size * size) if scheme.group_size else block_size
+    hessian = hessian.double().clone()
+    dead = torch.diagonal(hessian) == 0  # channels never active: any value is fine, pin to 0
+    hessian[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(cols)
+    w = weight.detach().float().clone()
+    w[:, dead] = 0.0
+    w = w[:, perm].contiguous()  # [N, K] in quantization order
+    hinv = _inverse_cholesky(hessian[perm][:, perm], percdamp).float()  # [K, K] upper, float32 as in GPTQ
+
+    # original-order params; overwritten group by group when computed dynamically
+    scales, offsets = grouped_qparams(weight.detach().float(), scheme)
+    state = _State(codes=torch.zeros(rows, cols, dtype=torch.int16), scales=scales, offsets=offsets,
+                   order=perm.tolist(), size=size, dynamic=bool(scheme.group_size) and not act_order)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        errors = _quantize_block(w, hinv, start, end, state, scheme)
+        w[:, end:] -= errors @ hinv[start:end, end:]  # lazy batch update (GPTQ Sec. 4, step 2)
+    return pack_weight(state.codes, state.scales, state.offsets, scheme)
+
+
+@dataclasses.dataclass
+class _State:
+    codes: torch.Tensor  # int16 [N, K], original column order
+    scales: torch.Tensor  # [N, groups]
+    offsets: torch.Tensor  # [N, groups]
+    order: list[int]  # quantization position -> original column
+    size: int  # group length
+    dynamic: bool  # group params computed when the group starts (no act-order)
+
+
+def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, state: _State,
+                    scheme: WeightScheme) -> torch.Tensor:
+    """Quantize columns [start, end) one by one, updating the rest of the block (GPTQ Alg. 1)."""
+    block = w[:, start:end].clone()  # [N, B]
+    errors = torch.empty_like(block)
+    for i in range(end - start):
+        column = state.order[start + i]
+        group = column // state.size
+        if state.dynamic and (start + i) % state.size == 0:
+            scale, offset = compute_qparams(block[:, i:i + state.size], scheme)
+            state.scales[:, group], state.offsets[:, group] = scale[:, 0], offset[:, 0]
+        scale, offset = state.scales[:, group], state.offsets[:, group]
+        q = torch.round((block[:, i] - offset) / scale).clamp_(scheme.qmin, scheme.qmax)  # [N]
+        state.codes[:, column] = q.to(torch.int16)
+        err = (block[:, i] - (q * scale + offset)) / hinv[start + i, start + i]
+        block[:, i:].addr_(err, hinv[start + i, start + i:end], alpha=-1.0)
+        errors[:, i] = err
+    return errors

@@ -1,0 +1,215 @@
+"""CPU matmul kernels for quantized linears behind one interface, plus the reference path and the policy."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ember.quant.linear import QuantLinear
+
+Prepared = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBackend:
+    """One way to compute y = x W^T (+ b) for a ``QuantLinear``.
+
+    supports(layer, dtype) -> bool; prepare(layer, dtype) -> packed operands (cached by the layer);
+    run(x [M, K], layer, prepared) -> y [M, N] in x's dtype, bias included.
+    """
+
+    name: str
+    supports: Callable[["QuantLinear", torch.dtype], bool]
+    prepare: Callable[["QuantLinear", torch.dtype], Prepared]
+    run: Callable[[torch.Tensor, "QuantLinear", Prepared], torch.Tensor]
+
+
+def _add_bias(y: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row: x [M, K] -> (codes int8 [M, K], scales float32 [M, 1])."""
+    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+# --- reference: dequantize then matmul ------------------------------------------------------------
+def _reference_run(x: torch.Tensor, layer: "QuantLinear", _prepared: Prepared) -> torch.Tensor:
+    """Weight-only: dequantize W to x's dtype and matmul. W8A8: per-token int8 x, exact int products."""
+    weight = layer.quantized_weight()
+    if layer.act_bits == 8:
+        codes, x_scale = quantize_per_token(x)
+        # int8 x int8 products summed in float64 are exact for any practical K
+        acc = codes.double() @ weight.codes().double().T  # [M, N]
+        y = (acc * x_scale.double() * weight.scales.double().view(1, -1)).to(x.dtype)
+    else:
+        y = F.linear(x, weight.dequantize(x.dtype))
+    return _add_bias(y, layer)
+
+
+REFERENCE = KernelBackend("reference", lambda layer, dtype: True, lambda layer, dtype: None, _reference_run)
+
+
+# --- weight-only, many tokens: dequantize in the activation dtype, then a dense matmul ------------
+def _dense_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    weight = layer.quantized_weight()
+    return weight.group_offsets().to(dtype).unsqueeze(-1), weight.scales.to(dtype).unsqueeze(-1)  # [N, G, 1]
+
+
+def _dense_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    offsets, scales = prepared
+    rows, groups = scales.shape[0], scales.shape[1]
+    if layer.scheme.bits == 4:  # unpack straight into the output dtype: two strided writes, no int temporaries
+        weight = torch.empty(rows, layer.in_features // 2, 2, dtype=x.dtype)
+        weight[..., 0] = layer.qweight & 0x0F
+        weight[..., 1] = layer.qweight >> 4
+    else:
+        weight = layer.qweight.to(x.dtype)
+    weight = weight.view(rows, groups, -1).mul_(scales).add_(offsets).view(rows, layer.in_features)
+    return _add_bias(F.linear(x, weight), layer)
+
+
+DEQUANT_DENSE = KernelBackend("dequant_dense", lambda layer, dtype: layer.act_bits is None, _dense_prepare, _dense_run)
+
+
+# --- int8 weight-only: torch._weight_int8pack_mm -------------------------------------------------
+def _int8_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
+    if layer.act_bits is not None or layer.scheme.bits != 8 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    # the bf16 path gives wrong results when K is not a multiple of 16 (measured on torch 2.13)
+    return dtype != torch.bfloat16 or layer.in_features % 16 == 0
+
+
+def _int8_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    return layer.qweight.contiguous(), layer.scales.view(-1).to(dtype).contiguous()
+
+
+def _int8_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    weight, scales = prepared
+    return _add_bias(torch._weight_int8pack_mm(x.contiguous(), weight, scales), layer)
+
+
+INT8_WEIGHT_ONLY = KernelBackend("int8_weight_only", _int8_supports, _int8_prepare, _int8_run)
+
+
+# --- int4 weight-only: torch._weight_int4pack_mm_for_cpu -----------------------------------------
+def _int4_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
+    return (layer.act_bits is None and layer.scheme.bits == 4
+            and layer.scheme.group_len(layer.in_features) in (32, 64, 128, 256)
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _int4_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    weight = layer.quantized_weight()
+    packed = torch._convert_weight_to_int4pack_for_cpu(weight.codes().to(torch.int32), 1)
+    # the kernel computes (q - 8) * scale + zero, so zero = offset + 8 * scale
+    zero = weight.group_offsets() + 8 * weight.scales
+    scale_zero = torch.stack((weight.scales, zero), dim=-1).transpose(0, 1)  # [groups, N, 2]
+    return packed, scale_zero.to(dtype).contiguous(), weight.scheme.group_len(layer.in_features)
+
+
+def _int4_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    packed, scale_zero, group = prepared
+    return _add_bias(torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scale_zero), layer)
+
+
+INT4_WEIGHT_ONLY = KernelBackend("int4_weight_only", _int4_supports, _int4_prepare, _int4_run)
+
+
+# --- W8A8 dynamic: fbgemm linear_dynamic on row-normalised activations (per-token in effect) ---
+def _fbgemm_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
+    return (layer.act_bits == 8 and hasattr(torch.ops.quantized, "linear_dynamic")
+            and "fbgemm" in torch.backends.quantized.supported_engines)
+
+
+def _fbgemm_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    weight = layer.quantized_weight()
+    with warnings.catch_warnings():  # the eager quantized-tensor API is deprecated upstream
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(
+            weight.codes().to(torch.int8), weight.scales.view(-1).double(),
+            torch.zeros(layer.out_features, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)  # bias added after the row rescale
+
+
+def _fbgemm_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    # fbgemm quantizes activations per tensor; one token with massive activations (attention-sink
+    # tokens reach hundreds) would crush every other row. Normalising each row to max|x| = 1 first
+    # makes the per-tensor range the per-token one; the row scale is applied to the output.
+    xf = x.float()
+    if xf.shape[0] == 1:  # one token: per tensor is per token already (decode fast path)
+        return _add_bias(torch.ops.quantized.linear_dynamic(xf.contiguous(), prepared, False), layer).to(x.dtype)
+    row_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)  # [M, 1]
+    y = torch.ops.quantized.linear_dynamic((xf / row_scale).contiguous(), prepared, False) * row_scale
+    return _add_bias(y, layer).to(x.dtype)
+
+
+FBGEMM_W8A8 = KernelBackend("fbgemm_w8a8", _fbgemm_supports, _fbgemm_prepare, _fbgemm_run)
+
+
+# --- W8A8 dynamic: torch._int_mm with per-token int8 activations ---------------------------------
+def _int_mm_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    return layer.qweight.t().contiguous(), layer.scales.view(1, -1).float()  # [K, N], [1, N]
+
+
+def _int_mm_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    weight_t, w_scale = prepared
+    codes, x_scale = quantize_per_token(x)
+    acc = torch._int_mm(codes, weight_t)  # int32 [M, N]
+    return _add_bias((acc.float() * x_scale * w_scale).to(x.dtype), layer)
+
+
+INT_MM_W8A8 = KernelBackend("int_mm_w8a8", lambda layer, dtype: layer.act_bits == 8, _int_mm_prepare, _int_mm_run)
+
+KERNEL_REGISTRY: dict[str, KernelBackend] = {
+    k.name: k for k in (REFERENCE, DEQUANT_DENSE, INT8_WEIGHT_ONLY, INT4_WEIGHT_ONLY, FBGEMM_W8A8, INT_MM_W8A8)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Which kernel a ``QuantLinear`` uses for a call, by scheme, activation dtype and token count.
+
+    Args:
+        kernel: force one registered kernel ("auto" picks by the rules below; an unsupported forced
+            kernel falls back to the reference path).
+        max_int4_tokens / max_int8_tokens: the weight-only packed kernels are used up to this many
+            tokens; beyond (prefill) the weight is dequantized per call and a dense bf16 matmul
+            runs. Measured break-even on this CPU (1 thread, 576x1536, bf16): ~48 and ~16 tokens.
+        packed_dtypes: activation dtypes for which the weight-only packed kernels are used
+            (measured: with float32 activations the int4 kernel is 20-100x slower than dense).
+        w8a8_order: W8A8 kernels in order of preference.
+    """
+
+    kernel: str = "auto"
+    max_int4_tokens: int = 48
+    max_int8_tokens: int = 16
+    packed_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+    w8a8_order: tuple[str, ...] = ("fbgemm_w8a8", "int_mm_w8a8")
+
+    def __post_init__(self) -> None:
+        if self.kernel != "auto" and self.kernel not in KERNEL_REGISTRY:
+            raise ValueError(f"unknown kernel {self.kernel!r}; known: {sorted(KERNEL_REGISTRY)}")
+        if self.max_int4_tokens < 0 or self.max_int8_tokens < 0:
+            raise ValueError("max_int4_tokens and max_int8_tokens must be >= 0")
+
+    def select(self, layer: "QuantLinear", num_tokens: int, dtype: torch.dtype) -> KernelBackend:
+        """The kernel for this call; always returns a supported one (the reference at worst)."""
+        if self.kernel != "auto":
+            forced = KERNEL_REGISTRY[self.kernel]
+            return forced if forced.supports(layer, dtype) else REFERENCE
+        if layer.act_bits == 8:
+            for name in self.w8a8_order:
+                if KERNEL_REGISTRY[name].supports(layer, dtype):
+                    return KERNEL_REGISTRY[name]
+            return REFERENCE
+        packed = INT4_WEIGHT_ONLY if layer.scheme.bits == 4 else INT8_WEIGHT_ONLY
+        limit = self.max_int4_tokens if layer.scheme.bits == 4 else self.max_int8_tokens
+        if num_tokens <= limit and dtype in self.packed_dtypes and packed.supports(layer, dtype):
+            return packed
+        return DEQUANT_DENSE

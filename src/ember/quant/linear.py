@@ -1,0 +1,110 @@
+"""``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding packed integer weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.quant.kernels import KernelBackend, KernelPolicy
+from ember.quant.rtn import QuantizedWeight, WeightScheme
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as integer codes and per-group scales.
+
+    Buffers (the checkpoint layout): ``qweight`` int8 [N, K] (8-bit) or uint8 [N, K // 2] (4-bit,
+    two codes per byte); ``scales`` float32 [N, groups]; ``offsets`` float32 [N, groups]
+    (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present. Packed kernel operands are derived from these on first
+    use per activation dtype (or by ``prepare``) and are not part of the state dict.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        scheme: weight scheme; ``act_bits=8`` adds dynamic per-token int8 activations (W8A8).
+        bias: whether the layer has a bias.
+        policy: kernel selection policy.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, *,
+                 act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None) -> None:
+        super().__init__()
+        if act_bits not in (None, 8) or (act_bits == 8 and scheme.bits != 8):
+            raise ValueError("act_bits must be None, or 8 with 8-bit weights")
+        groups = in_features // scheme.group_len(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.act_bits = scheme, act_bits
+        self.policy = policy or KernelPolicy()
+        if scheme.bits == 4:
+            if in_features % 2:
+                raise ValueError("4-bit weights need an even in_features")
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        offsets = None if scheme.symmetric else torch.zeros(out_features, groups)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._prepared: dict[tuple[str, torch.dtype], Any] = {}
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
+                       act_bits: int | None = None, policy: KernelPolicy | None = None) -> "QuantLinear":
+        """Build from a ``QuantizedWeight`` (and the float bias of the replaced linear)."""
+        out_features = weight.scales.shape[0]
+        layer = cls(weight.in_features, out_features, weight.scheme, act_bits=act_bits,
+                    bias=bias is not None, policy=policy)
+        layer.qweight.copy_(weight.qweight)
+        layer.scales.copy_(weight.scales)
+        if weight.offsets is not None:
+            layer.offsets.copy_(weight.offsets)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.scheme, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] this layer represents."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def select_kernel(self, num_tokens: int, dtype: torch.dtype) -> KernelBackend:
+        return self.policy.select(self, num_tokens, dtype)
+
+    def prepare(self, kernel: KernelBackend, dtype: torch.dtype) -> Any:
+        """Packed operands of ``kernel`` for activations of ``dtype`` (built once, then cached)."""
+        key = (kernel.name, dtype)
+        if key not in self._prepared:
+            self._prepared[key] = kernel.prepare(self, dtype)
+        return self._prepared[key]
+
+    def run_kernel(self, x: torch.Tensor, kernel: KernelBackend) -> torch.Tensor:
+        """Apply one specific kernel to x [..., K] (used by tests and benchmarks)."""
+        flat = x.reshape(-1, self.in_features)  # [num_tokens, K]
+        out = kernel.run(flat, self, self.prepare(kernel, x.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.numel() // self.in_features
+        return self.run_kernel(x, self.select_kernel(num_tokens, x.dtype))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
+        """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in stored.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self._prepared.clear()
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._prepared.clear()  # packed operands describe the old weights
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        group = self.scheme.group_size or "channel"
+        sym = "sym" if self.scheme.symmetric else "asym"
+        act = f", a{self.act_bits}" if self.act_bits else ""
+        return f"in={self.in_features}, out={self.out_features}, w{self.scheme.bits} {sym} g={group}{act}"
