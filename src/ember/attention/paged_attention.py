@@ -33,19 +33,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         parts.append(_decode_attention(q[:meta.num_decode_tokens], k_cache, v_cache, meta, scale))
     for chunk in meta.prefills:
         end = chunk.query_start + chunk.query_len
-        q_chunk = q[chunk.query_start:end].transpose(0, 1)  # [H, n, D]
-        if chunk.context_len == 0:
+        q_chunk = q[chunk.query_start:end].transpose(0, 1)[None]  # [1, H, n, D]: SDPA's CPU flash
+        if chunk.context_len == 0:                                 # kernel wants 4-D inputs
             # Fresh prompt: its keys are exactly this step's k/v, no gather needed.
             keys, values = k[chunk.query_start:end], v[chunk.query_start:end]
-            out = F.scaled_dot_product_attention(q_chunk, keys.transpose(0, 1), values.transpose(0, 1),
+            out = F.scaled_dot_product_attention(q_chunk, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                  is_causal=True, scale=scale, enable_gqa=True)
         else:
             seq_len = chunk.context_len + chunk.query_len
             keys = _gather(k_cache, chunk.block_table)[:seq_len]  # [S, KVH, D]
             values = _gather(v_cache, chunk.block_table)[:seq_len]
-            out = F.scaled_dot_product_attention(q_chunk, keys.transpose(0, 1), values.transpose(0, 1),
+            out = F.scaled_dot_product_attention(q_chunk, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                  attn_mask=chunk.mask, scale=scale, enable_gqa=True)
-        parts.append(out.transpose(0, 1))
+        parts.append(out[0].transpose(0, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 

@@ -105,78 +105,84 @@ inline __m512 load_bf16x16(const at::BFloat16* p) {
 }
 
 constexpr int kMaxVecs = 16;   // head_dim up to 256
-constexpr int kMaxGroup = 8;   // query heads per KV head
+constexpr int kMaxHeads = 32;  // query heads per sequence
 
-// One sequence, bfloat16, AVX-512: each K/V row is loaded and widened once and serves every
-// query head of its KV head.
+// One sequence, bfloat16, AVX-512. A block's rows hold every KV head side by side, so each row is
+// read once, start to end, for all heads (sequential memory traffic); each widened K/V slice
+// serves every query head of its group. Accumulators live in L1-resident arrays.
 void decode_seq_bf16_avx512(const at::BFloat16* q, const at::BFloat16* k_ptr, const at::BFloat16* v_ptr,
                             const int64_t* table, int64_t seq_len, int64_t block_size, int64_t num_kv_heads,
                             int64_t group, int64_t head_dim, float scale, at::BFloat16* out) {
   const int nv = static_cast<int>(head_dim / 16);
+  const int64_t num_heads = num_kv_heads * group;
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t block_stride = block_size * token_stride;
   const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
-  std::vector<float> scores(group * block_size);
-  for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
-    __m512 qv[kMaxGroup][kMaxVecs];
-    __m512 acc[kMaxGroup][kMaxVecs];
-    float row_max[kMaxGroup], row_sum[kMaxGroup];
-    for (int g = 0; g < group; ++g) {
-      const at::BFloat16* qh = q + (kv_head * group + g) * head_dim;
-      for (int i = 0; i < nv; ++i) {
-        qv[g][i] = _mm512_mul_ps(load_bf16x16(qh + 16 * i), _mm512_set1_ps(scale));
-        acc[g][i] = _mm512_setzero_ps();
-      }
-      row_max[g] = -1e30f;
-      row_sum[g] = 0.f;
+  std::vector<float> scores(num_heads * block_size);
+  alignas(64) __m512 qv[kMaxHeads][kMaxVecs];
+  alignas(64) __m512 acc[kMaxHeads][kMaxVecs];
+  float row_max[kMaxHeads], row_sum[kMaxHeads];
+  for (int64_t h = 0; h < num_heads; ++h) {
+    for (int i = 0; i < nv; ++i) {
+      qv[h][i] = _mm512_mul_ps(load_bf16x16(q + h * head_dim + 16 * i), _mm512_set1_ps(scale));
+      acc[h][i] = _mm512_setzero_ps();
     }
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const int64_t n = std::min(block_size, seq_len - b * block_size);
-      const int64_t base = table[b] * block_stride + kv_head * head_dim;
-      for (int64_t t = 0; t < n; ++t) {
-        const at::BFloat16* krow = k_ptr + base + t * token_stride;
-        __m512 kv[kMaxVecs];
-        for (int i = 0; i < nv; ++i) kv[i] = load_bf16x16(krow + 16 * i);
-        for (int g = 0; g < group; ++g) {
-          __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
-          for (int i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(qv[g][i], kv[i], dot);
-          scores[g * block_size + t] = _mm512_reduce_add_ps(dot);
+    row_max[h] = -1e30f;
+    row_sum[h] = 0.f;
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t n = std::min(block_size, seq_len - b * block_size);
+    const at::BFloat16* kb = k_ptr + table[b] * block_stride;
+    const at::BFloat16* vb = v_ptr + table[b] * block_stride;
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+        const at::BFloat16* krow = kb + t * token_stride + kv * head_dim;
+        __m512 kvec[kMaxVecs];
+        for (int i = 0; i < nv; ++i) kvec[i] = load_bf16x16(krow + 16 * i);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv * group + g;
+          __m512 dot = _mm512_mul_ps(qv[h][0], kvec[0]);
+          for (int i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(qv[h][i], kvec[i], dot);
+          scores[h * block_size + t] = _mm512_reduce_add_ps(dot);
         }
       }
-      for (int g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * block_size;
-        float block_max = row_max[g];
-        for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sg[t]);
-        float block_sum = 0.f;
+    }
+    for (int64_t h = 0; h < num_heads; ++h) {
+      float* sh = scores.data() + h * block_size;
+      float block_max = row_max[h];
+      for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sh[t]);
+      float block_sum = 0.f;
 #pragma omp simd reduction(+ : block_sum)
-        for (int64_t t = 0; t < n; ++t) {
-          sg[t] = std::exp(sg[t] - block_max);
-          block_sum += sg[t];
-        }
-        const float correction = std::exp(row_max[g] - block_max);
-        row_sum[g] = row_sum[g] * correction + block_sum;
-        row_max[g] = block_max;
-        const __m512 c = _mm512_set1_ps(correction);
-        for (int i = 0; i < nv; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
-      }
       for (int64_t t = 0; t < n; ++t) {
-        const at::BFloat16* vrow = v_ptr + base + t * token_stride;
-        __m512 vv[kMaxVecs];
-        for (int i = 0; i < nv; ++i) vv[i] = load_bf16x16(vrow + 16 * i);
-        for (int g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * block_size + t]);
-          for (int i = 0; i < nv; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
+        sh[t] = std::exp(sh[t] - block_max);
+        block_sum += sh[t];
+      }
+      const float correction = std::exp(row_max[h] - block_max);
+      row_sum[h] = row_sum[h] * correction + block_sum;
+      row_max[h] = block_max;
+      const __m512 c = _mm512_set1_ps(correction);
+      for (int i = 0; i < nv; ++i) acc[h][i] = _mm512_mul_ps(acc[h][i], c);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+        const at::BFloat16* vrow = vb + t * token_stride + kv * head_dim;
+        __m512 vvec[kMaxVecs];
+        for (int i = 0; i < nv; ++i) vvec[i] = load_bf16x16(vrow + 16 * i);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv * group + g;
+          const __m512 p = _mm512_set1_ps(scores[h * block_size + t]);
+          for (int i = 0; i < nv; ++i) acc[h][i] = _mm512_fmadd_ps(p, vvec[i], acc[h][i]);
         }
       }
     }
-    for (int g = 0; g < group; ++g) {
-      const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-      alignas(64) float tmp[16];
-      at::BFloat16* dst = out + (kv_head * group + g) * head_dim;
-      for (int i = 0; i < nv; ++i) {
-        _mm512_store_ps(tmp, _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv)));
-        for (int j = 0; j < 16; ++j) dst[16 * i + j] = static_cast<at::BFloat16>(tmp[j]);
-      }
+  }
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+    alignas(64) float tmp[16];
+    at::BFloat16* dst = out + h * head_dim;
+    for (int i = 0; i < nv; ++i) {
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[h][i], _mm512_set1_ps(inv)));
+      for (int j = 0; j < 16; ++j) dst[16 * i + j] = static_cast<at::BFloat16>(tmp[j]);
     }
   }
 }
@@ -202,7 +208,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   } else if (q.scalar_type() == torch::kBFloat16) {
 #ifdef EMBER_HAS_AVX512
     const int64_t head_dim = q.size(2), group = q.size(1) / k_cache.size(2);
-    if (head_dim % 16 == 0 && head_dim <= 16 * kMaxVecs && group <= kMaxGroup) {
+    if (head_dim % 16 == 0 && head_dim <= 16 * kMaxVecs && q.size(1) <= kMaxHeads) {
       const int64_t num_seqs = q.size(0), max_blocks = block_tables.size(1);
       const auto* qp = q.data_ptr<at::BFloat16>();
       auto* op = out.data_ptr<at::BFloat16>();

@@ -26,11 +26,16 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = emb.cos()
         self.sin_cache = emb.sin()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated (q, k) in their dtype."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each token, [T, 1, D] in `dtype`; computed once per step for all layers."""
+        return (self.cos_cache[positions].to(dtype)[:, None, :],
+                self.sin_cache[positions].to(dtype)[:, None, :])
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """q: [T, H, D], k: [T, KVH, D] -> rotated (q, k)."""
+    cos, sin = rope
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
