@@ -118,6 +118,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> None:
     if args.save_result or args.sweep_request_rates:
         name = args.result_filename or f"ember-bench-{args.dataset_name}-{info['date']}.json"
         path = os.path.join(args.result_dir, name)
+        os.makedirs(args.result_dir or ".", exist_ok=True)
         with open(path, "w") as f:
             json.dump({**info, "results": points} if len(points) > 1 else {**info, **points[0]}, f, indent=2)
         print(f"results written to {path}")
