@@ -141,3 +141,23 @@ def test_token_id_prompt(server):
     assert by_ids.choices[0].text == by_text.choices[0].text
     assert by_ids.usage.prompt_tokens == len(ids)
 
+
+
+def _counter(server, name: str) -> float:
+    try:
+        return server.metric(name + "_total")
+    except KeyError:
+        return server.metric(name)
+
+
+def test_repeated_prompt_is_a_prefix_cache_hit_in_metrics(server):
+    prompt = "Once upon a midnight dreary, while I pondered, weak and weary, " * 3
+    client = server.client()
+    client.completions.create(model=server.model, prompt=prompt, max_tokens=1)
+    hits_before = _counter(server, "ember:prefix_cache_hits")
+    queries_before = _counter(server, "ember:prefix_cache_queries")
+    client.completions.create(model=server.model, prompt=prompt, max_tokens=1)
+    num_prompt_tokens = _tokenize(server, prompt=prompt)
+    assert _counter(server, "ember:prefix_cache_queries") - queries_before >= num_prompt_tokens
+    # Every full 16-token block of the repeated prompt is served from the cache.
+    assert _counter(server, "ember:prefix_cache_hits") - hits_before == (num_prompt_tokens - 1) // 16 * 16
