@@ -154,3 +154,18 @@ def emit(result: dict, json_out: str | None) -> None:
         with open(json_out, "w") as f:
             f.write(text + "\n")
     print(text, flush=True)
+
+
+def run_offline(llm, requests: list[BenchRequest], make_params) -> dict:
+    """All requests in one vLLM-style `llm.generate` call; wall time from submit to the last output.
+
+    `make_params(max_tokens)` builds the engine's greedy, EOS-ignoring sampling parameters.
+    """
+    import time
+
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [make_params(r.max_tokens) for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return throughput_metrics(requests, [len(o.outputs[0].token_ids) for o in outputs], elapsed)

@@ -65,13 +65,7 @@ def _params(max_tokens: int):
 
 
 def run_offline(llm, requests: list[wl.BenchRequest]) -> dict:
-    """All requests in one `generate` call; wall time from submit to the last output."""
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [_params(r.max_tokens) for r in requests]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return wl.throughput_metrics(requests, [len(o.outputs[0].token_ids) for o in outputs], elapsed)
+    return wl.run_offline(llm, requests, _params)
 
 
 def run_stream(llm, request: wl.BenchRequest, request_id: str) -> dict:
