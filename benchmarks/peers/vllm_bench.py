@@ -9,7 +9,6 @@ ember, only `benchmarks/workloads.py` by path:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -17,7 +17,7 @@ TEXTS = ["Hello world!", "  leading spaces\nand émojis 🎉 and <|im_start|> sp
 def test_cached_tokenizer_equals_direct_gguf_conversion(bundled_gguf, fresh_cache):
     from transformers import AutoTokenizer
 
-    from ember.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+    from ember.loader.tokenizer import Tokenizer
 
     folder, name = os.path.split(bundled_gguf)
     reference = AutoTokenizer.from_pretrained(folder, gguf_file=name)

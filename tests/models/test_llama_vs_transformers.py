@@ -1,6 +1,5 @@
 """Numerics of the Llama model against Hugging Face transformers on the same weights."""
 
-import pytest
 import torch
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
