@@ -1,4 +1,4 @@
-"""Native CPU kernels for attention, compiled on first use; None when no compiler is available."""
+"""Native CPU kernels (paged decode attention, fused bfloat16 elementwise ops), compiled on first use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_decode.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name) for name in ("paged_decode.cpp", "fused_ops.cpp")]
 
 
 @functools.cache
@@ -22,7 +22,7 @@ def native_ops():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="ember_paged_decode", sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+        return load(name="ember_native", sources=_SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler or headers: stay correct, just slower
         logger.warning("native attention kernel unavailable, using the PyTorch path: %s", err)

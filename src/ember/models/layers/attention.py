@@ -7,7 +7,7 @@ from torch import nn
 
 from ember.attention.metadata import AttentionMetadata
 from ember.attention.paged_attention import paged_attention
-from ember.models.layers.rotary import apply_rotary
+from ember.models.layers.rotary import apply_rotary_
 
 
 class SelfAttention(nn.Module):
@@ -43,6 +43,6 @@ class SelfAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rope)
+        q, k = apply_rotary_(q, k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

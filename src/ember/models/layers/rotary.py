@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ember.attention.kernels import native_ops
+
 
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to q and k given each token's absolute position.
@@ -30,6 +32,17 @@ class RotaryEmbedding(nn.Module):
         """cos, sin for each token, [T, 1, D] in `dtype`; computed once per step for all layers."""
         return (self.cos_cache[positions].to(dtype)[:, None, :],
                 self.sin_cache[positions].to(dtype)[:, None, :])
+
+
+def apply_rotary_(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """Rotate q and k; in place on the native bfloat16 path (one op each instead of eight)."""
+    if q.dtype == torch.bfloat16 and q.stride(-1) == 1 and k.stride(-1) == 1:
+        ops = native_ops()
+        if ops is not None:
+            ops.rope_bf16_(q, *rope)
+            ops.rope_bf16_(k, *rope)
+            return q, k
+    return apply_rotary(q, k, rope)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
