@@ -63,42 +63,33 @@ class ModelRunner:
         positions: list[int] = []
         logits_rows: list[int] = []
         sampled = []
-        decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        for entry in entries:
+        chunks: list[tuple[int, int, int, int]] = []  # (row, offset, context_len, query_len)
+        for row, entry in enumerate(entries):
             request, num_new = entry.request, entry.num_new_tokens
             start = request.num_computed_tokens
             end = start + num_new
-            offset = len(input_ids)
+            chunks.append((row, len(input_ids), start, num_new))
             input_ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
             if num_new == 1:
-                decode_tables.append(entry.block_ids)
                 decode_lens.append(end)
-            else:
-                prefills.append(PrefillChunk(offset, num_new, start, torch.tensor(entry.block_ids),
-                                             _chunk_mask(start, num_new)))
             if end == request.num_tokens:  # all known tokens computed: sample the next one
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(request)
+        # One padded block table for the whole step [num_entries, max_blocks]: slot mapping,
+        # decode rows (first, as entries are sorted decode-first) and prefill chunks all index it.
+        tables = _pad_tables([e.block_ids for e in entries])
         positions_t = torch.tensor(positions, dtype=torch.int64)
-        slot_mapping = self._slot_mapping(entries, positions_t, bs)
-        decode_block_tables = _pad_tables(decode_tables) if decode_tables else None
-        decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int64) if decode_tables else None
-        meta = AttentionMetadata(slot_mapping, len(decode_tables), decode_block_tables, decode_seq_lens, prefills)
-        return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
-
-    @staticmethod
-    def _slot_mapping(entries: list[ScheduledRequest], positions: torch.Tensor, bs: int) -> torch.Tensor:
-        # Block id of each token = its request's block table at position // block_size.
-        tables = [torch.tensor(e.block_ids, dtype=torch.int64) for e in entries]
         counts = torch.tensor([e.num_new_tokens for e in entries])
-        table_of_token = torch.repeat_interleave(torch.arange(len(entries)), counts)
-        flat = torch.cat(tables)
-        starts = torch.cumsum(torch.tensor([0] + [len(t) for t in tables[:-1]]), 0)
-        block_ids = flat[starts[table_of_token] + positions // bs]
-        return block_ids * bs + positions % bs
+        row_of_token = torch.repeat_interleave(torch.arange(len(entries)), counts)
+        slot_mapping = tables[row_of_token, positions_t // bs] * bs + positions_t % bs
+        num_decode = len(decode_lens)
+        prefills = [PrefillChunk(offset, n, ctx, tables[row, :len(entries[row].block_ids)], _chunk_mask(ctx, n))
+                    for row, offset, ctx, n in chunks[num_decode:]]
+        meta = AttentionMetadata(slot_mapping, num_decode, tables[:num_decode] if num_decode else None,
+                                 torch.tensor(decode_lens, dtype=torch.int64) if num_decode else None, prefills)
+        return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 
 
 def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
