@@ -108,7 +108,7 @@ def run_engine(name: str, command: list[str], log_dir: str, timeout_s: float) ->
         try:
             returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _stop(process)
+            wl.stop_process(process, timeout_s=30)  # SIGTERM lets a runner stop llama-server
             return {"error": f"timed out after {timeout_s} s", "log": log_path}
     wall_s = round(time.perf_counter() - start, 1)
     if returncode != 0 or not os.path.exists(json_path):
@@ -119,16 +119,6 @@ def run_engine(name: str, command: list[str], log_dir: str, timeout_s: float) ->
     result.update({"log": log_path, "wall_s": wall_s, "command": command,
                    "load_avg_before": load_before, "load_avg_after": os.getloadavg()})
     return result
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM first so a runner can stop what it started (llama-server), then SIGKILL."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def ratios(ember: dict, peer: dict) -> dict:

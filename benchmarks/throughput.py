@@ -57,19 +57,8 @@ def run_stream(llm, request: wl.BenchRequest, request_id: str) -> dict:
     engine = getattr(llm, "engine", None)
     if engine is None or not hasattr(engine, "step"):
         return _stream_from_metrics(llm, request)
-    start = time.perf_counter()
-    engine.add_request(request_id, list(request.prompt_token_ids), _params(request.max_tokens))
-    first_token = None
-    token_ids: list[int] = []
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            token_ids = list(output.outputs[0].token_ids)
-            if first_token is None and token_ids:
-                first_token = time.perf_counter()
-    end = time.perf_counter()
-    metrics = wl.stream_metrics(start, first_token, end, len(token_ids))
-    metrics["first_token_ids"] = token_ids[:8]
-    return metrics
+    return wl.run_stepped(engine, lambda: engine.add_request(
+        request_id, list(request.prompt_token_ids), _params(request.max_tokens)))
 
 
 def _stream_from_metrics(llm, request: wl.BenchRequest) -> dict:

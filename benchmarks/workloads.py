@@ -169,3 +169,36 @@ def run_offline(llm, requests: list[BenchRequest], make_params) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     return throughput_metrics(requests, [len(o.outputs[0].token_ids) for o in outputs], elapsed)
+
+
+def run_stepped(engine, submit) -> dict:
+    """Time one request stepped through a vLLM-style engine (`step`, `has_unfinished_requests`).
+
+    `submit()` adds the request; its first and last tokens are timed as they come out.
+    """
+    import time
+
+    start = time.perf_counter()
+    submit()
+    first_token = None
+    token_ids: list[int] = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            token_ids = list(output.outputs[0].token_ids)
+            if first_token is None and token_ids:
+                first_token = time.perf_counter()
+    metrics = stream_metrics(start, first_token, time.perf_counter(), len(token_ids))
+    metrics["first_token_ids"] = token_ids[:8]
+    return metrics
+
+
+def stop_process(process, timeout_s: float) -> None:
+    """SIGTERM so the process can stop what it started, then SIGKILL after `timeout_s`."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

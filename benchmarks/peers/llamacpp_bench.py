@@ -163,12 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         result["peak_rss_mib"] = wl.process_peak_rss_mib(process.pid)
         return result
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        wl.stop_process(process, timeout_s=10)
         if log is not subprocess.DEVNULL:
             log.close()
 

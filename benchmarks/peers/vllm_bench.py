@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workloads as wl  # noqa: E402
@@ -70,19 +69,8 @@ def run_offline(llm, requests: list[wl.BenchRequest]) -> dict:
 def run_stream(llm, request: wl.BenchRequest, request_id: str) -> dict:
     """One request stepped through the engine; times its first and last token as they arrive."""
     engine = llm.llm_engine
-    start = time.perf_counter()
-    engine.add_request(request_id, {"prompt_token_ids": request.prompt_token_ids}, _params(request.max_tokens))
-    first_token = None
-    token_ids: list[int] = []
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            token_ids = list(output.outputs[0].token_ids)
-            if first_token is None and token_ids:
-                first_token = time.perf_counter()
-    end = time.perf_counter()
-    metrics = wl.stream_metrics(start, first_token, end, len(token_ids))
-    metrics["first_token_ids"] = token_ids[:8]
-    return metrics
+    return wl.run_stepped(engine, lambda: engine.add_request(
+        request_id, {"prompt_token_ids": request.prompt_token_ids}, _params(request.max_tokens)))
 
 
 def run(args: argparse.Namespace) -> dict:
