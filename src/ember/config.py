@@ -30,7 +30,7 @@ class EngineConfig:
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "number of KV-cache blocks (overrides --kv-cache-memory-gib)"})
     max_num_seqs: int = field(default=128, metadata={"help": "most requests in one step"})
-    max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "seed of the default random generator"})
     num_threads: int | None = field(default=None, metadata={

@@ -69,3 +69,39 @@ def test_native_decode_kernel_matches_reference(dtype, tol):
     expected = decode_attention_reference(q, k_cache, v_cache, meta, DIM ** -0.5)
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, DIM ** -0.5)
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("group", [1, 3, 9])
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (5, 64), (16, 48)])
+def test_native_decode_kernel_matches_naive_attention(dtype, tol, group, block_size, head_dim):
+    """Model-sized heads (the vectorized bfloat16 path): whole and partial 16-token chunks, a block
+    size that chunks straddle, an odd number of 16-wide vectors per head, and NaN in every slot past
+    a sequence's end (a reused or never-written block) that must not leak into the result."""
+    from ember.attention.kernels import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler: the reference path is the one in use")
+    gen = torch.Generator().manual_seed(2)
+    kv_heads = 3
+    seq_lens = torch.tensor([1, 15, 16, 17, 333])
+    max_blocks = -(-int(seq_lens.max()) // block_size)
+    shape = (len(seq_lens) * max_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen)
+    v_cache = torch.randn(shape, generator=gen)
+    tables = torch.randperm(shape[0], generator=gen).view(len(seq_lens), max_blocks)
+    for seq, length in enumerate(seq_lens.tolist()):
+        for cache in (k_cache, v_cache):
+            rows = cache[tables[seq]].flatten(0, 1)  # a copy (advanced indexing): written back below
+            rows[length:] = float("nan")
+            cache[tables[seq]] = rows.view(max_blocks, block_size, kv_heads, head_dim)
+    q = 3 * torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)  # a wide score spread
+    q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+    scale = head_dim ** -0.5
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
+    for seq, length in enumerate(seq_lens.tolist()):
+        k = k_cache[tables[seq]].flatten(0, 1)[:length].float()
+        v = v_cache[tables[seq]].flatten(0, 1)[:length].float()
+        expected = naive_attention(q[seq : seq + 1].float(), k, v, scale)[0]
+        torch.testing.assert_close(out[seq].float(), expected, atol=tol, rtol=tol)

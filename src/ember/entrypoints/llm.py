@@ -13,15 +13,22 @@ from ember.sampling_params import SamplingParams
 
 PromptType = str | dict
 
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096
+OFFLINE_MAX_NUM_SEQS = 256
+
 
 class LLM:
     """Generate for many prompts at once with continuous batching.
 
     `LLM(model=None, dtype="bfloat16", max_model_len=..., ...)`: keyword arguments are the
     fields of `EngineConfig`; `model=None` loads the bundled SmolLM2-135M-Instruct.
+    Offline runs care about throughput, not inter-token latency, so as in vLLM on CPU the step
+    budget defaults to 4096 tokens and 256 requests (the server keeps 2048 and 128).
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
+        kwargs.setdefault("max_num_seqs", OFFLINE_MAX_NUM_SEQS)
         self.engine = LLMEngine.from_config(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self):

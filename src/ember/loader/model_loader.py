@@ -62,11 +62,16 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
             module.reset_buffers()  # float32 tables, cast per use
     model.eval()
     if can_prepack(dtype):
-        for module in model.modules():
-            if hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+        fuse_projections(model)
         prepack_linears(model)
     return model
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Stack q/k/v and gate/up into one matmul each (blocks that define `fuse_projections`)."""
+    for module in list(model.modules()):
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections()
 
 
 def load_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
@@ -100,5 +105,6 @@ def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, Mode
             module.reset_buffers()
     model = model.to(dtype).eval().requires_grad_(False)
     if can_prepack(dtype):
+        fuse_projections(model)
         prepack_linears(model)  # the float layers left (e.g. the LM head)
     return model, config

@@ -61,6 +61,28 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.detach().float())
         return layer
 
+    @classmethod
+    def concat(cls, layers: list["QuantLinear"]) -> "QuantLinear":
+        """One layer computing [y_1; y_2; ...] for linears sharing an input (fused q/k/v, gate/up).
+
+        Exact: output rows keep their own codes and scales, and W8A8 activations are quantized per
+        token, the same for every part. Raises ValueError if schemes or inputs differ.
+        """
+        first = layers[0]
+        if any((lay.in_features, lay.scheme, lay.act_bits) != (first.in_features, first.scheme, first.act_bits)
+               for lay in layers):
+            raise ValueError("only layers with the same input size, scheme and activation bits can be fused")
+        has_bias = [lay.bias is not None for lay in layers]
+        fused = cls(first.in_features, sum(lay.out_features for lay in layers), first.scheme,
+                    act_bits=first.act_bits, bias=any(has_bias), policy=first.policy)
+        for name in ("qweight", "scales", "offsets"):
+            if getattr(first, name) is not None:
+                getattr(fused, name).copy_(torch.cat([getattr(lay, name) for lay in layers]))
+        if any(has_bias):
+            fused.bias.copy_(torch.cat([lay.bias if lay.bias is not None else torch.zeros(lay.out_features)
+                                        for lay in layers]))
+        return fused
+
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.scheme, self.in_features)
 

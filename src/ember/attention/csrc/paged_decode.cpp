@@ -2,8 +2,11 @@
 // values read block by block through the block table (no gather), online softmax in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -98,94 +101,275 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
 #include <immintrin.h>
 #define EMBER_HAS_AVX512 1
 
-// 16 bfloat16 values -> 16 floats (bf16 is the high half of an fp32).
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 constexpr int kMaxVecs = 16;   // head_dim up to 256
 constexpr int kMaxHeads = 32;  // query heads per sequence
+constexpr int kChunk = 16;     // tokens scored together: one vector of 16 scores
+constexpr int kHeadTile = 3;   // query heads served per pass over a chunk's rows (register budget)
+constexpr int kDimTile = 4;    // accumulator vectors per head and pass in P.V (register budget)
+alignas(64) constexpr uint16_t kZeroRow[16 * kMaxVecs] = {};  // stands in for tokens past the end
 
-// One sequence, bfloat16, AVX-512. A block's rows hold every KV head side by side, so each row is
-// read once, start to end, for all heads (sequential memory traffic); each widened K/V slice
-// serves every query head of its group. Accumulators live in L1-resident arrays.
-void decode_seq_bf16_avx512(const at::BFloat16* q, const at::BFloat16* k_ptr, const at::BFloat16* v_ptr,
-                            const int64_t* table, int64_t seq_len, int64_t block_size, int64_t num_kv_heads,
-                            int64_t group, int64_t head_dim, float scale, at::BFloat16* out) {
-  const int nv = static_cast<int>(head_dim / 16);
-  const int64_t num_heads = num_kv_heads * group;
-  const int64_t token_stride = num_kv_heads * head_dim;
-  const int64_t block_stride = block_size * token_stride;
-  const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
-  std::vector<float> scores(num_heads * block_size);
-  alignas(64) __m512 qv[kMaxHeads][kMaxVecs];
-  alignas(64) __m512 acc[kMaxHeads][kMaxVecs];
-  float row_max[kMaxHeads], row_sum[kMaxHeads];
-  for (int64_t h = 0; h < num_heads; ++h) {
-    for (int i = 0; i < nv; ++i) {
-      qv[h][i] = _mm512_mul_ps(load_bf16x16(q + h * head_dim + 16 * i), _mm512_set1_ps(scale));
-      acc[h][i] = _mm512_setzero_ps();
-    }
-    row_max[h] = -1e30f;
-    row_sum[h] = 0.f;
+// Vector j of a bfloat16 row of 16 * NV values, as floats. Each 32 values are one load split into
+// the even (shift) and odd (mask) elements, so vector 2i holds values 32i + 2l and 2i+1 the ones
+// after; q, K and V use this same order, and store_head undoes it. A last 16 values (odd NV) come
+// in natural order. vdpbf16ps would skip the widening but measured ~2 cycles an instruction here,
+// while one widening serves every query head of the group.
+template <int NV>
+inline __m512 widen(const uint16_t* row, int j) {
+  if (NV % 2 == 1 && j == NV - 1) {
+    const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(tail), 16));
   }
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t n = std::min(block_size, seq_len - b * block_size);
-    const at::BFloat16* kb = k_ptr + table[b] * block_stride;
-    const at::BFloat16* vb = v_ptr + table[b] * block_stride;
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
-        const at::BFloat16* krow = kb + t * token_stride + kv * head_dim;
-        __m512 kvec[kMaxVecs];
-        for (int i = 0; i < nv; ++i) kvec[i] = load_bf16x16(krow + 16 * i);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kv * group + g;
-          __m512 dot = _mm512_mul_ps(qv[h][0], kvec[0]);
-          for (int i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(qv[h][i], kvec[i], dot);
-          scores[h * block_size + t] = _mm512_reduce_add_ps(dot);
+  const __m512i x = _mm512_loadu_si512(row + 32 * (j / 2));
+  if (j % 2 == 0) return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// 16 floats -> 16 bfloat16, round to nearest even (finite inputs).
+inline __m256i to_bf16x16(__m512 x) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+#endif
+}
+
+// 2^x for x <= 0: 2^n * 2^f with f in [-1/2, 1/2], degree-6 Taylor polynomial for 2^f = e^(f ln 2)
+// (rel. error ~1e-7); vscalefps flushes huge negative n to 0.
+inline __m512 exp2_512(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The maximum of the 16 lanes, in every lane (no scalar round trip).
+inline __m512 broadcast_max(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
+  return _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
+}
+
+// Transposed reduction: 16 vectors of partial dot products -> one vector of 16 sums, one
+// lane-crossing shuffle and one or two blends per pair combined (15 pairs) instead of 16
+// horizontal sums. Lane p of the result sums input bit_reverse4(p), so group_scores feeds token
+// kBitReverse4[i] as input i.
+inline __m512 add_halves(__m512 a, __m512 b) {  // 256-bit halves: a in lanes 0-1, b in 2-3
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xFF00, a, b), _mm512_shuffle_f32x4(a, b, 0x4E));
+}
+inline __m512 add_quarters(__m512 a, __m512 b) {  // 128-bit lanes, alternating a and b
+  const __m512 swapped = _mm512_mask_blend_ps(0x0F0F, a, b);
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xF0F0, a, b), _mm512_shuffle_f32x4(swapped, swapped, 0xB1));
+}
+inline __m512 add_pairs(__m512 a, __m512 b) {  // within 128-bit lanes: 2 floats each
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xCCCC, a, b), _mm512_shuffle_ps(a, b, 0x4E));
+}
+inline __m512 add_neighbours(__m512 a, __m512 b) {  // within 128-bit lanes: 1 float each
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xAAAA, a, b), _mm512_permute_ps(_mm512_mask_blend_ps(0x5555, a, b), 0xB1));
+}
+constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// One KV head's K and V rows over a chunk (the zero row past the end), and its rows over the next
+// chunk: those are prefetched a few lines at a time while this chunk is computed, since blocks sit
+// at random places the hardware prefetcher cannot guess, and a burst of prefetches would stall on
+// the L1 miss buffers.
+struct ChunkRows {
+  const uint16_t* k[kChunk];
+  const uint16_t* v[kChunk];
+  const uint16_t* next_k[kChunk];
+  const uint16_t* next_v[kChunk];
+};
+
+template <int NV>
+inline void prefetch_row(const uint16_t* row) {
+  for (int byte = 0; byte < 32 * NV; byte += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T0);
+}
+
+// Scores of G heads (q pre-scaled, [G][NV]) against the 16 K rows of a chunk: token t in lane t.
+// Each K row is widened once for the G heads; dot products are combined as soon as two are ready,
+// so the live set stays in registers.
+template <int NV, int G>
+inline void group_scores(const __m512 (*q)[NV], const ChunkRows& rows, __m512* scores) {
+  __m512 quads[G][4];
+#pragma GCC unroll 4
+  for (int quad = 0; quad < 4; ++quad) {
+    __m512 halves[G][2];
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      __m512 dots[G][2];
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; ++i) {
+        const int i_in = 4 * quad + 2 * half + i;
+        const uint16_t* row = rows.k[kBitReverse4[i_in]];
+        prefetch_row<NV>(rows.next_k[i_in]);  // ascending, as the hardware prefetcher likes
+        for (int g = 0; g < G; ++g) dots[g][i] = _mm512_mul_ps(q[g][0], widen<NV>(row, 0));
+#pragma GCC unroll 16
+        for (int j = 1; j < NV; ++j) {
+          const __m512 k = widen<NV>(row, j);
+          for (int g = 0; g < G; ++g) dots[g][i] = _mm512_fmadd_ps(q[g][j], k, dots[g][i]);
         }
       }
+      for (int g = 0; g < G; ++g) halves[g][half] = add_halves(dots[g][0], dots[g][1]);
     }
-    for (int64_t h = 0; h < num_heads; ++h) {
-      float* sh = scores.data() + h * block_size;
-      float block_max = row_max[h];
-      for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sh[t]);
-      float block_sum = 0.f;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sh[t] = std::exp(sh[t] - block_max);
-        block_sum += sh[t];
-      }
-      const float correction = std::exp(row_max[h] - block_max);
-      row_sum[h] = row_sum[h] * correction + block_sum;
-      row_max[h] = block_max;
-      const __m512 c = _mm512_set1_ps(correction);
-      for (int i = 0; i < nv; ++i) acc[h][i] = _mm512_mul_ps(acc[h][i], c);
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
-        const at::BFloat16* vrow = vb + t * token_stride + kv * head_dim;
-        __m512 vvec[kMaxVecs];
-        for (int i = 0; i < nv; ++i) vvec[i] = load_bf16x16(vrow + 16 * i);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kv * group + g;
-          const __m512 p = _mm512_set1_ps(scores[h * block_size + t]);
-          for (int i = 0; i < nv; ++i) acc[h][i] = _mm512_fmadd_ps(p, vvec[i], acc[h][i]);
-        }
-      }
+    for (int g = 0; g < G; ++g) quads[g][quad] = add_quarters(halves[g][0], halves[g][1]);
+  }
+  for (int g = 0; g < G; ++g)
+    scores[g] = add_neighbours(add_pairs(quads[g][0], quads[g][1]), add_pairs(quads[g][2], quads[g][3]));
+}
+
+// Online softmax over one chunk, in base 2 (q carries scale * log2(e)): returns the probabilities
+// under the new running maximum (0 in the lanes past the end) and sets `correction`, the factor
+// for what was accumulated before. row_max holds the maximum in every lane.
+inline __m512 softmax_chunk(__m512 scores, __mmask16 valid, __m512& row_max, __m512& row_sum, __m512& correction) {
+  scores = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), valid, scores);
+  const __m512 new_max = _mm512_max_ps(row_max, broadcast_max(scores));
+  const __m512 probs = exp2_512(_mm512_sub_ps(scores, new_max));
+  correction = exp2_512(_mm512_sub_ps(row_max, new_max));
+  row_sum = _mm512_fmadd_ps(row_sum, correction, probs);
+  row_max = new_max;
+  return probs;
+}
+
+// acc[g] = acc[g] * correction[g] + sum_t probs[g][t] * V[t] for G heads, kDimTile accumulator
+// vectors at a time; each V row slice is widened once for the G heads.
+template <int NV, int G, int J0 = 0>
+inline void group_values(__m512 (*acc)[NV], const __m512* correction, const float (*probs)[kChunk],
+                         const ChunkRows& rows, int n) {
+  constexpr int D = std::min(kDimTile, NV - J0);
+  __m512 a[G][D];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < D; ++j) a[g][j] = _mm512_mul_ps(acc[g][J0 + j], correction[g]);
+  for (int t = 0; t < n; ++t) {
+    if (J0 == 0) prefetch_row<NV>(rows.next_v[t]);
+    __m512 v[D];
+    for (int j = 0; j < D; ++j) v[j] = widen<NV>(rows.v[t], J0 + j);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g][t]);
+      for (int j = 0; j < D; ++j) a[g][j] = _mm512_fmadd_ps(p, v[j], a[g][j]);
     }
   }
-  for (int64_t h = 0; h < num_heads; ++h) {
-    const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-    alignas(64) float tmp[16];
-    at::BFloat16* dst = out + h * head_dim;
-    for (int i = 0; i < nv; ++i) {
-      _mm512_store_ps(tmp, _mm512_mul_ps(acc[h][i], _mm512_set1_ps(inv)));
-      for (int j = 0; j < 16; ++j) dst[16 * i + j] = static_cast<at::BFloat16>(tmp[j]);
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < D; ++j) acc[g][J0 + j] = a[g][j];
+  if constexpr (J0 + D < NV) group_values<NV, G, J0 + D>(acc, correction, probs, rows, n);
+}
+
+// acc * inv back to natural dim order (see widen), rounded to bfloat16.
+template <int NV>
+inline void store_head(const __m512* acc, float inv, uint16_t* dst) {
+  const __m512 scale = _mm512_set1_ps(inv);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int j = 0; j < NV / 2; ++j) {
+    const __m512 even = _mm512_mul_ps(acc[2 * j], scale), odd = _mm512_mul_ps(acc[2 * j + 1], scale);
+    _mm256_storeu_si256((__m256i*)(dst + 32 * j), to_bf16x16(_mm512_permutex2var_ps(even, first, odd)));
+    _mm256_storeu_si256((__m256i*)(dst + 32 * j + 16), to_bf16x16(_mm512_permutex2var_ps(even, second, odd)));
+  }
+  if (NV % 2 == 1) _mm256_storeu_si256((__m256i*)(dst + 16 * (NV - 1)), to_bf16x16(_mm512_mul_ps(acc[NV - 1], scale)));
+}
+
+// Element offsets of the rows of positions [start, start + n) (KV head 0), through the block table.
+inline void chunk_offsets(const int64_t* table, int64_t start, int n, int64_t block_size, int64_t token_stride,
+                          int64_t* offsets) {
+  int64_t b = start / block_size, slot = start % block_size;
+  for (int t = 0; t < n; ++t) {
+    offsets[t] = (table[b] * block_size + slot) * token_stride;
+    if (++slot == block_size) slot = 0, ++b;
+  }
+}
+
+// Running state of one sequence: query (widened, pre-scaled), softmax maximum and sum, and the
+// unnormalized output, per query head.
+template <int NV>
+struct SeqState {
+  __m512 q[kMaxHeads][NV], acc[kMaxHeads][NV], row_max[kMaxHeads], row_sum[kMaxHeads];
+};
+
+// Query heads [h, h + G), which share one KV head, over one chunk of n <= 16 tokens. Not inlined:
+// inlined into the head-tile switch, GCC hoists and spills the K rows (7% slower).
+template <int NV, int G>
+__attribute__((noinline)) void attend_heads(SeqState<NV>& st, int64_t h, const ChunkRows& rows, int n) {
+  __m512 scores[G], correction[G];
+  alignas(64) float probs[G][kChunk];
+  group_scores<NV, G>(st.q + h, rows, scores);
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+  for (int g = 0; g < G; ++g)
+    _mm512_store_ps(probs[g], softmax_chunk(scores[g], valid, st.row_max[h + g], st.row_sum[h + g], correction[g]));
+  group_values<NV, G>(st.acc + h, correction, probs, rows, n);
+}
+
+// All query heads over one chunk of n tokens (next_n in the next chunk): per KV head, its rows
+// serve the group's heads in tiles of up to kHeadTile.
+template <int NV>
+void attend_chunk(SeqState<NV>& st, const uint16_t* k_ptr, const uint16_t* v_ptr, const int64_t* offsets, int n,
+                  const int64_t* next_offsets, int next_n, int64_t num_kv_heads, int64_t group) {
+  ChunkRows rows;
+  for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+    for (int t = 0; t < kChunk; ++t) {
+      rows.k[t] = t < n ? k_ptr + offsets[t] + kv * 16 * NV : kZeroRow;
+      rows.v[t] = t < n ? v_ptr + offsets[t] + kv * 16 * NV : kZeroRow;
+      rows.next_k[t] = t < next_n ? k_ptr + next_offsets[t] + kv * 16 * NV : kZeroRow;
+      rows.next_v[t] = t < next_n ? v_ptr + next_offsets[t] + kv * 16 * NV : kZeroRow;
+    }
+    static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
+    for (int64_t g = 0; g < group; g += kHeadTile) {
+      const int64_t h = kv * group + g;
+      switch (std::min<int64_t>(group - g, kHeadTile)) {
+        case 3: attend_heads<NV, 3>(st, h, rows, n); break;
+        case 2: attend_heads<NV, 2>(st, h, rows, n); break;
+        default: attend_heads<NV, 1>(st, h, rows, n);
+      }
     }
   }
 }
+
+// One sequence, bfloat16, AVX-512, head_dim = 16 * NV. Positions go in chunks of 16 (one vector of
+// scores each, whatever the block size); each chunk's K/V rows serve every head of their group
+// while they sit in L1. Softmax and sums are float32.
+template <int NV>
+void decode_seq_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uint16_t* v_ptr, const int64_t* table,
+                            int64_t seq_len, int64_t block_size, int64_t num_kv_heads, int64_t group, float scale,
+                            uint16_t* out) {
+  constexpr int kHeadDim = 16 * NV;
+  const int64_t num_heads = num_kv_heads * group;
+  SeqState<NV> st;
+  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);  // base-2 softmax
+  for (int64_t h = 0; h < num_heads; ++h) {
+    for (int j = 0; j < NV; ++j) {
+      st.q[h][j] = _mm512_mul_ps(widen<NV>(q + h * kHeadDim, j), q_scale);
+      st.acc[h][j] = _mm512_setzero_ps();
+    }
+    st.row_sum[h] = _mm512_setzero_ps();
+    st.row_max[h] = _mm512_set1_ps(-1e30f);  // finite: the build uses -ffast-math
+  }
+  const int64_t token_stride = num_kv_heads * kHeadDim;
+  const auto chunk_len = [&](int64_t start) {
+    return static_cast<int>(std::clamp<int64_t>(seq_len - start, 0, kChunk));
+  };
+  int64_t offsets[2][kChunk];  // this chunk's and the next one's, alternating
+  chunk_offsets(table, 0, chunk_len(0), block_size, token_stride, offsets[0]);
+  for (int64_t start = 0, c = 0; start < seq_len; start += kChunk, c ^= 1) {
+    const int n = chunk_len(start), next_n = chunk_len(start + kChunk);
+    chunk_offsets(table, start + kChunk, next_n, block_size, token_stride, offsets[c ^ 1]);
+    attend_chunk<NV>(st, k_ptr, v_ptr, offsets[c], n, offsets[c ^ 1], next_n, num_kv_heads, group);
+  }
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float sum = _mm512_reduce_add_ps(st.row_sum[h]);
+    store_head<NV>(st.acc[h], sum > 0.f ? 1.f / sum : 0.f, out + h * kHeadDim);
+  }
+}
+
+using DecodeSeqFn = decltype(&decode_seq_bf16_avx512<1>);
+
+template <int... I>
+constexpr std::array<DecodeSeqFn, sizeof...(I)> decode_seq_table(std::integer_sequence<int, I...>) {
+  return {&decode_seq_bf16_avx512<I + 1>...};
+}
+// Indexed by head_dim / 16 - 1.
+constexpr auto kDecodeSeqFns = decode_seq_table(std::make_integer_sequence<int, kMaxVecs>{});
 #endif
 
 }  // namespace
@@ -209,19 +393,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 #ifdef EMBER_HAS_AVX512
     const int64_t head_dim = q.size(2), group = q.size(1) / k_cache.size(2);
     if (head_dim % 16 == 0 && head_dim <= 16 * kMaxVecs && q.size(1) <= kMaxHeads) {
-      const int64_t num_seqs = q.size(0), max_blocks = block_tables.size(1);
-      const auto* qp = q.data_ptr<at::BFloat16>();
-      auto* op = out.data_ptr<at::BFloat16>();
+      const DecodeSeqFn decode_seq = kDecodeSeqFns[head_dim / 16 - 1];
+      const int64_t num_seqs = q.size(0), max_blocks = block_tables.size(1), heads = q.size(1);
+      const int64_t block_size = k_cache.size(1);
+      const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+      const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+      const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+      auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
       const auto* tp = block_tables.data_ptr<int64_t>();
       const auto* lp = seq_lens.data_ptr<int64_t>();
-      const int64_t heads = q.size(1);
       at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
-          decode_seq_bf16_avx512(qp + s * heads * head_dim, k_cache.data_ptr<at::BFloat16>(),
-                                 v_cache.data_ptr<at::BFloat16>(), tp + s * max_blocks,
-                                 std::min(lp[s], max_blocks * k_cache.size(1)), k_cache.size(1),
-                                 k_cache.size(2), group, head_dim, static_cast<float>(scale),
-                                 op + s * heads * head_dim);
+          decode_seq(qp + s * heads * head_dim, kp, vp, tp + s * max_blocks, std::min(lp[s], max_blocks * block_size),
+                     block_size, k_cache.size(2), group, static_cast<float>(scale), op + s * heads * head_dim);
         }
       });
       return out;

@@ -7,6 +7,7 @@ from torch import nn
 
 from ember.attention.metadata import AttentionMetadata
 from ember.attention.paged_attention import paged_attention
+from ember.models.layers.linear import fuse_linears
 from ember.models.layers.rotary import apply_rotary_
 
 
@@ -21,16 +22,14 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.qkv_proj: nn.Module | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
         """Replace q/k/v by one [q; k; v] projection: one matmul per step instead of three."""
-        if not all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
-            return  # quantized or already-packed projections keep their own kernels
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.qkv_proj.weight = nn.Parameter(weight, requires_grad=False)
-        del self.q_proj, self.k_proj, self.v_proj
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:

@@ -38,6 +38,28 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked"
 
 
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One layer stacking the outputs of linears that share an input, or None if they cannot be fused.
+
+    Float bias-free `nn.Linear`s concatenate their weights; quantized linears of one scheme
+    concatenate codes and scales (`QuantLinear.concat`); anything else (mixed kinds, already
+    prepacked) keeps its own kernels.
+    """
+    from ember.quant.linear import QuantLinear
+
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        weight = torch.cat([m.weight for m in linears])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        return fused
+    if all(type(m) is QuantLinear for m in linears):
+        try:
+            return QuantLinear.concat(linears)
+        except ValueError:  # mixed schemes (a mixed-precision plan): keep them apart
+            return None
+    return None
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Replace every bias-free `nn.Linear` of `model` by a `PrepackedLinear`; returns the count."""
     count = 0

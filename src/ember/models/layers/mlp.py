@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.attention.kernels import native_ops
+from ember.models.layers.linear import fuse_linears
 
 
 class GatedMLP(nn.Module):
@@ -13,16 +14,14 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
         """Replace gate/up by one [gate; up] projection: one matmul per step instead of two."""
-        if not (type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear):
-            return  # quantized or already-packed projections keep their own kernels
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.gate_up_proj.weight = nn.Parameter(weight, requires_grad=False)
-        del self.gate_proj, self.up_proj
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

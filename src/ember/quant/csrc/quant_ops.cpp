@@ -1,0 +1,193 @@
+// Native helpers of the quantized linears: dequantize packed weights to bfloat16 in one pass, and
+// the per-token int8 quantization / int32 rescale around an integer matmul (W8A8). Built without
+// -ffast-math so that rounding matches the PyTorch reference (x / scale, round half to even).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define EMBER_QUANT_AVX512 1
+
+// 16 floats -> 16 bfloat16, round to nearest even (as c10::BFloat16 does for finite values).
+inline void store_bf16x16(at::BFloat16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// 16 codes (as int32 lanes) * scale + offset, multiply and add rounded separately like PyTorch's.
+inline void store_dequant(at::BFloat16* dst, __m512i codes, __m512 scale, __m512 offset) {
+  store_bf16x16(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale), offset));
+}
+#endif
+
+// One group of `len` columns of one row: w = code * scale + offset.
+void dequantize_group(const int8_t* codes, int64_t len, float scale, float offset, at::BFloat16* dst) {
+  int64_t k = 0;
+#ifdef EMBER_QUANT_AVX512
+  for (; k + 16 <= len; k += 16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k));
+    store_dequant(dst + k, _mm512_cvtepi8_epi32(raw), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+  }
+#endif
+  for (; k < len; ++k) dst[k] = static_cast<at::BFloat16>(codes[k] * scale + offset);
+}
+
+// The same for 4-bit codes packed two per byte (low nibble = even column); len is even.
+void dequantize_group_int4(const uint8_t* packed, int64_t len, float scale, float offset, at::BFloat16* dst) {
+  int64_t k = 0;
+#ifdef EMBER_QUANT_AVX512
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (; k + 16 <= len; k += 16) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + k / 2));  // 8 bytes
+    const __m128i low = _mm_and_si128(raw, mask), high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    const __m128i ordered = _mm_unpacklo_epi8(low, high);  // l0 h0 l1 h1 ... = columns in order
+    store_dequant(dst + k, _mm512_cvtepu8_epi32(ordered), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+  }
+#endif
+  for (; k < len; k += 2) {
+    const uint8_t byte = packed[k / 2];
+    dst[k] = static_cast<at::BFloat16>((byte & 0x0F) * scale + offset);
+    dst[k + 1] = static_cast<at::BFloat16>((byte >> 4) * scale + offset);
+  }
+}
+
+// w = code * scale + offset per group; codes int8 [N, K] or uint8 [N, K / 2] (low nibble = even
+// column). scales / offsets float32 [N, G]; offsets may be empty (symmetric: 0 at 8 bits, -8 * scale
+// at 4 bits). Rows are split across threads; each is written once, in order.
+torch::Tensor dequantize_bf16(torch::Tensor qweight, torch::Tensor scales, torch::Tensor offsets,
+                              int64_t bits, int64_t in_features) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2, "scales must be float32 [N, G]");
+  TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), "qweight dtype does not match bits");
+  qweight = qweight.contiguous();
+  scales = scales.contiguous();
+  const bool has_offsets = offsets.numel() > 0;
+  if (has_offsets) {
+    TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.scalar_type() == torch::kFloat32,
+                "offsets must match scales");
+    offsets = offsets.contiguous();
+  }
+  const int64_t rows = scales.size(0), groups = scales.size(1);
+  TORCH_CHECK(in_features % groups == 0, "groups must divide in_features");
+  const int64_t group_len = in_features / groups;
+  TORCH_CHECK(bits == 8 || group_len % 2 == 0, "4-bit groups must have an even length");
+  TORCH_CHECK(qweight.size(0) == rows && qweight.size(1) == (bits == 4 ? in_features / 2 : in_features),
+              "qweight shape does not match scales and in_features");
+  auto out = torch::empty({rows, in_features}, torch::dtype(torch::kBFloat16));
+  const float* sp = scales.data_ptr<float>();
+  const float* op = has_offsets ? offsets.data_ptr<float>() : nullptr;
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = sp[r * groups + g];
+        const float offset = op ? op[r * groups + g] : (bits == 4 ? -8.f * scale : 0.f);
+        const int64_t k0 = g * group_len;
+        at::BFloat16* out_group = dst + r * in_features + k0;
+        if (bits == 8) {
+          dequantize_group(qweight.data_ptr<int8_t>() + r * in_features + k0, group_len, scale, offset, out_group);
+        } else {
+          dequantize_group_int4(qweight.data_ptr<uint8_t>() + r * (in_features / 2) + k0 / 2, group_len, scale,
+                                offset, out_group);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Dynamic symmetric int8 per row: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x / scale).
+template <typename T>
+void quantize_rows(const T* src, int64_t rows, int64_t cols, int8_t* dst, float* scales) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = src + r * cols;
+      float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t k = 0; k < cols; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+      const float scale = std::max(amax, 1e-8f) / 127.f;
+      scales[r] = scale;
+      for (int64_t k = 0; k < cols; ++k) {
+        const float q = std::nearbyint(static_cast<float>(row[k]) / scale);
+        dst[r * cols + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+      }
+    }
+  });
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  x = x.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto codes = torch::empty({rows, cols}, torch::dtype(torch::kInt8));
+  auto scales = torch::empty({rows, 1}, torch::dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kBFloat16) {
+    quantize_rows(x.data_ptr<at::BFloat16>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bfloat16 or float32");
+    quantize_rows(x.data_ptr<float>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
+  }
+  return {codes, scales};
+}
+
+// y = acc * x_scale[m] * w_scale[n] (+ bias[n]) in float32, stored as T.
+template <typename T>
+void rescale(const int32_t* acc, const float* xs, const float* ws, const float* bias, int64_t rows, int64_t cols,
+             T* dst) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = xs[r];
+      const int32_t* a = acc + r * cols;
+      T* d = dst + r * cols;
+      int64_t n = 0;
+#ifdef EMBER_QUANT_AVX512
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        for (; n + 16 <= cols; n += 16) {
+          __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a + n)), _mm512_set1_ps(s)),
+                                   _mm512_loadu_ps(ws + n));
+          if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n));
+          store_bf16x16(d + n, y);
+        }
+      }
+#endif
+      for (; n < cols; ++n) d[n] = static_cast<T>(a[n] * s * ws[n] + (bias ? bias[n] : 0.f));
+    }
+  });
+}
+
+torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale,
+                            c10::optional<torch::Tensor> bias, at::ScalarType dtype) {
+  TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2, "acc must be int32 [M, N]");
+  acc = acc.contiguous();
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  auto xs = x_scale.to(torch::kFloat32).contiguous().view({-1});
+  auto ws = w_scale.to(torch::kFloat32).contiguous().view({-1});
+  TORCH_CHECK(xs.numel() == rows && ws.numel() == cols, "scale sizes must match acc");
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat32).contiguous().view({-1});
+    TORCH_CHECK(b.numel() == cols, "bias size must match acc");
+  }
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  auto out = torch::empty({rows, cols}, torch::dtype(dtype));
+  if (dtype == torch::kBFloat16) {
+    rescale(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws.data_ptr<float>(), bp, rows, cols,
+            out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(dtype == torch::kFloat32, "dtype must be bfloat16 or float32");
+    rescale(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws.data_ptr<float>(), bp, rows, cols, out.data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
+  m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row");
+  m.def("rescale_int32", &rescale_int32, "int32 accumulators * row scale * column scale (+ bias)");
+}

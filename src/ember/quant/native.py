@@ -1,0 +1,19 @@
+"""Native helpers of the quantized kernels (``csrc/quant_ops.cpp``), compiled on first use."""
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+from ember.attention.kernels import compile_extension
+
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", "quant_ops.cpp")]
+
+
+@functools.cache
+def quant_ops() -> ModuleType | None:
+    """``dequantize_bf16``, ``quantize_rows_int8`` and ``rescale_int32``, or None without a compiler.
+
+    Built without -ffast-math: activation codes must round exactly as the PyTorch reference does.
+    """
+    return compile_extension("ember_quant_native", _SOURCES, fast_math=False)

@@ -1,0 +1,74 @@
+"""Native quantization helpers equal their PyTorch reference; fused layers equal their parts."""
+import pytest
+import torch
+
+from ember.quant.kernels import KERNEL_REGISTRY, quantize_per_token
+from ember.quant.linear import QuantLinear
+from ember.quant.native import quant_ops
+from ember.quant.rtn import WeightScheme, quantize_weight
+
+ops = quant_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler for the native extension")
+
+# (scheme, K): groups of 24, 36 and 72 are not multiples of the 16-wide vector loop, so the scalar
+# tails run too; groups of 32 and 64 take the vector loop only.
+CASES = [(WeightScheme(8), 72), (WeightScheme(8, 24), 72), (WeightScheme(8, 64), 128),
+         (WeightScheme(4, 32, False), 96), (WeightScheme(4, 64, True), 128), (WeightScheme(4, 24, True), 72),
+         (WeightScheme(4, 36, False), 72)]
+
+
+@pytest.mark.parametrize("scheme, in_features", CASES, ids=str)
+def test_dequantize_bf16_is_bit_exact(scheme, in_features):
+    weight = torch.randn(33, in_features, generator=torch.Generator().manual_seed(1))
+    quantized = quantize_weight(weight, scheme)
+    offsets = quantized.offsets if quantized.offsets is not None else torch.empty(0)
+    ours = ops.dequantize_bf16(quantized.qweight, quantized.scales, offsets, scheme.bits, in_features)
+    assert torch.equal(ours, quantized.dequantize(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_matches_reference(dtype):
+    x = torch.randn(9, 200, generator=torch.Generator().manual_seed(2)) * 5
+    x[3] = 0.0  # an all-zero row keeps the 1e-8 floor
+    x[4, 7] = 900.0  # a massive activation only shrinks its own row's resolution
+    x[5] = torch.arange(200) - 99.5  # exact halves before scaling exercise round-half-to-even
+    codes, scales = ops.quantize_rows_int8(x.to(dtype))
+    ref_codes, ref_scales = quantize_per_token(x.to(dtype))
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
+def test_rescale_int32_matches_float64(dtype, tol):
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-2 ** 20, 2 ** 20, (7, 40), dtype=torch.int32, generator=gen)
+    x_scale, w_scale = torch.rand(7, 1, generator=gen), torch.rand(40, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    expected = acc.double() * x_scale.double() * w_scale.double() + bias.double()
+    ours = ops.rescale_int32(acc, x_scale, w_scale, bias, dtype)
+    assert ours.dtype == dtype
+    assert float(((ours.double() - expected).abs() / expected.abs().clamp(min=1.0)).max()) <= tol
+
+
+@pytest.mark.parametrize("kernel", ["dequant_dense", "int8_weight_only", "int4_weight_only", "int_mm_w8a8",
+                                    "fbgemm_w8a8"])
+def test_concat_equals_separate_layers(kernel):
+    scheme, act_bits = {"int4_weight_only": (WeightScheme(4, 32, False), None),
+                        "int_mm_w8a8": (WeightScheme(8), 8), "fbgemm_w8a8": (WeightScheme(8), 8)}.get(
+        kernel, (WeightScheme(8), None))
+    gen = torch.Generator().manual_seed(4)
+    parts = [QuantLinear.from_quantized(quantize_weight(torch.randn(n, 128, generator=gen), scheme), act_bits=act_bits)
+             for n in (96, 32, 32)]
+    fused = QuantLinear.concat(parts)
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    backend = KERNEL_REGISTRY[kernel]
+    expected = torch.cat([p.run_kernel(x, backend) for p in parts], dim=-1).float()
+    # same codes and scales, same kernel: only the matmul's blocking over N may differ
+    torch.testing.assert_close(fused.run_kernel(x, backend).float(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=0)
+
+
+def test_concat_refuses_mixed_schemes():
+    a = QuantLinear.from_quantized(quantize_weight(torch.randn(8, 64), WeightScheme(8)))
+    b = QuantLinear.from_quantized(quantize_weight(torch.randn(8, 64), WeightScheme(4, 32)))
+    with pytest.raises(ValueError, match="same input size, scheme"):
+        QuantLinear.concat([a, b])
