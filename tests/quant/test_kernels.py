@@ -21,6 +21,7 @@ CASES = [  # (kernel, scheme, act_bits, in_features)
     ("int4_weight_only", WeightScheme(4, 128, True), None, 256),
     ("fbgemm_w8a8", WeightScheme(8), 8, 128),
     ("int_mm_w8a8", WeightScheme(8), 8, 72),
+    ("onednn_w8a8", WeightScheme(8), 8, 72),
     ("reference", WeightScheme(4, 64, False), None, 128),
     ("dequant_dense", WeightScheme(4, 64, False), None, 128),
     ("dequant_dense", WeightScheme(4, 32, True), None, 96),
@@ -46,7 +47,8 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
     layer = _layer(scheme, act_bits, in_features)
     kernel = KERNEL_REGISTRY[name]
     if not kernel.supports(layer, dtype):
-        assert name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16
+        assert ((name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
+                or (name == "onednn_w8a8" and dtype == torch.float16))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
     reference = layer.run_kernel(x, REFERENCE)  # float32
@@ -77,7 +79,8 @@ def test_policy_selection():
     assert int4.select_kernel(64, torch.bfloat16).name == "dequant_dense"  # prefill
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
     w8a8 = _layer(WeightScheme(8), 8, 128)
-    assert w8a8.select_kernel(64, torch.float32).name in ("fbgemm_w8a8", "int_mm_w8a8")
+    assert w8a8.select_kernel(64, torch.float32).name in ("onednn_w8a8", "int_mm_w8a8")
+    assert w8a8.select_kernel(1, torch.float32).name in ("fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
     forced = _layer(WeightScheme(8), 8, 128)
     forced.policy = KernelPolicy(kernel="int_mm_w8a8")
     assert forced.select_kernel(1, torch.float32).name == "int_mm_w8a8"
@@ -106,7 +109,7 @@ def test_dtype_cast_keeps_scales_float32():
     assert _rel(model(x.bfloat16()), expected) < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("name", ["fbgemm_w8a8", "int_mm_w8a8"])
+@pytest.mark.parametrize("name", ["fbgemm_w8a8", "int_mm_w8a8", "onednn_w8a8"])
 def test_w8a8_activation_scale_is_per_token(name):
     # one token with massive activations (an attention sink) must not crush the other rows
     layer = _layer(WeightScheme(8), 8, 128)

@@ -38,13 +38,13 @@ def test_quantize_rows_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
-def test_rescale_int32_matches_float64(dtype, tol):
+def test_rescale_rows_matches_float64(dtype, tol):
     gen = torch.Generator().manual_seed(3)
     acc = torch.randint(-2 ** 20, 2 ** 20, (7, 40), dtype=torch.int32, generator=gen)
     x_scale, w_scale = torch.rand(7, 1, generator=gen), torch.rand(40, generator=gen)
     bias = torch.randn(40, generator=gen)
     expected = acc.double() * x_scale.double() * w_scale.double() + bias.double()
-    ours = ops.rescale_int32(acc, x_scale, w_scale, bias, dtype)
+    ours = ops.rescale_rows(acc, x_scale, w_scale, bias, dtype)
     assert ours.dtype == dtype
     assert float(((ours.double() - expected).abs() / expected.abs().clamp(min=1.0)).max()) <= tol
 
@@ -72,3 +72,32 @@ def test_concat_refuses_mixed_schemes():
     b = QuantLinear.from_quantized(quantize_weight(torch.randn(8, 64), WeightScheme(4, 32)))
     with pytest.raises(ValueError, match="same input size, scheme"):
         QuantLinear.concat([a, b])
+
+
+def test_int_mm_row_chunks_equal_one_call(monkeypatch):
+    import ember.quant.kernels as kernels
+
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(40, 96), WeightScheme(8)), act_bits=8)
+    x = torch.randn(11, 96).bfloat16()
+    whole = layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"])
+    monkeypatch.setattr(kernels, "INT_MM_MAX_ROWS", 4)  # 11 rows -> chunks of 4, 4, 3
+    assert torch.equal(layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"]), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_w8a8_equals_exact_integer_matmul(dtype):
+    # both multiply the same per-token codes exactly; only the float rescale may round differently
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(40, 96), WeightScheme(8)), torch.randn(40),
+                                       act_bits=8)
+    x = (torch.randn(37, 96) * 4).to(dtype)
+    ours = layer.run_kernel(x, KERNEL_REGISTRY["onednn_w8a8"]).float()
+    exact = layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"]).float()
+    torch.testing.assert_close(ours, exact, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-5)
+
+
+def test_shifted_codes_are_code_plus_128():
+    x = torch.randn(5, 40) * 3
+    codes, scales = ops.quantize_rows_int8(x)
+    shifted, shifted_scales = ops.quantize_rows_int8(x, shift128=True)
+    assert shifted.dtype == torch.uint8 and torch.equal(shifted_scales, scales)
+    assert torch.equal(shifted.int() - 128, codes.int())

@@ -12,7 +12,7 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", "quant_ops.cpp")]
 
 @functools.cache
 def quant_ops() -> ModuleType | None:
-    """``dequantize_bf16``, ``quantize_rows_int8`` and ``rescale_int32``, or None without a compiler.
+    """``dequantize_bf16``, ``quantize_rows_int8`` and ``rescale_rows``, or None without a compiler.
 
     Built without -ffast-math: activation codes must round exactly as the PyTorch reference does.
     """

@@ -100,55 +100,85 @@ torch::Tensor dequantize_bf16(torch::Tensor qweight, torch::Tensor scales, torch
   return out;
 }
 
-// Dynamic symmetric int8 per row: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x / scale).
+#ifdef EMBER_QUANT_AVX512
+inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f32x16(const at::BFloat16* p) {  // bf16 is the high half of an fp32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// Dynamic symmetric int8 per row: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x / scale)
+// with ties to even. The vector loops divide and round exactly as the scalar tails do.
 template <typename T>
-void quantize_rows(const T* src, int64_t rows, int64_t cols, int8_t* dst, float* scales) {
+void quantize_rows(const T* src, int64_t rows, int64_t cols, int8_t* dst, float* scales, bool shift128) {
+  // shift128: store code + 128 as uint8 (flip the sign bit), the zero-point form oneDNN's u8 x s8 matmul takes
+  const int8_t flip = shift128 ? static_cast<int8_t>(0x80) : 0;
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = src + r * cols;
+      int8_t* out = dst + r * cols;
       float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-      for (int64_t k = 0; k < cols; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+      int64_t k = 0;
+#ifdef EMBER_QUANT_AVX512
+      __m512 vmax = _mm512_setzero_ps();
+      for (; k + 16 <= cols; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_f32x16(row + k)));
+      amax = _mm512_reduce_max_ps(vmax);
+#endif
+      for (; k < cols; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
       const float scale = std::max(amax, 1e-8f) / 127.f;
       scales[r] = scale;
-      for (int64_t k = 0; k < cols; ++k) {
+      k = 0;
+#ifdef EMBER_QUANT_AVX512
+      const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+      for (; k + 16 <= cols; k += 16) {
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_f32x16(row + k), vscale),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+        const __m128i codes = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm_xor_si128(codes, _mm_set1_epi8(flip)));
+      }
+#endif
+      for (; k < cols; ++k) {
         const float q = std::nearbyint(static_cast<float>(row[k]) / scale);
-        dst[r * cols + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+        out[k] = static_cast<int8_t>(static_cast<int8_t>(std::min(127.f, std::max(-127.f, q))) ^ flip);
       }
     }
   });
 }
 
-std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, bool shift128) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   x = x.contiguous();
   const int64_t rows = x.size(0), cols = x.size(1);
-  auto codes = torch::empty({rows, cols}, torch::dtype(torch::kInt8));
+  auto codes = torch::empty({rows, cols}, torch::dtype(torch::kInt8));  // viewed as uint8 if shifted
   auto scales = torch::empty({rows, 1}, torch::dtype(torch::kFloat32));
   if (x.scalar_type() == torch::kBFloat16) {
-    quantize_rows(x.data_ptr<at::BFloat16>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
+    quantize_rows(x.data_ptr<at::BFloat16>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>(), shift128);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bfloat16 or float32");
-    quantize_rows(x.data_ptr<float>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
+    quantize_rows(x.data_ptr<float>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>(), shift128);
   }
-  return {codes, scales};
+  return {shift128 ? codes.view(torch::kUInt8) : codes, scales};
 }
 
 // y = acc * x_scale[m] * w_scale[n] (+ bias[n]) in float32, stored as T.
-template <typename T>
-void rescale(const int32_t* acc, const float* xs, const float* ws, const float* bias, int64_t rows, int64_t cols,
+template <typename A, typename T>
+void rescale(const A* acc, const float* xs, const float* ws, const float* bias, int64_t rows, int64_t cols,
              T* dst) {
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float s = xs[r];
-      const int32_t* a = acc + r * cols;
+      const A* a = acc + r * cols;
       T* d = dst + r * cols;
       int64_t n = 0;
 #ifdef EMBER_QUANT_AVX512
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         for (; n + 16 <= cols; n += 16) {
-          __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a + n)), _mm512_set1_ps(s)),
-                                   _mm512_loadu_ps(ws + n));
+          __m512 av;
+          if constexpr (std::is_same_v<A, float>) av = _mm512_loadu_ps(a + n);
+          else av = _mm512_cvtepi32_ps(_mm512_loadu_si512(a + n));
+          __m512 y = _mm512_mul_ps(_mm512_mul_ps(av, _mm512_set1_ps(s)), _mm512_loadu_ps(ws + n));
           if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n));
           store_bf16x16(d + n, y);
         }
@@ -159,9 +189,22 @@ void rescale(const int32_t* acc, const float* xs, const float* ws, const float* 
   });
 }
 
-torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale,
-                            c10::optional<torch::Tensor> bias, at::ScalarType dtype) {
-  TORCH_CHECK(acc.scalar_type() == torch::kInt32 && acc.dim() == 2, "acc must be int32 [M, N]");
+template <typename A>
+void rescale_to(const torch::Tensor& acc, const float* xs, const float* ws, const float* bias, torch::Tensor& out) {
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  if (out.scalar_type() == torch::kBFloat16) {
+    rescale(acc.data_ptr<A>(), xs, ws, bias, rows, cols, out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32, "dtype must be bfloat16 or float32");
+    rescale(acc.data_ptr<A>(), xs, ws, bias, rows, cols, out.data_ptr<float>());
+  }
+}
+
+// acc int32 (integer matmul) or float32 (a matmul that applied part of the scales) [M, N].
+torch::Tensor rescale_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale,
+                           c10::optional<torch::Tensor> bias, at::ScalarType dtype) {
+  TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == torch::kInt32 || acc.scalar_type() == torch::kFloat32),
+              "acc must be int32 or float32 [M, N]");
   acc = acc.contiguous();
   const int64_t rows = acc.size(0), cols = acc.size(1);
   auto xs = x_scale.to(torch::kFloat32).contiguous().view({-1});
@@ -174,12 +217,10 @@ torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor x_scale, torch::Ten
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   auto out = torch::empty({rows, cols}, torch::dtype(dtype));
-  if (dtype == torch::kBFloat16) {
-    rescale(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws.data_ptr<float>(), bp, rows, cols,
-            out.data_ptr<at::BFloat16>());
+  if (acc.scalar_type() == torch::kInt32) {
+    rescale_to<int32_t>(acc, xs.data_ptr<float>(), ws.data_ptr<float>(), bp, out);
   } else {
-    TORCH_CHECK(dtype == torch::kFloat32, "dtype must be bfloat16 or float32");
-    rescale(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws.data_ptr<float>(), bp, rows, cols, out.data_ptr<float>());
+    rescale_to<float>(acc, xs.data_ptr<float>(), ws.data_ptr<float>(), bp, out);
   }
   return out;
 }
@@ -188,6 +229,7 @@ torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor x_scale, torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
-  m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row");
-  m.def("rescale_int32", &rescale_int32, "int32 accumulators * row scale * column scale (+ bias)");
+  m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row (uint8 code + 128 if shift128)",
+        pybind11::arg("x"), pybind11::arg("shift128") = false);
+  m.def("rescale_rows", &rescale_rows, "accumulators * row scale * column scale (+ bias)");
 }
