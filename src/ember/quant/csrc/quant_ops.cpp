@@ -227,9 +227,12 @@ torch::Tensor rescale_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tens
 
 }  // namespace
 
+void register_woq(pybind11::module& m);  // woq_amx.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
   m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row (uint8 code + 128 if shift128)",
         pybind11::arg("x"), pybind11::arg("shift128") = false);
   m.def("rescale_rows", &rescale_rows, "accumulators * row scale * column scale (+ bias)");
+  register_woq(m);
 }

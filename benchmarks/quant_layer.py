@@ -1,0 +1,51 @@
+"""ms per decoder layer's four linears (fused qkv, o, fused gate/up, down of SmolLM2-135M) for the bf16
+prepacked matmul and each batched weight-only kernel, as JSON lines.
+
+Usage: python benchmarks/quant_layer.py [--tokens 16,64,256,1024] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch import nn
+
+from ember.models.layers.linear import PrepackedLinear
+from ember.quant.bench import _time_ms
+from ember.quant.kernels import KERNEL_REGISTRY
+from ember.quant.linear import QuantLinear
+from ember.quant.rtn import WeightScheme, quantize_weight
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K)
+SCHEMES = {"int8": WeightScheme(8), "int4_g32_asym": WeightScheme(4, 32, False)}
+KERNELS = ("dequant_dense", "woq_amx")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", default="16,64,256,1024")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=gen) * 0.02 for n, k in SHAPES]
+    dense = []
+    for w in weights:
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data = w.bfloat16()
+        dense.append(PrepackedLinear(linear))
+    quant = {name: [QuantLinear.from_quantized(quantize_weight(w, s)) for w in weights] for name, s in SCHEMES.items()}
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        xs = [torch.randn(tokens, k, generator=gen).bfloat16() for _, k in SHAPES]
+        row = {"tokens": tokens, "bf16_prepacked": _time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}
+        for name, layers in quant.items():
+            for kernel in (KERNEL_REGISTRY[k] for k in KERNELS):
+                if all(kernel.supports(layer, torch.bfloat16) for layer in layers):
+                    row[f"{name}/{kernel.name}"] = _time_ms(lambda: [layer.run_kernel(x, kernel)
+                                                                     for layer, x in zip(layers, xs)])
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

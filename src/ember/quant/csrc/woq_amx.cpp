@@ -1,0 +1,228 @@
+// Weight-only quantized linear on AMX-BF16: y[M, N] = x[M, K] @ dequant(W)[N, K]^T, bfloat16 in and
+// out, float32 tile accumulators. Weight tiles are dequantized on the fly (code * scale + offset in
+// float32, rounded once to bfloat16: the same values as QuantizedWeight.dequantize(torch.bfloat16))
+// into the VNNI layout of AMX B tiles, one 32- or 64-column panel per task, reused for every row block.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define EMBER_WOQ_AMX 1
+#endif
+
+namespace {
+
+#ifdef EMBER_WOQ_AMX
+constexpr int64_t kTileRows = 16;  // rows of every tile (M rows of A / C, k pairs of B)
+constexpr int64_t kTileK = 32;     // bf16 k values per A tile row (64 bytes)
+constexpr int64_t kTileElems = kTileRows * kTileK;  // bf16 values of one dequantized B tile
+
+// Linux keeps AMX tile data disabled per process until asked (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool request_amx() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (2 row blocks x 2 column blocks, float32); 4-5: A (bf16 rows); 6-7: B (VNNI pairs).
+void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// One B tile: 16 k pairs x 16 columns. Codes of a tile are stored [k pair][column] as one byte
+// (int4: low nibble = even k) or two bytes (int8: even k first). scale / offset: the 16 columns'.
+// Lanes are kept in VNNI order (column c's even k, then its odd k) from the start: the 32 values of
+// a row become float32 vectors for columns 0-7 and 8-15, whose bf16 conversion is the tile row.
+template <int Bits>
+void dequantize_tile(const uint8_t* codes, const float* scale, const float* offset, at::BFloat16* dst) {
+  const __m512i low_cols = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i high_cols = _mm512_add_epi32(low_cols, _mm512_set1_epi32(8));
+  const __m512 s = _mm512_loadu_ps(scale), o = _mm512_loadu_ps(offset);
+  const __m512 s_lo = _mm512_permutexvar_ps(low_cols, s), s_hi = _mm512_permutexvar_ps(high_cols, s);
+  const __m512 o_lo = _mm512_permutexvar_ps(low_cols, o), o_hi = _mm512_permutexvar_ps(high_cols, o);
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    __m512i lo, hi;  // int32 codes of columns 0-7 and 8-15, even and odd k interleaved
+    if constexpr (Bits == 4) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 16));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      const __m128i even = _mm_and_si128(raw, mask), odd = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+      lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd));
+      hi = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(even, odd));
+    } else {
+      lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 32)));
+      hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 32 + 16)));
+    }
+    // multiply and add rounded separately, as PyTorch's reference does
+    const __m512 w_lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s_lo), o_lo);
+    const __m512 w_hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), s_hi), o_hi);
+    _mm512_storeu_si512(dst + r * kTileK, (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
+  }
+}
+
+// Float32 accumulators [rows, 16 * NB] (row stride 32) -> bfloat16 output rows.
+void store_rows(const float* acc, int64_t rows, int64_t cols, at::BFloat16* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 32 + c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy + c), v);
+    }
+  }
+}
+
+// C[16 NA x 16 NB] = A[16 NA x K] @ panel, A rows with stride lda (in bf16 values).
+template <int NA, int NB>
+void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* panel, int64_t k_tiles, float* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = lda * 2;  // bytes
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const at::BFloat16* b = panel + kt * NB * kTileElems;
+    _tile_loadd(4, a + kt * kTileK, stride);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, b + kTileElems, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (NA == 2) {
+      _tile_loadd(5, a + kTileRows * lda + kt * kTileK, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, 128);
+  if constexpr (NB == 2) _tile_stored(1, acc + 16, 128);
+  if constexpr (NA == 2) {
+    _tile_stored(2, acc + kTileRows * 32, 128);
+    if constexpr (NB == 2) _tile_stored(3, acc + kTileRows * 32 + 16, 128);
+  }
+}
+
+struct WoqProblem {
+  const at::BFloat16* x;     // [M, K]
+  const at::BFloat16* tail;  // [32, K]: the last M % 32 rows, zero padded (null when M % 16 == 0)
+  const uint8_t* codes;      // [N / 16, K / 32, 16, 16 * bytes_per_pair]
+  const float* scales;       // [N / 16, G, 16]
+  const float* offsets;      // [N / 16, G, 16]
+  at::BFloat16* y;           // [M, N]
+  int64_t m, n, k, groups, group_len;
+};
+
+// A task's columns [16 nb0, 16 (nb0 + blocks)), blocks <= 4: dequantize their K-deep panel once
+// (pair by pair: [pair][k tile][tile of the pair]), then run every 32-row block against it.
+// Wider panels let a row block of x, read once from memory, serve more columns.
+
+template <int NA>
+void block_pair(const at::BFloat16* a, int64_t lda, const at::BFloat16* panel, int64_t k_tiles, int64_t nbs,
+                float* acc) {
+  if (nbs == 2) tile_block<NA, 2>(a, lda, panel, k_tiles, acc);
+  else tile_block<NA, 1>(a, lda, panel, k_tiles, acc);
+}
+
+template <int Bits>
+void run_panel(const WoqProblem& p, int64_t nb0, int64_t blocks, at::BFloat16* panel, float* acc) {
+  const int64_t k_tiles = p.k / kTileK, tile_bytes = kTileElems * Bits / 8, pair_elems = k_tiles * 2 * kTileElems;
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t nb = nb0 + j, pair_blocks = std::min<int64_t>(2, blocks - j / 2 * 2);
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      const int64_t param = (nb * p.groups + kt * kTileK / p.group_len) * 16;
+      dequantize_tile<Bits>(p.codes + (nb * k_tiles + kt) * tile_bytes, p.scales + param, p.offsets + param,
+                            panel + j / 2 * pair_elems + (kt * pair_blocks + j % 2) * kTileElems);
+    }
+  }
+  for (int64_t m0 = 0; m0 < p.m; m0 += 2 * kTileRows) {
+    const int64_t rows = std::min<int64_t>(2 * kTileRows, p.m - m0);
+    // whole tiles read x itself; a partial block reads the zero-padded copy of the last rows
+    const at::BFloat16* a = rows % kTileRows == 0 ? p.x + m0 * p.k : p.tail;
+    for (int64_t j = 0; j < blocks; j += 2) {
+      const int64_t nbs = std::min<int64_t>(2, blocks - j);
+      if (rows > kTileRows) block_pair<2>(a, p.k, panel + j / 2 * pair_elems, k_tiles, nbs, acc);
+      else block_pair<1>(a, p.k, panel + j / 2 * pair_elems, k_tiles, nbs, acc);
+      store_rows(acc, rows, 16 * nbs, p.y + m0 * p.n + (nb0 + j) * 16, p.n);
+    }
+  }
+}
+
+template <int Bits>
+void run_woq(const WoqProblem& p, int64_t blocks_per_task) {
+  const int64_t n_blocks = p.n / 16, tasks = (n_blocks + blocks_per_task - 1) / blocks_per_task;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    load_tile_config();
+    std::vector<at::BFloat16> panel(p.k * 16 * blocks_per_task);
+    alignas(64) float acc[2 * kTileRows * 32];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb0 = t * blocks_per_task;
+      run_panel<Bits>(p, nb0, std::min(blocks_per_task, n_blocks - nb0), panel.data(), acc);
+    }
+    _tile_release();
+  });
+}
+#endif
+
+bool has_amx() {
+#ifdef EMBER_WOQ_AMX
+  return request_amx();
+#else
+  return false;
+#endif
+}
+
+// x bf16 [M, K]; codes from the tile repack (ember.quant.woq_amx.tile_codes); scales / offsets float32
+// [N / 16, G, 16] with explicit offsets. Needs N % 16 == 0, K % 32 == 0, (K / G) % 32 == 0.
+torch::Tensor woq_linear_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor offsets,
+                             int64_t bits, int64_t out_features, int64_t blocks_per_task) {
+  TORCH_CHECK(has_amx(), "AMX-BF16 is not available");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(blocks_per_task >= 1 && blocks_per_task <= 4, "blocks_per_task must be 1..4");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = out_features;
+  TORCH_CHECK(n % 16 == 0 && k % 32 == 0, "needs out_features % 16 == 0 and in_features % 32 == 0");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == n / 16 && scales.size(2) == 16 &&
+              scales.scalar_type() == torch::kFloat32 && offsets.sizes() == scales.sizes() &&
+              offsets.scalar_type() == torch::kFloat32, "scales / offsets must be float32 [N / 16, G, 16]");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(k % groups == 0 && (k / groups) % 32 == 0, "groups must span multiples of 32 columns");
+  TORCH_CHECK(codes.numel() == n * k * bits / 8 && codes.scalar_type() == torch::kUInt8, "codes must be uint8");
+  auto y = torch::empty({m, n}, x.options());
+#ifdef EMBER_WOQ_AMX
+  if (m == 0) return y;
+  codes = codes.contiguous();
+  scales = scales.contiguous();
+  offsets = offsets.contiguous();
+  torch::Tensor tail;
+  if (m % 16) {  // tiles always read 16 rows: the last partial block comes from a padded copy
+    tail = torch::zeros({32, k}, x.options());
+    tail.narrow(0, 0, m % 32).copy_(x.narrow(0, m - m % 32, m % 32));
+  }
+  const WoqProblem p{x.data_ptr<at::BFloat16>(), tail.defined() ? tail.data_ptr<at::BFloat16>() : nullptr,
+                     codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(),
+                     y.data_ptr<at::BFloat16>(), m, n, k, groups, k / groups};
+  if (bits == 4) run_woq<4>(p, blocks_per_task);
+  else run_woq<8>(p, blocks_per_task);
+#endif
+  return y;
+}
+
+}  // namespace
+
+void register_woq(pybind11::module& m) {
+  m.def("has_amx", &has_amx, "whether AMX-BF16 tiles are compiled in and granted to this process");
+  m.def("woq_linear_amx", &woq_linear_amx, "bf16 x @ dequant(W)^T on AMX tiles, W in the tile layout");
+}
