@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ember.models.layers.linear import PrepackedLinear
-from ember.quant.bench import _time_ms
+from ember.quant.bench import time_ms
 from ember.quant.kernels import KERNEL_REGISTRY
 from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, quantize_weight
@@ -38,11 +38,11 @@ def main() -> None:
     quant = {name: [QuantLinear.from_quantized(quantize_weight(w, s)) for w in weights] for name, s in SCHEMES.items()}
     for tokens in (int(t) for t in args.tokens.split(",")):
         xs = [torch.randn(tokens, k, generator=gen).bfloat16() for _, k in SHAPES]
-        row = {"tokens": tokens, "bf16_prepacked": _time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}
+        row = {"tokens": tokens, "bf16_prepacked": time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}
         for name, layers in quant.items():
             for kernel in (KERNEL_REGISTRY[k] for k in KERNELS):
                 if all(kernel.supports(layer, torch.bfloat16) for layer in layers):
-                    row[f"{name}/{kernel.name}"] = _time_ms(lambda: [layer.run_kernel(x, kernel)
+                    row[f"{name}/{kernel.name}"] = time_ms(lambda: [layer.run_kernel(x, kernel)
                                                                      for layer, x in zip(layers, xs)])
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 

@@ -28,7 +28,7 @@ SETTINGS = {  # name -> (scheme, act_bits, activation dtype, kernel)
 }
 
 
-def _time_ms(fn, repeats: int = 7, calls: int = 10) -> float:
+def time_ms(fn, repeats: int = 7, calls: int = 10) -> float:
     """Best-of-``repeats`` mean over ``calls`` calls: the machine is shared, the minimum is the stable figure."""
     fn()  # warm up (also builds packed operands)
     best = float("inf")
@@ -45,16 +45,16 @@ def bench_shape(in_features: int, out_features: int, num_tokens: int) -> dict[st
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.02
     x = torch.randn(num_tokens, in_features, generator=gen)
-    out = {"dense_fp32": _time_ms(lambda: F.linear(x, weight))}
+    out = {"dense_fp32": time_ms(lambda: F.linear(x, weight))}
     w16, x16 = weight.bfloat16(), x.bfloat16()
-    out["dense_bf16"] = _time_ms(lambda: F.linear(x16, w16))
+    out["dense_bf16"] = time_ms(lambda: F.linear(x16, w16))
     for name, (scheme, act_bits, dtype, kernel_name) in SETTINGS.items():
         if in_features % scheme.group_len(in_features):
             continue
         layer = QuantLinear.from_quantized(quantize_weight(weight, scheme), act_bits=act_bits)
         kernel, xd = KERNEL_REGISTRY[kernel_name], x.to(dtype)
         if kernel.supports(layer, dtype):
-            out[name] = _time_ms(lambda: layer.run_kernel(xd, kernel))
+            out[name] = time_ms(lambda: layer.run_kernel(xd, kernel))
     return {k: round(v, 4) for k, v in out.items()}
 
 
