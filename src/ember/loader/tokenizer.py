@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 from transformers import AutoTokenizer
 
@@ -63,12 +64,14 @@ def _load_gguf_tokenizer(path: str):
             logger.warning("ignoring tokenizer cache %s: %s", cache, err)
     folder, name = os.path.split(os.path.abspath(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tmp = f"{cache}.tmp{os.getpid()}"
     try:
-        tmp = f"{cache}.tmp{os.getpid()}"
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cache) if not os.path.exists(cache) else None
-    except OSError as err:  # read-only home: convert every time
+        shutil.rmtree(cache, ignore_errors=True)  # a damaged cache is replaced
+        os.replace(tmp, cache)
+    except OSError as err:  # read-only home, or another process won the race: convert next time
         logger.info("cannot cache the tokenizer in %s: %s", cache, err)
+        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
 
 

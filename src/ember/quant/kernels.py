@@ -170,20 +170,26 @@ def _int_mm_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
 INT_MM_MAX_ROWS = 1024
 
 
-def _int_mm_chunked(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    if codes.shape[0] <= INT_MM_MAX_ROWS:
-        return torch._int_mm(codes, weight_t)
-    return torch.cat([torch._int_mm(chunk, weight_t) for chunk in codes.split(INT_MM_MAX_ROWS)])
+def _w8a8_in_chunks(codes: torch.Tensor, x_scale: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor],
+                    w_scale: torch.Tensor, layer: "QuantLinear", dtype: torch.dtype) -> torch.Tensor:
+    """matmul(codes) rescaled per row (native pass), in chunks of ``INT_MM_MAX_ROWS`` rows.
+
+    Rescaling chunk by chunk also keeps a whole prefill's float32/int32 [M, N] from being allocated
+    (its page faults cost more than the rescale).
+    """
+    ops = quant_ops()
+    outs = [ops.rescale_rows(matmul(rows), scale, w_scale, layer.bias, dtype)
+            for rows, scale in zip(codes.split(INT_MM_MAX_ROWS), x_scale.split(INT_MM_MAX_ROWS))]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _int_mm_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
     weight_t, w_scale = prepared
-    ops = quant_ops() if x.dtype in (torch.bfloat16, torch.float32) else None
-    if ops is not None:  # fused quantize and rescale passes around the oneDNN int8 matmul
-        codes, x_scale = ops.quantize_rows_int8(x)
-        return ops.rescale_rows(_int_mm_chunked(codes, weight_t), x_scale, w_scale, layer.bias, x.dtype)
+    if quant_ops() is not None and x.dtype in (torch.bfloat16, torch.float32):
+        codes, x_scale = quant_ops().quantize_rows_int8(x)
+        return _w8a8_in_chunks(codes, x_scale, lambda rows: torch._int_mm(rows, weight_t), w_scale, layer, x.dtype)
     codes, x_scale = quantize_per_token(x)
-    acc = _int_mm_chunked(codes, weight_t)  # int32 [M, N]
+    acc = torch.cat([torch._int_mm(rows, weight_t) for rows in codes.split(INT_MM_MAX_ROWS)])  # int32 [M, N]
     return _add_bias((acc.float() * x_scale * w_scale).to(x.dtype), layer)
 
 
@@ -205,15 +211,13 @@ def _onednn_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> to
     packed, w_scale, w_zero, ones = prepared
     # per-token codes shifted to uint8 (zero point 128); oneDNN's activation scale is per tensor, so it
     # gets 1 and the row scales are applied to its float32 output (= integer products * weight scale)
-    ops = quant_ops()
-    codes, x_scale = ops.quantize_rows_int8(x, shift128=True)
-    outs = []
-    for rows, scale in zip(codes.split(INT_MM_MAX_ROWS), x_scale.split(INT_MM_MAX_ROWS)):
-        # rescaled chunk by chunk: a float32 [M, N] for a whole prefill would cost more in page faults
-        y = torch.ops.onednn.qlinear_pointwise(rows, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
-                                               torch.float32, "none", [], "")
-        outs.append(ops.rescale_rows(y, scale, ones, layer.bias, x.dtype))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    codes, x_scale = quant_ops().quantize_rows_int8(x, shift128=True)
+
+    def matmul(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(rows, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
+    return _w8a8_in_chunks(codes, x_scale, matmul, ones, layer, x.dtype)
 
 
 ONEDNN_W8A8 = KernelBackend("onednn_w8a8", _onednn_supports, _onednn_prepare, _onednn_run)
