@@ -1,5 +1,5 @@
 """ms per decoder layer's four linears (fused qkv, o, fused gate/up, down of SmolLM2-135M) for the bf16
-prepacked matmul and each batched weight-only kernel, as JSON lines.
+prepacked matmul and each batched weight-only and W8A8 kernel, as JSON lines.
 
 Usage: python benchmarks/quant_layer.py [--tokens 16,64,256,1024] [--threads 2]
 """
@@ -18,8 +18,9 @@ from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, quantize_weight
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K)
-SCHEMES = {"int8": WeightScheme(8), "int4_g32_asym": WeightScheme(4, 32, False)}
-KERNELS = ("dequant_dense", "woq_amx")
+SCHEMES = {"int8": (WeightScheme(8), None), "int4_g32_asym": (WeightScheme(4, 32, False), None),
+           "w8a8": (WeightScheme(8), 8)}  # name: (weight scheme, activation bits)
+KERNELS = ("dequant_dense", "woq_amx", "fbgemm_w8a8", "onednn_w8a8", "w8a8_amx")
 
 
 def main() -> None:
@@ -35,7 +36,8 @@ def main() -> None:
         linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
         linear.weight.data = w.bfloat16()
         dense.append(PrepackedLinear(linear))
-    quant = {name: [QuantLinear.from_quantized(quantize_weight(w, s)) for w in weights] for name, s in SCHEMES.items()}
+    quant = {name: [QuantLinear.from_quantized(quantize_weight(w, scheme), act_bits=act_bits) for w in weights]
+             for name, (scheme, act_bits) in SCHEMES.items()}
     for tokens in (int(t) for t in args.tokens.split(",")):
         xs = [torch.randn(tokens, k, generator=gen).bfloat16() for _, k in SHAPES]
         row = {"tokens": tokens, "bf16_prepacked": time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}

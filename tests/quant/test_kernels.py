@@ -6,6 +6,7 @@ from ember.quant.kernels import KERNEL_REGISTRY, REFERENCE, KernelPolicy
 from ember.quant.linear import QuantLinear
 from ember.quant.native import quant_ops
 from ember.quant.rtn import WeightScheme, quantize_weight
+from ember.quant.w8a8_amx import has_amx_int8
 from ember.quant.woq_amx import has_amx
 
 # Relative Frobenius error vs the float32 reference: float32 kernels differ only by summation
@@ -24,6 +25,7 @@ CASES = [  # (kernel, scheme, act_bits, in_features)
     ("fbgemm_w8a8", WeightScheme(8), 8, 128),
     ("int_mm_w8a8", WeightScheme(8), 8, 72),
     ("onednn_w8a8", WeightScheme(8), 8, 72),
+    ("w8a8_amx", WeightScheme(8), 8, 128),
     ("reference", WeightScheme(4, 64, False), None, 128),
     ("dequant_dense", WeightScheme(4, 64, False), None, 128),
     ("dequant_dense", WeightScheme(4, 32, True), None, 96),
@@ -50,7 +52,8 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
     kernel = KERNEL_REGISTRY[name]
     if not kernel.supports(layer, dtype):
         assert ((name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
-                or (name == "onednn_w8a8" and (dtype == torch.float16 or quant_ops() is None)))
+                or (name == "onednn_w8a8" and (dtype == torch.float16 or quant_ops() is None))
+                or (name == "w8a8_amx" and (dtype == torch.float16 or not has_amx_int8())))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
     reference = layer.run_kernel(x, REFERENCE)  # float32
@@ -82,8 +85,8 @@ def test_policy_selection():
     assert int4.select_kernel(64, torch.bfloat16).name == batched  # prefill
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
     w8a8 = _layer(WeightScheme(8), 8, 128)
-    assert w8a8.select_kernel(64, torch.float32).name in ("onednn_w8a8", "int_mm_w8a8")
-    assert w8a8.select_kernel(1, torch.float32).name in ("fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
+    assert w8a8.select_kernel(64, torch.float32).name in ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")
+    assert w8a8.select_kernel(1, torch.float32).name in ("w8a8_amx", "fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
     forced = _layer(WeightScheme(8), 8, 128)
     forced.policy = KernelPolicy(kernel="int_mm_w8a8")
     assert forced.select_kernel(1, torch.float32).name == "int_mm_w8a8"
@@ -112,7 +115,7 @@ def test_dtype_cast_keeps_scales_float32():
     assert _rel(model(x.bfloat16()), expected) < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("name", ["fbgemm_w8a8", "int_mm_w8a8", "onednn_w8a8"])
+@pytest.mark.parametrize("name", ["fbgemm_w8a8", "int_mm_w8a8", "onednn_w8a8", "w8a8_amx"])
 def test_w8a8_activation_scale_is_per_token(name):
     # one token with massive activations (an attention sink) must not crush the other rows
     layer = _layer(WeightScheme(8), 8, 128)

@@ -227,7 +227,8 @@ torch::Tensor rescale_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tens
 
 }  // namespace
 
-void register_woq(pybind11::module& m);  // woq_amx.cpp
+void register_woq(pybind11::module& m);   // woq_amx.cpp
+void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
@@ -235,4 +236,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("shift128") = false);
   m.def("rescale_rows", &rescale_rows, "accumulators * row scale * column scale (+ bias)");
   register_woq(m);
+  register_w8a8(m);
 }

@@ -7,41 +7,20 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
+
+#if defined(EMBER_AMX) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define EMBER_WOQ_AMX 1
 #endif
 
 namespace {
 
 #ifdef EMBER_WOQ_AMX
-constexpr int64_t kTileRows = 16;  // rows of every tile (M rows of A / C, k pairs of B)
+using ember_amx::kTileRows;  // rows of every tile (M rows of A / C, k pairs of B)
+using ember_amx::load_tile_config;
+using ember_amx::request_amx;
 constexpr int64_t kTileK = 32;     // bf16 k values per A tile row (64 bytes)
 constexpr int64_t kTileElems = kTileRows * kTileK;  // bf16 values of one dequantized B tile
-
-// Linux keeps AMX tile data disabled per process until asked (ARCH_REQ_XCOMP_PERM, XTILEDATA).
-bool request_amx() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: C (2 row blocks x 2 column blocks, float32); 4-5: A (bf16 rows); 6-7: B (VNNI pairs).
-void load_tile_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = kTileRows;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // One B tile: 16 k pairs x 16 columns. Codes of a tile are stored [k pair][column] as one byte
 // (int4: low nibble = even k) or two bytes (int8: even k first). scale / offset: the 16 columns'.
@@ -83,37 +62,6 @@ void store_rows(const float* acc, int64_t rows, int64_t cols, at::BFloat16* y, i
   }
 }
 
-// C[16 NA x 16 NB] = A[16 NA x K] @ panel, A rows with stride lda (in bf16 values).
-template <int NA, int NB>
-void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* panel, int64_t k_tiles, float* acc) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int64_t stride = lda * 2;  // bytes
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const at::BFloat16* b = panel + kt * NB * kTileElems;
-    _tile_loadd(4, a + kt * kTileK, stride);
-    _tile_loadd(6, b, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB == 2) {
-      _tile_loadd(7, b + kTileElems, 64);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if constexpr (NA == 2) {
-      _tile_loadd(5, a + kTileRows * lda + kt * kTileK, stride);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, acc, 128);
-  if constexpr (NB == 2) _tile_stored(1, acc + 16, 128);
-  if constexpr (NA == 2) {
-    _tile_stored(2, acc + kTileRows * 32, 128);
-    if constexpr (NB == 2) _tile_stored(3, acc + kTileRows * 32 + 16, 128);
-  }
-}
-
 struct WoqProblem {
   const at::BFloat16* x;     // [M, K]
   const at::BFloat16* tail;  // [32, K]: the last M % 32 rows, zero padded (null when M % 16 == 0)
@@ -128,11 +76,17 @@ struct WoqProblem {
 // (pair by pair: [pair][k tile][tile of the pair]), then run every 32-row block against it.
 // Wider panels let a row block of x, read once from memory, serve more columns.
 
+// A pair of column blocks interleaves its tiles in the panel: [k tile][block], one tile apart.
 template <int NA>
 void block_pair(const at::BFloat16* a, int64_t lda, const at::BFloat16* panel, int64_t k_tiles, int64_t nbs,
                 float* acc) {
-  if (nbs == 2) tile_block<NA, 2>(a, lda, panel, k_tiles, acc);
-  else tile_block<NA, 1>(a, lda, panel, k_tiles, acc);
+  const auto* ab = reinterpret_cast<const uint8_t*>(a);
+  const auto* b0 = reinterpret_cast<const uint8_t*>(panel);
+  const auto* b1 = reinterpret_cast<const uint8_t*>(panel + kTileElems);
+  const int64_t step = nbs * kTileElems * 2;  // bytes from one k tile's B tiles to the next
+  constexpr auto kBF16 = ember_amx::Dot::kBF16;
+  if (nbs == 2) ember_amx::tile_block<kBF16, NA, 2>(ab, lda * 2, b0, b1, step, k_tiles, acc);
+  else ember_amx::tile_block<kBF16, NA, 1>(ab, lda * 2, b0, b1, step, k_tiles, acc);
 }
 
 template <int Bits>
