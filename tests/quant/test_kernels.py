@@ -83,6 +83,7 @@ def test_policy_selection():
     assert int4.select_kernel(1, torch.bfloat16).name == "int4_weight_only"
     batched = "woq_amx" if has_amx() else "dequant_dense"
     assert int4.select_kernel(64, torch.bfloat16).name == batched  # prefill
+    assert int4.select_kernel(4096, torch.bfloat16).name == "dequant_dense"  # beyond max_woq_amx_tokens
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
     w8a8 = _layer(WeightScheme(8), 8, 128)
     assert w8a8.select_kernel(64, torch.float32).name in ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")

@@ -36,7 +36,7 @@ def test_dequantized_weight_is_bit_exact(scheme, out_features, in_features):
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
-@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 100, 130])
+@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 100, 130, 529])  # 529: 3 row chunks, a tail
 def test_matches_float32_matmul_of_bf16_weight(scheme, out_features, in_features, num_tokens):
     layer = _layer(scheme, out_features, in_features, bias=True)
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens)).bfloat16()

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from ember.quant.linear import QuantLinear
 
 TILE_N, TILE_K = 16, 32  # columns per B tile; k values per tile (16 bf16 pairs)
-WIDE_PANEL_TOKENS = 128  # from here on each task takes 64 columns instead of 32
 
 
 @functools.cache
@@ -57,5 +56,4 @@ def prepare(layer: "QuantLinear", dtype: torch.dtype) -> Any:
 def run(x: torch.Tensor, layer: "QuantLinear", prepared: Any) -> torch.Tensor:
     """y [M, N] bf16 without bias (the caller adds it as the other backends do)."""
     codes, scales, offsets = prepared
-    blocks = 2 if x.shape[0] < WIDE_PANEL_TOKENS else 4
-    return quant_ops().woq_linear_amx(x, codes, scales, offsets, layer.scheme.bits, layer.out_features, blocks)
+    return quant_ops().woq_linear_amx(x, codes, scales, offsets, layer.scheme.bits, layer.out_features)

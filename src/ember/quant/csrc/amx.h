@@ -51,10 +51,11 @@ enum class Dot { kBF16, kInt8 };  // tdpbf16ps (float32 sums) or tdpbssd (int32 
 // C[16 NA x 16 NB] += A[16 NA rows, 64 bytes per k tile] @ B, over k_tiles. Tiles 0-3: C (2 row
 // blocks x 2 column blocks); 4-5: A; 6-7: B. a: row stride lda bytes, next k tile 64 bytes on;
 // b0 / b1: the two column blocks' B tiles, the next k tile b_step bytes on. acc: [16 NA, 32] of
-// 4-byte sums (float32 or int32).
-template <Dot D, int NA, int NB>
+// 4-byte sums (float32 or int32). hook() runs once per k tile, between the tile products: vector
+// work placed there overlaps with the tile unit's.
+template <Dot D, int NA, int NB, typename Hook>
 void tile_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t b_step,
-                int64_t k_tiles, void* acc) {
+                int64_t k_tiles, void* acc, Hook&& hook) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -72,6 +73,7 @@ void tile_block(const uint8_t* a, int64_t lda, const uint8_t* b0, const uint8_t*
       EMBER_TILE_DOT(D, 2, 5, 6);
       if constexpr (NB == 2) EMBER_TILE_DOT(D, 3, 5, 7);
     }
+    hook();
   }
   auto* out = static_cast<uint8_t*>(acc);  // rows of 32 sums = 128 bytes
   _tile_stored(0, out, 128);

@@ -63,11 +63,11 @@ void run_task(const W8A8Problem& p, int64_t r0, int64_t r1, int64_t nb0, int64_t
     const auto *u0 = reinterpret_cast<const uint8_t*>(b0), *u1 = reinterpret_cast<const uint8_t*>(b1);
     constexpr auto kInt8 = ember_amx::Dot::kInt8;
     if (rows > kTileRows) {
-      if (nbs == 2) ember_amx::tile_block<kInt8, 2, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc);
-      else ember_amx::tile_block<kInt8, 2, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc);
+      if (nbs == 2) ember_amx::tile_block<kInt8, 2, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
+      else ember_amx::tile_block<kInt8, 2, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
     } else {
-      if (nbs == 2) ember_amx::tile_block<kInt8, 1, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc);
-      else ember_amx::tile_block<kInt8, 1, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc);
+      if (nbs == 2) ember_amx::tile_block<kInt8, 1, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
+      else ember_amx::tile_block<kInt8, 1, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
     }
     store_rows(acc, p, m0, rows, nb0 * 16, nbs * 16, y);
   }
