@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled model)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run W1 this many times and report the median run (with --prefix-caching later runs hit the cache)")
+                        help="run W1 this many times and report the median run "
+                             "(with --prefix-caching later runs hit the cache)")
     wl.add_workload_args(parser)
     return parser.parse_args(argv)
 

@@ -27,3 +27,36 @@ def test_prepack_replaces_every_bias_free_linear():
     assert prepack_linears(model) == 2
     assert isinstance(model[0], PrepackedLinear) and isinstance(model[1][0], PrepackedLinear)
     assert type(model[2]) is nn.Linear
+
+
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (80, 192), (960, 576)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64, 100, 256, 300])
+def test_amx_tile_path_rounds_the_float32_sum_once(out_features, in_features, rows):
+    # 48 and 80 columns leave an odd 16-column block; 300 rows go to oneDNN (over AMX_MAX_TOKENS)
+    from ember.models.layers.linear import AMX_MAX_TOKENS
+    from ember.quant.woq_amx import has_amx
+
+    if not has_amx():
+        pytest.skip("no AMX-BF16 on this machine")
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
+    layer = PrepackedLinear(linear)
+    assert layer.tiled_weight is not None and (rows <= AMX_MAX_TOKENS) == (rows <= layer.amx_max_tokens)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    exact = x.float() @ linear.weight.float().T
+    out = layer(x.view(1, rows, in_features))
+    assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
+    # float32 sums in another order (1e-5 of sum |x||w| covers it), then one rounding to bf16 (2^-8 rel)
+    magnitude = x.float().abs() @ linear.weight.float().abs().T
+    bound = 2 ** -8 * exact.abs() + 1e-5 * magnitude
+    assert bool(((out[0].float() - exact).abs() <= bound).all())
+
+
+def test_tile_layout_holds_vnni_pairs():
+    from ember.models.layers.linear import tile_bf16_weight
+
+    weight = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).to(torch.bfloat16)
+    tiles = tile_bf16_weight(weight)
+    assert tiles.shape == (2, 2, 16, 32) and tiles.numel() == weight.numel()
+    # tile (column block 1, k tile 1), row 3 (k pair 3), column 5, odd k -> W[16 + 5, 32 + 2 * 3 + 1]
+    assert tiles[1, 1, 3, 5 * 2 + 1] == weight[21, 39]

@@ -1,0 +1,96 @@
+// Dense bfloat16 linear on AMX-BF16 for short calls: y[M, N] = x[M, K] @ W[N, K]^T, W stored once in
+// the VNNI B-tile order, float32 tile accumulators rounded once to bfloat16. At decode sizes it beats
+// oneDNN's prepacked matmul, whose per-call overhead dominates a few-token call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+
+#include "amx.h"
+
+#if defined(EMBER_AMX) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define EMBER_BF16_AMX 1
+#endif
+
+namespace {
+
+#ifdef EMBER_BF16_AMX
+using ember_amx::kTileRows;
+constexpr int64_t kTileK = 32;                      // bf16 k values per tile row
+constexpr int64_t kTileBytes = kTileRows * 64;      // one B tile: 16 k pairs x 16 columns x 2 values
+constexpr int64_t kRowChunk = 256;                  // rows of x a task keeps hot while it walks K
+
+struct Problem {
+  const at::BFloat16* x;     // [M, K]
+  const at::BFloat16* tail;  // [32, K]: the last M % 32 rows, zero padded (null when M % 16 == 0)
+  const uint8_t* w;          // [N / 16, K / 32, 16, 32] bf16 tiles
+  at::BFloat16* y;           // [M, N]
+  int64_t m, n, k;
+};
+
+// Columns [16 nb0, 16 (nb0 + nbs)) of rows [r0, r1), 32 rows at a time.
+void run_task(const Problem& p, int64_t r0, int64_t r1, int64_t nb0, int64_t nbs, float* acc) {
+  const int64_t k_tiles = p.k / kTileK;
+  const uint8_t* b0 = p.w + nb0 * k_tiles * kTileBytes;
+  const uint8_t* b1 = b0 + k_tiles * kTileBytes;
+  constexpr auto kBF16 = ember_amx::Dot::kBF16;
+  for (int64_t m0 = r0; m0 < r1; m0 += 2 * kTileRows) {
+    const int64_t rows = std::min<int64_t>(2 * kTileRows, r1 - m0);
+    const auto* a = reinterpret_cast<const uint8_t*>(rows % kTileRows == 0 ? p.x + m0 * p.k : p.tail);
+    if (rows > kTileRows) {
+      if (nbs == 2) ember_amx::tile_block<kBF16, 2, 2>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
+      else ember_amx::tile_block<kBF16, 2, 1>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
+    } else {
+      if (nbs == 2) ember_amx::tile_block<kBF16, 1, 2>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
+      else ember_amx::tile_block<kBF16, 1, 1>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < nbs * 16; c += 16) {
+        const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 32 + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (m0 + r) * p.n + nb0 * 16 + c), v);
+      }
+    }
+  }
+}
+#endif
+
+// x bf16 [M, K]; w_tiles from ember.quant.bf16_amx.tile_weight. Needs N % 16 == 0, K % 32 == 0.
+torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = out_features;
+  TORCH_CHECK(n % 16 == 0 && k % 32 == 0, "needs out_features % 16 == 0 and in_features % 32 == 0");
+  TORCH_CHECK(w_tiles.numel() == n * k && w_tiles.scalar_type() == torch::kBFloat16 && w_tiles.is_contiguous(),
+              "w_tiles must be the contiguous bfloat16 tile repack of an [N, K] weight");
+  auto y = torch::empty({m, n}, x.options());
+#ifdef EMBER_BF16_AMX
+  TORCH_CHECK(ember_amx::request_amx(), "AMX-BF16 is not available");
+  if (m == 0) return y;
+  torch::Tensor tail;
+  if (m % 16) {  // tiles always read 16 rows: the last partial block comes from a padded copy
+    tail = torch::zeros({32, k}, x.options());
+    tail.narrow(0, 0, m % 32).copy_(x.narrow(0, m - m % 32, m % 32));
+  }
+  const Problem p{x.data_ptr<at::BFloat16>(), tail.defined() ? tail.data_ptr<at::BFloat16>() : nullptr,
+                  static_cast<const uint8_t*>(w_tiles.data_ptr()), y.data_ptr<at::BFloat16>(), m, n, k};
+  const int64_t n_blocks = n / 16, col_tasks = (n_blocks + 1) / 2, row_chunks = (m + kRowChunk - 1) / kRowChunk;
+  // task t: row chunk t / col_tasks, column pair t % col_tasks (neighbouring tasks share x rows)
+  at::parallel_for(0, row_chunks * col_tasks, 1, [&](int64_t begin, int64_t end) {
+    ember_amx::load_tile_config();
+    alignas(64) float acc[2 * kTileRows * 32];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t / col_tasks * kRowChunk, nb0 = t % col_tasks * 2;
+      run_task(p, r0, std::min(r0 + kRowChunk, m), nb0, std::min<int64_t>(2, n_blocks - nb0), acc);
+    }
+    _tile_release();
+  });
+#else
+  TORCH_CHECK(false, "built without AMX-BF16");
+#endif
+  return y;
+}
+
+}  // namespace
+
+void register_bf16(pybind11::module& m) {
+  m.def("bf16_linear_amx", &bf16_linear_amx, "bf16 x @ W^T on AMX tiles, W in the tile layout");
+}
