@@ -19,6 +19,7 @@ FBGEMM_TOLERANCE = 1.5e-2
 CASES = [  # (kernel, scheme, act_bits, in_features)
     ("int8_weight_only", WeightScheme(8), None, 128),
     ("int8_weight_only", WeightScheme(8), None, 72),
+    ("int8_gemv", WeightScheme(8), None, 128),
     ("int4_weight_only", WeightScheme(4, 32, True), None, 128),
     ("int4_weight_only", WeightScheme(4, 64, False), None, 192),
     ("int4_weight_only", WeightScheme(4, 128, True), None, 256),
@@ -53,7 +54,8 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
     if not kernel.supports(layer, dtype):
         assert ((name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
                 or (name == "onednn_w8a8" and (dtype == torch.float16 or quant_ops() is None))
-                or (name == "w8a8_amx" and (dtype == torch.float16 or not has_amx_int8())))
+                or (name == "w8a8_amx" and (dtype == torch.float16 or not has_amx_int8()))
+                or (name == "int8_gemv" and (dtype != torch.bfloat16 or quant_ops() is None)))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
     reference = layer.run_kernel(x, REFERENCE)  # float32

@@ -101,3 +101,20 @@ def test_shifted_codes_are_code_plus_128():
     shifted, shifted_scales = ops.quantize_rows_int8(x, shift128=True)
     assert shifted.dtype == torch.uint8 and torch.equal(shifted_scales, scales)
     assert torch.equal(shifted.int() - 128, codes.int())
+
+
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+def test_int8_gemv_rounds_the_scaled_float32_sum_once(out_features, in_features, num_tokens):
+    # y = scale * sum(x * code), float32 sums in another order (1e-5 of sum |x||w|), one bf16 rounding
+    gen = torch.Generator().manual_seed(out_features + num_tokens)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(out_features, in_features, generator=gen),
+                                                       WeightScheme(8)))
+    x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+    assert layer.select_kernel(num_tokens, torch.bfloat16).name == "int8_gemv"
+    codes, scale = layer.qweight.float(), layer.scales.view(1, -1)
+    exact = (x.float() @ codes.T) * scale
+    ours = layer(x)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (num_tokens, out_features)
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ codes.abs().T) * scale
+    assert bool(((ours.float() - exact).abs() <= bound).all())
