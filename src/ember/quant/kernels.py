@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -106,11 +107,16 @@ INT8_WEIGHT_ONLY = KernelBackend("int8_weight_only", _int8_supports, _int8_prepa
 
 
 # --- int8 weight-only, per-channel scales, <= 4 tokens: native GEMV (csrc/int8_gemv.cpp) -----------
-def _gemv_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
+@functools.cache
+def _has_int8_gemv() -> bool:
     ops = quant_ops()
+    return ops is not None and bool(ops.has_int8_gemv())
+
+
+def _gemv_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
     return (layer.act_bits is None and layer.scheme.bits == 8 and layer.scales.shape[1] == 1
             and dtype == torch.bfloat16 and layer.out_features % 4 == 0 and layer.in_features % 64 == 0
-            and ops is not None and bool(ops.has_int8_gemv()))
+            and _has_int8_gemv())
 
 
 GEMV_MAX_TOKENS = 4  # rows per native call

@@ -1,33 +1,23 @@
 """W8A8 AMX-INT8 kernel operands: the tile repack of the weight codes and the backend's three hooks."""
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.quant.amx import TILE_N, b_tiles, has_amx_int8
 from ember.quant.native import quant_ops
 
 if TYPE_CHECKING:
     from ember.quant.linear import QuantLinear
 
-TILE_N, TILE_K = 16, 64  # columns per B tile; k values per tile (16 quads of 4)
-
-
-@functools.cache
-def has_amx_int8() -> bool:
-    """Whether the native kernel is compiled with AMX-INT8 and the OS grants tile data."""
-    ops = quant_ops()
-    return ops is not None and bool(ops.has_amx_int8())
+TILE_K = 64  # k values per tile (16 quads of int8 codes)
 
 
 def tile_codes(qweight: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] -> [N / 16, K / 64, 16, 64]: one B tile contiguous, row r holding k values
     4r..4r+3 of each of the 16 columns (the quad layout of ``tdpbssd``). Same size as ``qweight``."""
-    rows = qweight.shape[0]
-    quads = qweight.reshape(rows // TILE_N, TILE_N, -1, TILE_K // 4, 4)
-    # [N / 16, 16 columns, K / 64, 16 quads, 4] -> [N / 16, K / 64, 16 quads, 16 columns, 4]
-    return quads.permute(0, 2, 3, 1, 4).reshape(rows // TILE_N, -1, TILE_K // 4, TILE_N * 4).contiguous()
+    return b_tiles(qweight, 4)
 
 
 def supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:

@@ -1,24 +1,17 @@
 """Weight-only AMX-BF16 kernel operands: the tile repack of the codes and the backend's three hooks."""
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.quant.amx import TILE_N, b_tiles, has_amx
 from ember.quant.native import quant_ops
 
 if TYPE_CHECKING:
     from ember.quant.linear import QuantLinear
 
-TILE_N, TILE_K = 16, 32  # columns per B tile; k values per tile (16 bf16 pairs)
-
-
-@functools.cache
-def has_amx() -> bool:
-    """Whether the native kernel is compiled with AMX-BF16 and the OS grants tile data."""
-    ops = quant_ops()
-    return ops is not None and bool(ops.has_amx())
+TILE_K = 32  # k values per tile (16 bf16 pairs)
 
 
 def tile_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -27,11 +20,7 @@ def tile_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     One B tile's codes are contiguous, row r holding k pair r of the 16 columns: a byte per pair at
     4 bits (low nibble = even k, as stored), two bytes at 8 bits. Same size as ``qweight``.
     """
-    rows = qweight.shape[0]
-    pair = 1 if bits == 4 else 2  # bytes per (column, k pair)
-    pairs = qweight.view(torch.uint8).reshape(rows // TILE_N, TILE_N, -1, TILE_K // 2, pair)
-    # [N / 16, 16 columns, K / 32, 16 pairs, pair] -> [N / 16, K / 32, 16 pairs, 16 columns, pair]
-    return pairs.permute(0, 2, 3, 1, 4).reshape(rows // TILE_N, -1, TILE_K // 2, TILE_N * pair).contiguous()
+    return b_tiles(qweight.view(torch.uint8), 1 if bits == 4 else 2)
 
 
 def tile_params(params: torch.Tensor) -> torch.Tensor:

@@ -29,15 +29,15 @@ WIDE_OUT_FEATURES = 16384
 def tile_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     """bf16 [N, K] -> [N / 16, K / 32, 16, 32]: one AMX B tile contiguous, row r holding k values 2r
     and 2r + 1 of each of the 16 columns (the VNNI pair layout of ``tdpbf16ps``). Same size."""
-    rows, cols = weight.shape
-    pairs = weight.to(torch.bfloat16).reshape(rows // 16, 16, cols // 32, 16, 2)
-    return pairs.permute(0, 2, 3, 1, 4).reshape(rows // 16, cols // 32, 16, 32).contiguous()
+    from ember.quant.amx import b_tiles
+
+    return b_tiles(weight.to(torch.bfloat16), 2)
 
 
 def _amx_ops():
     """The native module when it can run the bf16 AMX kernel here, else None."""
+    from ember.quant.amx import has_amx
     from ember.quant.native import quant_ops
-    from ember.quant.woq_amx import has_amx
 
     return quant_ops() if has_amx() else None
 

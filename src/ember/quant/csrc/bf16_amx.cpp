@@ -17,7 +17,6 @@ namespace {
 using ember_amx::kTileRows;
 constexpr int64_t kTileK = 32;                      // bf16 k values per tile row
 constexpr int64_t kTileBytes = kTileRows * 64;      // one B tile: 16 k pairs x 16 columns x 2 values
-constexpr int64_t kRowChunk = 256;                  // rows of x a task keeps hot while it walks K
 
 struct Problem {
   const at::BFloat16* x;     // [M, K]
@@ -27,33 +26,32 @@ struct Problem {
   int64_t m, n, k;
 };
 
-// Columns [16 nb0, 16 (nb0 + nbs)) of rows [r0, r1), 32 rows at a time.
-void run_task(const Problem& p, int64_t r0, int64_t r1, int64_t nb0, int64_t nbs, float* acc) {
+void run_bf16(const Problem& p) {
+  const ember_amx::TaskGrid grid(p.m, p.n);
   const int64_t k_tiles = p.k / kTileK;
-  const uint8_t* b0 = p.w + nb0 * k_tiles * kTileBytes;
-  const uint8_t* b1 = b0 + k_tiles * kTileBytes;
-  constexpr auto kBF16 = ember_amx::Dot::kBF16;
-  for (int64_t m0 = r0; m0 < r1; m0 += 2 * kTileRows) {
-    const int64_t rows = std::min<int64_t>(2 * kTileRows, r1 - m0);
-    const auto* a = reinterpret_cast<const uint8_t*>(rows % kTileRows == 0 ? p.x + m0 * p.k : p.tail);
-    if (rows > kTileRows) {
-      if (nbs == 2) ember_amx::tile_block<kBF16, 2, 2>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
-      else ember_amx::tile_block<kBF16, 2, 1>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
-    } else {
-      if (nbs == 2) ember_amx::tile_block<kBF16, 1, 2>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
-      else ember_amx::tile_block<kBF16, 1, 1>(a, p.k * 2, b0, b1, kTileBytes, k_tiles, acc, [] {});
+  const ember_amx::Rows rows{reinterpret_cast<const uint8_t*>(p.x), reinterpret_cast<const uint8_t*>(p.tail),
+                             p.k * 2};
+  ember_amx::parallel_tasks(grid, [&](int64_t begin, int64_t end, void* acc_ptr) {
+    const float* acc = static_cast<const float*>(acc_ptr);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb0 = grid.nb0(t), nbs = grid.nbs(t);
+      const uint8_t* b0 = p.w + nb0 * k_tiles * kTileBytes;
+      ember_amx::row_blocks<ember_amx::Dot::kBF16>(
+          rows, grid.r0(t), grid.r1(t), b0, b0 + k_tiles * kTileBytes, kTileBytes, k_tiles, nbs, acc_ptr, [] {},
+          [&](int64_t m0, int64_t n_rows) {
+            for (int64_t r = 0; r < n_rows; ++r) {
+              for (int64_t c = 0; c < nbs * 16; c += 16) {
+                const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 32 + c));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (m0 + r) * p.n + nb0 * 16 + c), v);
+              }
+            }
+          });
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < nbs * 16; c += 16) {
-        const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 32 + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (m0 + r) * p.n + nb0 * 16 + c), v);
-      }
-    }
-  }
+  });
 }
 #endif
 
-// x bf16 [M, K]; w_tiles from ember.quant.bf16_amx.tile_weight. Needs N % 16 == 0, K % 32 == 0.
+// x bf16 [M, K]; w_tiles from ember.models.layers.linear.tile_bf16_weight. Needs N % 16 == 0, K % 32 == 0.
 torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
   x = x.contiguous();
@@ -65,24 +63,10 @@ torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t ou
 #ifdef EMBER_BF16_AMX
   TORCH_CHECK(ember_amx::request_amx(), "AMX-BF16 is not available");
   if (m == 0) return y;
-  torch::Tensor tail;
-  if (m % 16) {  // tiles always read 16 rows: the last partial block comes from a padded copy
-    tail = torch::zeros({32, k}, x.options());
-    tail.narrow(0, 0, m % 32).copy_(x.narrow(0, m - m % 32, m % 32));
-  }
+  const torch::Tensor tail = ember_amx::padded_tail(x);
   const Problem p{x.data_ptr<at::BFloat16>(), tail.defined() ? tail.data_ptr<at::BFloat16>() : nullptr,
                   static_cast<const uint8_t*>(w_tiles.data_ptr()), y.data_ptr<at::BFloat16>(), m, n, k};
-  const int64_t n_blocks = n / 16, col_tasks = (n_blocks + 1) / 2, row_chunks = (m + kRowChunk - 1) / kRowChunk;
-  // task t: row chunk t / col_tasks, column pair t % col_tasks (neighbouring tasks share x rows)
-  at::parallel_for(0, row_chunks * col_tasks, 1, [&](int64_t begin, int64_t end) {
-    ember_amx::load_tile_config();
-    alignas(64) float acc[2 * kTileRows * 32];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t / col_tasks * kRowChunk, nb0 = t % col_tasks * 2;
-      run_task(p, r0, std::min(r0 + kRowChunk, m), nb0, std::min<int64_t>(2, n_blocks - nb0), acc);
-    }
-    _tile_release();
-  });
+  run_bf16(p);
 #else
   TORCH_CHECK(false, "built without AMX-BF16");
 #endif

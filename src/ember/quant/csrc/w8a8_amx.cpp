@@ -18,7 +18,6 @@ namespace {
 using ember_amx::kTileRows;
 constexpr int64_t kTileK = 64;                       // int8 k values per A tile row
 constexpr int64_t kTileCodes = kTileRows * kTileK;   // bytes of one B tile: 16 k quads x 16 columns x 4
-constexpr int64_t kRowChunk = 256;                   // rows of x a task keeps hot while it walks K
 
 struct W8A8Problem {
   const int8_t* x;     // [M, K] codes
@@ -51,41 +50,21 @@ void store_rows(const int32_t* acc, const W8A8Problem& p, int64_t m0, int64_t ro
   }
 }
 
-// One task: columns [16 nb0, 16 nb0 + 32) of rows [r0, r1), 32 rows at a time.
-template <typename T>
-void run_task(const W8A8Problem& p, int64_t r0, int64_t r1, int64_t nb0, int64_t nbs, T* y, int32_t* acc) {
-  const int64_t k_tiles = p.k / kTileK;
-  const int8_t* b0 = p.w + nb0 * k_tiles * kTileCodes;
-  const int8_t* b1 = b0 + k_tiles * kTileCodes;
-  for (int64_t m0 = r0; m0 < r1; m0 += 2 * kTileRows) {
-    const int64_t rows = std::min<int64_t>(2 * kTileRows, p.m - m0);
-    const auto* a = reinterpret_cast<const uint8_t*>(rows % kTileRows == 0 ? p.x + m0 * p.k : p.tail);
-    const auto *u0 = reinterpret_cast<const uint8_t*>(b0), *u1 = reinterpret_cast<const uint8_t*>(b1);
-    constexpr auto kInt8 = ember_amx::Dot::kInt8;
-    if (rows > kTileRows) {
-      if (nbs == 2) ember_amx::tile_block<kInt8, 2, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
-      else ember_amx::tile_block<kInt8, 2, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
-    } else {
-      if (nbs == 2) ember_amx::tile_block<kInt8, 1, 2>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
-      else ember_amx::tile_block<kInt8, 1, 1>(a, p.k, u0, u1, kTileCodes, k_tiles, acc, [] {});
-    }
-    store_rows(acc, p, m0, rows, nb0 * 16, nbs * 16, y);
-  }
-}
-
 template <typename T>
 void run_w8a8(const W8A8Problem& p, T* y) {
-  const int64_t n_blocks = p.n / 16, col_tasks = (n_blocks + 1) / 2;
-  const int64_t row_chunks = (p.m + kRowChunk - 1) / kRowChunk;
-  // task t: row chunk t / col_tasks, column pair t % col_tasks (neighbouring tasks share x rows)
-  at::parallel_for(0, row_chunks * col_tasks, 1, [&](int64_t begin, int64_t end) {
-    ember_amx::load_tile_config();
-    alignas(64) int32_t acc[2 * kTileRows * 32];
+  const ember_amx::TaskGrid grid(p.m, p.n);
+  const int64_t k_tiles = p.k / kTileK;
+  const ember_amx::Rows rows{reinterpret_cast<const uint8_t*>(p.x), reinterpret_cast<const uint8_t*>(p.tail), p.k};
+  ember_amx::parallel_tasks(grid, [&](int64_t begin, int64_t end, void* acc) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t / col_tasks * kRowChunk, nb0 = t % col_tasks * 2;
-      run_task(p, r0, std::min(r0 + kRowChunk, p.m), nb0, std::min<int64_t>(2, n_blocks - nb0), y, acc);
+      const int64_t nb0 = grid.nb0(t), nbs = grid.nbs(t);
+      const auto* b0 = reinterpret_cast<const uint8_t*>(p.w + nb0 * k_tiles * kTileCodes);
+      ember_amx::row_blocks<ember_amx::Dot::kInt8>(
+          rows, grid.r0(t), grid.r1(t), b0, b0 + k_tiles * kTileCodes, kTileCodes, k_tiles, nbs, acc, [] {},
+          [&](int64_t m0, int64_t n_rows) {
+            store_rows(static_cast<const int32_t*>(acc), p, m0, n_rows, nb0 * 16, nbs * 16, y);
+          });
     }
-    _tile_release();
   });
 }
 #endif
@@ -121,11 +100,7 @@ torch::Tensor w8a8_linear_amx(torch::Tensor codes, torch::Tensor x_scale, torch:
 #ifdef EMBER_W8A8_AMX
   if (m == 0) return y;
   w_tiles = w_tiles.contiguous();
-  torch::Tensor tail;
-  if (m % 16) {  // tiles always read 16 rows: the last partial block comes from a padded copy
-    tail = torch::zeros({32, k}, codes.options());
-    tail.narrow(0, 0, m % 32).copy_(codes.narrow(0, m - m % 32, m % 32));
-  }
+  const torch::Tensor tail = ember_amx::padded_tail(codes);
   const W8A8Problem p{codes.data_ptr<int8_t>(), tail.defined() ? tail.data_ptr<int8_t>() : nullptr,
                       static_cast<const int8_t*>(w_tiles.data_ptr()), xs.data_ptr<float>(), ws.data_ptr<float>(),
                       b.defined() ? b.data_ptr<float>() : nullptr, m, n, k};

@@ -18,7 +18,6 @@ namespace {
 
 #ifdef EMBER_WOQ_AMX
 using ember_amx::kTileRows;  // rows of every tile (M rows of A / C, k pairs of B)
-using ember_amx::load_tile_config;
 using ember_amx::request_amx;
 constexpr int64_t kTileK = 32;     // bf16 k values per A tile row (64 bytes)
 constexpr int64_t kTileElems = kTileRows * kTileK;  // bf16 values of one dequantized B tile
@@ -73,13 +72,8 @@ struct WoqProblem {
   int64_t m, n, k, groups, group_len;
 };
 
-// A task's columns [16 nb0, 16 (nb0 + blocks)), blocks <= 4: dequantize their K-deep panel once
-// (pair by pair: [pair][k tile][tile of the pair]), then run every 32-row block against it.
-// Wider panels let a row block of x, read once from memory, serve more columns.
-
-// A pair of column blocks interleaves its tiles in the panel: [k tile][block], one tile apart.
-// Dequantizes one task's panel tile by tile, so the work can be spread over the previous panel's tile
-// products. Panel layout: column blocks in pairs, each pair [k tile][block of the pair].
+// Dequantizes one task's panel (its one or two column blocks, K deep, laid out [k tile][block]) tile by
+// tile, so the work can be spread over the previous panel's tile products.
 template <int Bits>
 struct PanelDequantizer {
   const WoqProblem& p;
@@ -90,78 +84,48 @@ struct PanelDequantizer {
     nb0 = first_block, blocks = num_blocks, panel = dst, next = 0, total = num_blocks * (p.k / kTileK);
   }
   void run(int64_t count) {
-    const int64_t k_tiles = p.k / kTileK, pair_elems = k_tiles * 2 * kTileElems;
+    const int64_t k_tiles = p.k / kTileK;
     for (; count > 0 && next < total; --count, ++next) {
       const int64_t j = next / k_tiles, kt = next % k_tiles, nb = nb0 + j;
-      const int64_t pair_blocks = std::min<int64_t>(2, blocks - j / 2 * 2);
       const int64_t param = (nb * p.groups + kt * kTileK / p.group_len) * 16;
       dequantize_tile<Bits>(p.codes + (nb * k_tiles + kt) * kTileElems * Bits / 8, p.scales + param,
-                            p.offsets + param, panel + j / 2 * pair_elems + (kt * pair_blocks + j % 2) * kTileElems);
+                            p.offsets + param, panel + (kt * blocks + j) * kTileElems);
     }
   }
 };
 
-// Runs the 32-row blocks of rows [r0, r1) against one dequantized panel (columns [16 nb0, 16 (nb0 +
-// blocks))) while `ahead` dequantizes the next task's panel a few tiles per k step.
-template <int Bits>
-void run_panel(const WoqProblem& p, int64_t r0, int64_t r1, int64_t nb0, int64_t blocks, const at::BFloat16* panel,
-               PanelDequantizer<Bits>& ahead, float* acc) {
-  const int64_t k_tiles = p.k / kTileK, pair_elems = k_tiles * 2 * kTileElems;
-  const int64_t steps = (r1 - r0 + 2 * kTileRows - 1) / (2 * kTileRows) * ((blocks + 1) / 2) * k_tiles;
-  const int64_t per_step = (ahead.total + steps - 1) / steps;
-  auto hook = [&] { ahead.run(per_step); };
-  constexpr auto kBF16 = ember_amx::Dot::kBF16;
-  for (int64_t m0 = r0; m0 < r1; m0 += 2 * kTileRows) {
-    const int64_t rows = std::min<int64_t>(2 * kTileRows, r1 - m0);
-    // whole tiles read x itself; a partial block reads the zero-padded copy of the last rows
-    const auto* a = reinterpret_cast<const uint8_t*>(rows % kTileRows == 0 ? p.x + m0 * p.k : p.tail);
-    for (int64_t j = 0; j < blocks; j += 2) {
-      const int64_t nbs = std::min<int64_t>(2, blocks - j);
-      const auto* b0 = reinterpret_cast<const uint8_t*>(panel + j / 2 * pair_elems);
-      const auto* b1 = b0 + kTileElems * 2;
-      const int64_t step = nbs * kTileElems * 2;  // bytes from one k tile's B tiles to the next
-      if (rows > kTileRows) {
-        if (nbs == 2) ember_amx::tile_block<kBF16, 2, 2>(a, p.k * 2, b0, b1, step, k_tiles, acc, hook);
-        else ember_amx::tile_block<kBF16, 2, 1>(a, p.k * 2, b0, b1, step, k_tiles, acc, hook);
-      } else {
-        if (nbs == 2) ember_amx::tile_block<kBF16, 1, 2>(a, p.k * 2, b0, b1, step, k_tiles, acc, hook);
-        else ember_amx::tile_block<kBF16, 1, 1>(a, p.k * 2, b0, b1, step, k_tiles, acc, hook);
-      }
-      store_rows(acc, rows, 16 * nbs, p.y + m0 * p.n + (nb0 + j) * 16, p.n);
-    }
-  }
-  ahead.run(ahead.total);  // whatever the steps did not cover
-}
-
-// Tasks of 32 columns: measured faster than 64-column panels at every token count once the next
-// panel's dequantization overlaps with the tile products (16-1024 tokens, SmolLM2 shapes). Rows go in
-// chunks of 256, which stay in L2 beside the panel (64-512 measured: 256 best or within noise).
-constexpr int64_t blocks_per_task = 2;
-constexpr int64_t kRowChunk = 256;
-
+// Tasks of 32 columns (ember_amx::TaskGrid): measured faster than 64-column panels at every token count
+// once the next panel's dequantization overlaps with the tile products (16-1024 tokens, SmolLM2
+// shapes); 256-row chunks measured best or within noise of 64-512.
 template <int Bits>
 void run_woq(const WoqProblem& p) {
-  const int64_t n_blocks = p.n / 16, col_tasks = (n_blocks + blocks_per_task - 1) / blocks_per_task;
-  const int64_t tasks = (p.m + kRowChunk - 1) / kRowChunk * col_tasks;
-  // task t: row chunk t / col_tasks, columns from block t % col_tasks * blocks_per_task
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    load_tile_config();
-    std::vector<at::BFloat16> buffers(2 * p.k * 16 * blocks_per_task);  // this panel and the next
-    at::BFloat16* panels[2] = {buffers.data(), buffers.data() + p.k * 16 * blocks_per_task};
-    alignas(64) float acc[2 * kTileRows * 32];
-    auto first_block = [&](int64_t t) { return t % col_tasks * blocks_per_task; };
-    auto blocks_of = [&](int64_t t) { return std::min<int64_t>(blocks_per_task, n_blocks - first_block(t)); };
+  const ember_amx::TaskGrid grid(p.m, p.n);
+  const int64_t k_tiles = p.k / kTileK, panel_elems = p.k * 32;
+  const ember_amx::Rows rows{reinterpret_cast<const uint8_t*>(p.x), reinterpret_cast<const uint8_t*>(p.tail),
+                             p.k * 2};
+  ember_amx::parallel_tasks(grid, [&](int64_t begin, int64_t end, void* acc) {
+    std::vector<at::BFloat16> buffers(2 * panel_elems);  // this task's panel and the next one's
     PanelDequantizer<Bits> ahead{p};
-    ahead.start(first_block(begin), blocks_of(begin), panels[0]);
+    ahead.start(grid.nb0(begin), grid.nbs(begin), buffers.data());
     ahead.run(ahead.total);
     for (int64_t t = begin; t < end; ++t) {
-      const at::BFloat16* panel = panels[(t - begin) % 2];
-      if (t + 1 < end) ahead.start(first_block(t + 1), blocks_of(t + 1), panels[(t + 1 - begin) % 2]);
+      const int64_t nb0 = grid.nb0(t), nbs = grid.nbs(t);
+      const at::BFloat16* panel = buffers.data() + (t - begin) % 2 * panel_elems;
+      at::BFloat16* next_panel = buffers.data() + (t + 1 - begin) % 2 * panel_elems;
+      if (t + 1 < end) ahead.start(grid.nb0(t + 1), grid.nbs(t + 1), next_panel);
       else ahead.start(0, 0, nullptr);
-      const int64_t r0 = t / col_tasks * kRowChunk;
-      run_panel<Bits>(p, r0, std::min(r0 + kRowChunk, p.m), first_block(t), blocks_of(t), panel, ahead, acc);
+      // spread the next panel over this task's k steps
+      const int64_t steps = (grid.r1(t) - grid.r0(t) + 2 * kTileRows - 1) / (2 * kTileRows) * k_tiles;
+      const int64_t per_step = (ahead.total + steps - 1) / steps;
+      const auto* b0 = reinterpret_cast<const uint8_t*>(panel);
+      ember_amx::row_blocks<ember_amx::Dot::kBF16>(
+          rows, grid.r0(t), grid.r1(t), b0, b0 + kTileElems * 2, nbs * kTileElems * 2, k_tiles, nbs, acc,
+          [&] { ahead.run(per_step); },
+          [&](int64_t m0, int64_t n_rows) {
+            store_rows(static_cast<const float*>(acc), n_rows, 16 * nbs, p.y + m0 * p.n + nb0 * 16, p.n);
+          });
+      ahead.run(ahead.total);  // whatever the steps did not cover
     }
-    _tile_release();
   });
 }
 #endif
@@ -196,11 +160,7 @@ torch::Tensor woq_linear_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor
   codes = codes.contiguous();
   scales = scales.contiguous();
   offsets = offsets.contiguous();
-  torch::Tensor tail;
-  if (m % 16) {  // tiles always read 16 rows: the last partial block comes from a padded copy
-    tail = torch::zeros({32, k}, x.options());
-    tail.narrow(0, 0, m % 32).copy_(x.narrow(0, m - m % 32, m % 32));
-  }
+  const torch::Tensor tail = ember_amx::padded_tail(x);
   const WoqProblem p{x.data_ptr<at::BFloat16>(), tail.defined() ? tail.data_ptr<at::BFloat16>() : nullptr,
                      codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(),
                      y.data_ptr<at::BFloat16>(), m, n, k, groups, k / groups};
