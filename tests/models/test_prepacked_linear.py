@@ -43,13 +43,16 @@ def test_amx_tile_path_rounds_the_float32_sum_once(out_features, in_features, ro
     layer = PrepackedLinear(linear)
     assert layer.tiled_weight is not None and (rows <= AMX_MAX_TOKENS) == (rows <= layer.amx_max_tokens)
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
-    exact = x.float() @ linear.weight.float().T
     out = layer(x.view(1, rows, in_features))
     assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
-    # float32 sums in another order (1e-5 of sum |x||w| covers it), then one rounding to bf16 (2^-8 rel)
-    magnitude = x.float().abs() @ linear.weight.float().abs().T
-    bound = 2 ** -8 * exact.abs() + 1e-5 * magnitude
-    assert bool(((out[0].float() - exact).abs() <= bound).all())
+    _assert_float32_sum_rounded_once(out[0], x, linear.weight)
+
+
+def _assert_float32_sum_rounded_once(out, x, weight):
+    """float32 sums in another order (1e-5 of sum |x||w| covers it), then one rounding to bf16 (2^-8 rel)."""
+    exact = x.float() @ weight.float().T
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ weight.float().abs().T)
+    assert bool(((out.float() - exact).abs() <= bound).all())
 
 
 def test_tile_layout_holds_vnni_pairs():
@@ -60,3 +63,23 @@ def test_tile_layout_holds_vnni_pairs():
     assert tiles.shape == (2, 2, 16, 32) and tiles.numel() == weight.numel()
     # tile (column block 1, k tile 1), row 3 (k pair 3), column 5, odd k -> W[16 + 5, 32 + 2 * 3 + 1]
     assert tiles[1, 1, 3, 5 * 2 + 1] == weight[21, 39]
+
+
+@pytest.mark.parametrize("out_features, in_features", [(3, 32), (100, 96), (1728, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+def test_gemv_path_rounds_the_float32_sum_once(out_features, in_features, rows):
+    # rows 1-4 take the GEMV where there is no AMX; 5 rows go to oneDNN
+    from ember.models.layers.linear import GEMV_MAX_TOKENS
+
+    gen = torch.Generator().manual_seed(out_features + rows)
+    linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
+    layer = PrepackedLinear(linear)
+    if layer.weight_rows is None:
+        pytest.skip("no AVX512-BF16 GEMV here (or AMX serves short calls)")
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    out = layer(x.view(1, rows, in_features))
+    assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
+    _assert_float32_sum_rounded_once(out[0], x, linear.weight)
+    if rows <= GEMV_MAX_TOKENS:  # the kernel itself, not only the layer's dispatch
+        direct = layer._gemv.bf16_gemv(x, layer.weight_rows)
+        assert torch.equal(direct, out[0])

@@ -103,7 +103,7 @@ def test_shifted_codes_are_code_plus_128():
     assert torch.equal(shifted.int() - 128, codes.int())
 
 
-@pytest.mark.parametrize("out_features, in_features", [(48, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (7, 96), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
 def test_int8_gemv_rounds_the_scaled_float32_sum_once(out_features, in_features, num_tokens):
     # y = scale * sum(x * code), float32 sums in another order (1e-5 of sum |x||w|), one bf16 rounding
@@ -118,3 +118,4 @@ def test_int8_gemv_rounds_the_scaled_float32_sum_once(out_features, in_features,
     assert ours.dtype == torch.bfloat16 and ours.shape == (num_tokens, out_features)
     bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ codes.abs().T) * scale
     assert bool(((ours.float() - exact).abs() <= bound).all())
+

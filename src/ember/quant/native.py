@@ -8,14 +8,15 @@ from types import ModuleType
 from ember.attention.kernels import compile_extension
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("quant_ops.cpp", "woq_amx.cpp", "w8a8_amx.cpp", "bf16_amx.cpp", "int8_gemv.cpp")]
+            for name in ("quant_ops.cpp", "woq_amx.cpp", "w8a8_amx.cpp", "bf16_amx.cpp", "int8_gemv.cpp",
+                         "bf16_gemv.cpp")]
 
 
 @functools.cache
 def quant_ops() -> ModuleType | None:
     """``dequantize_bf16``, ``quantize_rows_int8``, ``rescale_rows``, ``has_amx``, ``woq_linear_amx``,
-    ``has_amx_int8``, ``w8a8_linear_amx``, ``bf16_linear_amx``, ``has_int8_gemv`` and ``int8_gemv``, or None
-    without a compiler.
+    ``has_amx_int8``, ``w8a8_linear_amx``, ``bf16_linear_amx``, ``has_int8_gemv``, ``int8_gemv``,
+    ``has_bf16_gemv`` and ``bf16_gemv``, or None without a compiler.
 
     Built without -ffast-math: activation codes must round exactly as the PyTorch reference does.
     """

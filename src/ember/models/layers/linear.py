@@ -34,6 +34,12 @@ def tile_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     return b_tiles(weight.to(torch.bfloat16), 2)
 
 
+# Calls up to this many tokens run the AVX512-BF16 GEMV (`quant/csrc/bf16_gemv.cpp`) on the row-major
+# weight where there is no AMX: a decode step streams the weights, and oneDNN's small-row kernel reads
+# them at 12-16 GB/s with 2 threads on a Zen 4, the GEMV at 23-26 (a plain read of the same bytes).
+GEMV_MAX_TOKENS = 4
+
+
 def _amx_ops():
     """The native module when it can run the bf16 AMX kernel here, else None."""
     from ember.quant.amx import has_amx
@@ -42,13 +48,22 @@ def _amx_ops():
     return quant_ops() if has_amx() else None
 
 
+def _gemv_ops():
+    """The native module when it can run the bf16 GEMV here, else None."""
+    from ember.quant.native import quant_ops
+
+    ops = quant_ops()
+    return ops if ops is not None and ops.has_bf16_gemv() else None
+
+
 class PrepackedLinear(nn.Module):
     """`y = x @ W^T` with W reordered once into oneDNN's blocked layout.
 
     A plain `F.linear` re-reads the row-major weight and reorders it inside every call; at one
-    token that costs 2-4x the matmul itself. Inference only: the packed weight is opaque. On CPUs
-    with AMX, short calls (decode steps) run a tile kernel on a second, tile-ordered copy of W:
-    oneDNN's per-call work dominates there. The copy doubles the layer's weight memory.
+    token that costs 2-4x the matmul itself. Inference only: the packed weight is opaque. Short calls
+    (decode steps) run a native kernel on a second copy of W, which doubles the layer's weight memory:
+    on CPUs with AMX a tile kernel on a tile-ordered copy (oneDNN's per-call work dominates there),
+    elsewhere, for up to `GEMV_MAX_TOKENS` tokens, an AVX512-BF16 GEMV on the row-major weight.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -62,14 +77,20 @@ class PrepackedLinear(nn.Module):
         self._ops = _amx_ops() if self.out_features % 16 == 0 and self.in_features % 32 == 0 else None
         self.tiled_weight = tile_bf16_weight(weight) if self._ops is not None else None
         self.amx_max_tokens = AMX_MAX_TOKENS_WIDE if self.out_features >= WIDE_OUT_FEATURES else AMX_MAX_TOKENS
+        self._gemv = None
+        if self._ops is None and self.in_features % 32 == 0:
+            self._gemv = _gemv_ops()
+        self.weight_rows = weight.to(torch.bfloat16).contiguous() if self._gemv is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tiled_weight is not None and x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16 and (self.tiled_weight is not None or self.weight_rows is not None):
             num_tokens = x.numel() // self.in_features
-            if num_tokens <= self.amx_max_tokens:
-                flat = x.reshape(num_tokens, self.in_features)
+            flat = x.reshape(num_tokens, self.in_features)
+            if self.tiled_weight is not None and num_tokens <= self.amx_max_tokens:
                 out = self._ops.bf16_linear_amx(flat, self.tiled_weight, self.out_features)
                 return out.view(*x.shape[:-1], self.out_features)
+            if self.weight_rows is not None and num_tokens <= GEMV_MAX_TOKENS:
+                return self._gemv.bf16_gemv(flat, self.weight_rows).view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -231,6 +231,7 @@ void register_woq(pybind11::module& m);   // woq_amx.cpp
 void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 void register_bf16(pybind11::module& m);  // bf16_amx.cpp
 void register_gemv(pybind11::module& m);  // int8_gemv.cpp
+void register_bf16_gemv(pybind11::module& m);  // bf16_gemv.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
@@ -241,4 +242,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_w8a8(m);
   register_bf16(m);
   register_gemv(m);
+  register_bf16_gemv(m);
 }

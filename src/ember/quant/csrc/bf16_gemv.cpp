@@ -1,0 +1,91 @@
+// bfloat16 linear for a few tokens (decode): y[m, n] = sum_k x[m, k] * w[n, k] in float32, rounded once
+// to bfloat16, straight from the row-major weight. A decode step streams every weight once, so the
+// kernel is a plain sequential read: each thread walks its band of rows one row at a time, with two
+// accumulators per token along K. `vdpbf16ps` multiplies bf16 pairs exactly and sums them in float32,
+// so nothing is widened. Measured on a Zen 4 with 2 threads: 23-26 GB/s, the speed of a plain read of
+// the same bytes; four interleaved rows with software prefetch (the walk of int8_gemv.cpp) gave 15-18.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define EMBER_BF16_GEMV_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxTokens = 4;
+
+#ifdef EMBER_BF16_GEMV_AVX512
+inline __m512bh load_bf16x32(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// Rows [n0, n1) of the weight against M activation rows; K % 32 == 0.
+template <int M>
+void row_band(const uint16_t* w, const uint16_t* x, at::BFloat16* y, int64_t n, int64_t k, int64_t n0,
+              int64_t n1) {
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint16_t* row = w + r * k;
+    __m512 acc0[M], acc1[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {  // two 64-byte lines of the row
+      const __m512bh w0 = load_bf16x32(row + i), w1 = load_bf16x32(row + i + 32);
+      for (int m = 0; m < M; ++m) {
+        acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, load_bf16x32(x + m * k + i));
+        acc1[m] = _mm512_dpbf16_ps(acc1[m], w1, load_bf16x32(x + m * k + i + 32));
+      }
+    }
+    if (i < k) {  // K % 64 == 32
+      const __m512bh w0 = load_bf16x32(row + i);
+      for (int m = 0; m < M; ++m) acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, load_bf16x32(x + m * k + i));
+    }
+    for (int m = 0; m < M; ++m)
+      y[m * n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])));
+  }
+}
+#endif
+
+// x bf16 [M <= 4, K]; weight bf16 [N, K]. Needs K % 32 == 0.
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(0) <= kMaxTokens,
+              "x must be bfloat16 [M <= 4, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.size(1) == x.size(1),
+              "weight must be bfloat16 [N, K]");
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k % 32 == 0, "needs in_features % 32 == 0");
+  auto y = torch::empty({m, n}, x.options());
+#ifdef EMBER_BF16_GEMV_AVX512
+  if (m == 0) return y;
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    switch (m) {
+      case 1: row_band<1>(w, xp, yp, n, k, begin, end); break;
+      case 2: row_band<2>(w, xp, yp, n, k, begin, end); break;
+      case 3: row_band<3>(w, xp, yp, n, k, begin, end); break;
+      default: row_band<4>(w, xp, yp, n, k, begin, end); break;
+    }
+  });
+#else
+  TORCH_CHECK(false, "built without AVX512-BF16");
+#endif
+  return y;
+}
+
+bool has_bf16_gemv() {
+#ifdef EMBER_BF16_GEMV_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+void register_bf16_gemv(pybind11::module& m) {
+  m.def("has_bf16_gemv", &has_bf16_gemv, "whether the AVX512-BF16 GEMV is compiled in");
+  m.def("bf16_gemv", &bf16_gemv, "bf16 x [<= 4, K] @ bf16 weight [N, K]^T, float32 sums rounded once");
+}
