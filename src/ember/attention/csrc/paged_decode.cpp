@@ -184,9 +184,12 @@ struct ChunkRows {
   const uint16_t* next_v[kChunk];
 };
 
+// Into L2, not L1: on a Zen 4 (2 threads, 48 sequences x 310 positions, 30 layers from memory) the
+// kernel read K/V at 10.5 GB/s with L1 prefetches and 17.7-18.4 GB/s with L2 ones; L1's few miss
+// buffers were the limit.
 template <int NV>
 inline void prefetch_row(const uint16_t* row) {
-  for (int byte = 0; byte < 32 * NV; byte += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T0);
+  for (int byte = 0; byte < 32 * NV; byte += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T1);
 }
 
 // Scores of G heads (q pre-scaled, [G][NV]) against the 16 K rows of a chunk: token t in lane t.
