@@ -4,9 +4,38 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 
+#include "simd_bf16.h"
+
 namespace {
 
 inline float f(at::BFloat16 x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__)
+using ember_simd::load_bf16x16;
+using ember_simd::round_bf16;
+using ember_simd::store_bf16x16;
+
+// One head of RoPE, 16 pairs (i, i + half) at a time; the same rounding points as the scalar loop.
+inline void rope_head_avx512(at::BFloat16* v, const at::BFloat16* c, const at::BFloat16* s, int64_t half) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 x1 = load_bf16x16(v + i), x2 = load_bf16x16(v + i + half);
+    const __m512 a1 = round_bf16(_mm512_mul_ps(x1, load_bf16x16(c + i)));
+    const __m512 neg_x2 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), _mm512_set1_epi32(INT32_MIN)));
+    const __m512 b1 = round_bf16(_mm512_mul_ps(neg_x2, load_bf16x16(s + i)));
+    const __m512 a2 = round_bf16(_mm512_mul_ps(x2, load_bf16x16(c + i + half)));
+    const __m512 b2 = round_bf16(_mm512_mul_ps(x1, load_bf16x16(s + i + half)));
+    store_bf16x16(v + i, round_bf16(_mm512_add_ps(a1, b1)));
+    store_bf16x16(v + i + half, round_bf16(_mm512_add_ps(a2, b2)));
+  }
+}
+
+// bf16(bf16(silu(g)) * u) for 16 values; e^-g as 2^(-g log2 e), division exact.
+inline __m512 silu_mul_avx512(__m512 g, __m512 u) {
+  const __m512 e = ember_simd::exp2_512(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504f)));
+  const __m512 act = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  return round_bf16(_mm512_mul_ps(act, u));
+}
+#endif
 
 }  // namespace
 
@@ -52,6 +81,12 @@ void rope_bf16_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
       const at::BFloat16* s = sp + t * dim;
       for (int64_t h = 0; h < heads; ++h) {
         at::BFloat16* v = xp + t * token_stride + h * head_stride;
+#if defined(__AVX512F__)
+        if (half % 16 == 0) {
+          rope_head_avx512(v, c, s, half);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < half; ++i) {
           // Reference: bf16(bf16(x*cos) + bf16(rotate_half(x)*sin)), rotate_half = (-x2, x1).
           const float x1 = f(v[i]), x2 = f(v[i + half]);
@@ -78,7 +113,12 @@ torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const at::BFloat16* g = gp + r * 2 * inter;
-      for (int64_t i = 0; i < inter; ++i) {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= inter; i += 16)
+        store_bf16x16(op + r * inter + i, silu_mul_avx512(load_bf16x16(g + i), load_bf16x16(g + inter + i)));
+#endif
+      for (; i < inter; ++i) {
         const float x = f(g[i]);
         const at::BFloat16 act = static_cast<at::BFloat16>(x / (1.f + std::exp(-x)));
         op[r * inter + i] = static_cast<at::BFloat16>(f(act) * f(g[inter + i]));

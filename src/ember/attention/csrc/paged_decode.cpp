@@ -99,6 +99,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "simd_bf16.h"
 #define EMBER_HAS_AVX512 1
 
 constexpr int kMaxVecs = 16;   // head_dim up to 256
@@ -136,15 +137,7 @@ inline __m256i to_bf16x16(__m512 x) {
 #endif
 }
 
-// 2^x for x <= 0: 2^n * 2^f with f in [-1/2, 1/2], degree-6 Taylor polynomial for 2^f = e^(f ln 2)
-// (rel. error ~1e-7); vscalefps flushes huge negative n to 0.
-inline __m512 exp2_512(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
+using ember_simd::exp2_512;  // simd_bf16.h
 
 // The maximum of the 16 lanes, in every lane (no scalar round trip).
 inline __m512 broadcast_max(__m512 x) {

@@ -1,0 +1,45 @@
+// AVX-512 helpers shared by the native attention and elementwise kernels: bfloat16 <-> float32 and a
+// vector 2^x. The rounding is c10's (round to nearest even, NaN to the canonical quiet NaN), so the
+// vector kernels round exactly where and as the PyTorch ops they replace.
+#pragma once
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <cstdint>
+
+namespace ember_simd {
+
+// 16 bfloat16 values (natural order) -> 16 floats, exact.
+inline __m512 load_bf16x16(const void* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// x rounded to the nearest bfloat16 (ties to even), kept as a float: c10's float -> BFloat16.
+inline __m512 round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000)));
+}
+
+// Stores 16 floats that already hold bfloat16 values (round_bf16) as bfloat16.
+inline void store_bf16x16(void* p, __m512 rounded) {
+  const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+}
+
+// 2^x: 2^n * 2^f with f in [-1/2, 1/2], degree-6 Taylor polynomial for 2^f = e^(f ln 2)
+// (rel. error ~1e-7); vscalefps takes huge negative n to 0 and huge positive n to infinity.
+inline __m512 exp2_512(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace ember_simd
+#endif
