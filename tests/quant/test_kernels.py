@@ -23,6 +23,7 @@ CASES = [  # (kernel, scheme, act_bits, in_features)
     ("int4_weight_only", WeightScheme(4, 32, True), None, 128),
     ("int4_weight_only", WeightScheme(4, 64, False), None, 192),
     ("int4_weight_only", WeightScheme(4, 128, True), None, 256),
+    ("w8a8_gemv", WeightScheme(8), 8, 72),
     ("fbgemm_w8a8", WeightScheme(8), 8, 128),
     ("int_mm_w8a8", WeightScheme(8), 8, 72),
     ("onednn_w8a8", WeightScheme(8), 8, 72),
@@ -55,6 +56,7 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
         assert ((name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
                 or (name == "onednn_w8a8" and (dtype == torch.float16 or quant_ops() is None))
                 or (name == "w8a8_amx" and (dtype == torch.float16 or not has_amx_int8()))
+                or (name == "w8a8_gemv" and (dtype == torch.float16 or quant_ops() is None))
                 or (name == "int8_gemv" and (dtype != torch.bfloat16 or quant_ops() is None)))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
@@ -89,7 +91,8 @@ def test_policy_selection():
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
     w8a8 = _layer(WeightScheme(8), 8, 128)
     assert w8a8.select_kernel(64, torch.float32).name in ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")
-    assert w8a8.select_kernel(1, torch.float32).name in ("w8a8_amx", "fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
+    assert w8a8.select_kernel(1, torch.float32).name in ("w8a8_amx", "w8a8_gemv", "fbgemm_w8a8", "onednn_w8a8",
+                                                         "int_mm_w8a8")
     forced = _layer(WeightScheme(8), 8, 128)
     forced.policy = KernelPolicy(kernel="int_mm_w8a8")
     assert forced.select_kernel(1, torch.float32).name == "int_mm_w8a8"

@@ -131,6 +131,32 @@ INT8_GEMV = KernelBackend("int8_gemv", _gemv_supports, lambda layer, dtype: laye
                           _gemv_run)
 
 
+# --- W8A8, <= 4 tokens: native VNNI GEMV of exact int32 sums (csrc/int8_gemv.cpp), then rescale_rows --
+@functools.cache
+def _has_w8a8_gemv() -> bool:
+    ops = quant_ops()
+    return ops is not None and bool(ops.has_w8a8_gemv())
+
+
+def _w8a8_gemv_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
+    return layer.act_bits == 8 and dtype in (torch.bfloat16, torch.float32) and _has_w8a8_gemv()
+
+
+def _w8a8_gemv_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
+    codes = layer.qweight.contiguous()
+    return codes, codes.sum(dim=1, dtype=torch.int32), layer.scales.view(-1).float().contiguous()
+
+
+def _w8a8_gemv_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    codes, colsum, w_scale = prepared
+    # one native call per 4 rows: quantize_rows_int8, the GEMV's exact int32 sums, rescale_rows
+    outs = [quant_ops().w8a8_linear_gemv(rows, codes, colsum, w_scale, layer.bias) for rows in x.split(GEMV_MAX_TOKENS)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+W8A8_GEMV = KernelBackend("w8a8_gemv", _w8a8_gemv_supports, _w8a8_gemv_prepare, _w8a8_gemv_run)
+
+
 # --- int4 weight-only: torch._weight_int4pack_mm_for_cpu -----------------------------------------
 def _int4_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
     return (layer.act_bits is None and layer.scheme.bits == 4
@@ -256,7 +282,7 @@ WOQ_AMX = KernelBackend("woq_amx", woq_amx.supports, woq_amx.prepare,
 W8A8_AMX = KernelBackend("w8a8_amx", w8a8_amx.supports, w8a8_amx.prepare, w8a8_amx.run)
 
 KERNEL_REGISTRY: dict[str, KernelBackend] = {
-    k.name: k for k in (REFERENCE, DEQUANT_DENSE, INT8_WEIGHT_ONLY, INT8_GEMV, INT4_WEIGHT_ONLY, FBGEMM_W8A8,
+    k.name: k for k in (REFERENCE, DEQUANT_DENSE, INT8_WEIGHT_ONLY, INT8_GEMV, INT4_WEIGHT_ONLY, W8A8_GEMV, FBGEMM_W8A8,
                         INT_MM_W8A8, ONEDNN_W8A8, WOQ_AMX, W8A8_AMX)
 }
 
@@ -331,6 +357,9 @@ class KernelPolicy:
             forced = KERNEL_REGISTRY[self.kernel]
             return forced if forced.supports(layer, dtype) else REFERENCE
         if layer.act_bits == 8:
+            if (num_tokens <= min(self.max_gemv_tokens, GEMV_MAX_TOKENS) and not W8A8_AMX.supports(layer, dtype)
+                    and W8A8_GEMV.supports(layer, dtype)):
+                return W8A8_GEMV
             order = self.w8a8_order if num_tokens <= self.max_fbgemm_tokens else self.w8a8_batched_order
             return self._first_supported(order, layer, dtype)
         if num_tokens <= min(self.max_gemv_tokens, GEMV_MAX_TOKENS) and INT8_GEMV.supports(layer, dtype):

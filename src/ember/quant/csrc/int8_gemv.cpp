@@ -5,12 +5,20 @@
 // 30 SmolLM2 layers from memory on a Zen 4, 2 threads: 6.5-6.9 ms; four interleaved rows with software
 // prefetch 16 rows ahead took 11.2 (that walk had measured 5.7-6.1 against 10.8 for
 // torch._weight_int8pack_mm on a Xeon).
+//
+// W8A8 (dynamic per-token int8 activations) has its own GEMV here: exact int32 sums of activation
+// codes times weight codes with AVX512-VNNI (`vpdpbusd`, unsigned x signed bytes: the activation codes
+// come shifted by 128, and 128 * the column sum of the weight codes is taken back off), the same
+// integers `torch._int_mm` gives, to be rescaled by `rescale_rows`.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define EMBER_GEMV_AVX512 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define EMBER_GEMV_VNNI 1
 #endif
 
 namespace {
@@ -39,6 +47,27 @@ void row_band(const int8_t* w, const float* x, const float* scale, at::BFloat16*
     }
     for (int m = 0; m < M; ++m)
       y[m * n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) * scale[r]);
+  }
+}
+#endif
+
+#ifdef EMBER_GEMV_VNNI
+// Rows [n0, n1): acc[m, r] = sum_k (x[m, k] - 128) * w[r, k], x uint8 (codes + 128), any K.
+template <int M>
+void vnni_band(const uint8_t* x, const int8_t* w, const int32_t* colsum, int32_t* acc, int64_t n, int64_t k,
+               int64_t n0, int64_t n1) {
+  const __mmask64 tail = k % 64 ? (~0ULL >> (64 - k % 64)) : ~0ULL;
+  for (int64_t r = n0; r < n1; ++r) {
+    const int8_t* row = w + r * k;
+    __m512i sum[M];
+    for (int m = 0; m < M; ++m) sum[m] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; i += 64) {
+      const __mmask64 mask = i + 64 <= k ? ~0ULL : tail;
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, row + i);
+      for (int m = 0; m < M; ++m)
+        sum[m] = _mm512_dpbusd_epi32(sum[m], _mm512_maskz_loadu_epi8(mask, x + m * k + i), wv);
+    }
+    for (int m = 0; m < M; ++m) acc[m * n + r] = _mm512_reduce_add_epi32(sum[m]) - 128 * colsum[r];
   }
 }
 #endif
@@ -86,7 +115,50 @@ bool has_int8_gemv() {
 
 }  // namespace
 
+// x_codes uint8 [M <= 4, K] (per-token codes + 128); codes int8 [N, K]; colsum int32 [N] (sum_k codes).
+// Returns the exact int32 products [M, N] of the signed activation codes with the weight codes.
+torch::Tensor w8a8_gemv_acc(torch::Tensor x_codes, torch::Tensor codes, torch::Tensor colsum) {
+  TORCH_CHECK(x_codes.dim() == 2 && x_codes.scalar_type() == torch::kUInt8 && x_codes.size(0) <= kMaxTokens,
+              "x_codes must be uint8 [M <= 4, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.size(1) == x_codes.size(1),
+              "codes must be int8 [N, K]");
+  const int64_t m = x_codes.size(0), n = codes.size(0), k = codes.size(1);
+  TORCH_CHECK(colsum.numel() == n && colsum.scalar_type() == torch::kInt32, "colsum must be int32 [N]");
+  auto acc = torch::empty({m, n}, torch::dtype(torch::kInt32));
+#ifdef EMBER_GEMV_VNNI
+  if (m == 0) return acc;
+  x_codes = x_codes.contiguous();
+  codes = codes.contiguous();
+  colsum = colsum.contiguous();
+  const uint8_t* xp = x_codes.data_ptr<uint8_t>();
+  const int8_t* w = codes.data_ptr<int8_t>();
+  const int32_t* cs = colsum.data_ptr<int32_t>();
+  int32_t* ap = acc.data_ptr<int32_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    switch (m) {
+      case 1: vnni_band<1>(xp, w, cs, ap, n, k, begin, end); break;
+      case 2: vnni_band<2>(xp, w, cs, ap, n, k, begin, end); break;
+      case 3: vnni_band<3>(xp, w, cs, ap, n, k, begin, end); break;
+      default: vnni_band<4>(xp, w, cs, ap, n, k, begin, end); break;
+    }
+  });
+#else
+  TORCH_CHECK(false, "built without AVX512-VNNI");
+#endif
+  return acc;
+}
+
+bool has_w8a8_gemv() {
+#ifdef EMBER_GEMV_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
 void register_gemv(pybind11::module& m) {
   m.def("has_int8_gemv", &has_int8_gemv, "whether the AVX-512 int8 GEMV is compiled in");
   m.def("int8_gemv", &int8_gemv, "bf16 x [<= 4, K] @ (int8 codes [N, K] * scale[N])^T, scale applied to the sum");
+  m.def("has_w8a8_gemv", &has_w8a8_gemv, "whether the AVX512-VNNI W8A8 GEMV is compiled in");
+  m.def("w8a8_gemv_acc", &w8a8_gemv_acc, "exact int32 products of per-token activation codes (+128, uint8) and int8 codes");
 }

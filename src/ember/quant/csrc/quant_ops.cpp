@@ -227,6 +227,15 @@ torch::Tensor rescale_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tens
 
 }  // namespace
 
+torch::Tensor w8a8_gemv_acc(torch::Tensor x_codes, torch::Tensor codes, torch::Tensor colsum);  // int8_gemv.cpp
+
+// W8A8 for <= 4 tokens in one call: per-token codes, the VNNI GEMV's exact int32 sums, rescale_rows.
+torch::Tensor w8a8_linear_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor colsum, torch::Tensor w_scale,
+                               c10::optional<torch::Tensor> bias) {
+  auto [x_codes, x_scale] = quantize_rows_int8(x, true);
+  return rescale_rows(w8a8_gemv_acc(x_codes, codes, colsum), x_scale, w_scale, bias, x.scalar_type());
+}
+
 void register_woq(pybind11::module& m);   // woq_amx.cpp
 void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 void register_bf16(pybind11::module& m);  // bf16_amx.cpp
@@ -238,6 +247,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row (uint8 code + 128 if shift128)",
         pybind11::arg("x"), pybind11::arg("shift128") = false);
   m.def("rescale_rows", &rescale_rows, "accumulators * row scale * column scale (+ bias)");
+  m.def("w8a8_linear_gemv", &w8a8_linear_gemv, "W8A8 linear for <= 4 tokens: quantize_rows_int8, VNNI GEMV, rescale_rows");
   register_woq(m);
   register_w8a8(m);
   register_bf16(m);
