@@ -36,7 +36,7 @@ def tile_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
 
 # Calls up to this many tokens run the AVX512-BF16 GEMV (`quant/csrc/bf16_gemv.cpp`) on the row-major
 # weight where there is no AMX: a decode step streams the weights, and oneDNN's small-row kernel reads
-# them at 12-16 GB/s with 2 threads on a Zen 4, the GEMV at 23-26 (a plain read of the same bytes).
+# them at 12-16 GB/s with 2 threads on a Zen 4, the GEMV at 25-30 (as fast as a plain read of them).
 GEMV_MAX_TOKENS = 4
 
 
