@@ -8,6 +8,7 @@ Prints one JSON object (milliseconds for decode, seconds for w1).
 
     .venv/bin/python benchmarks/step_breakdown.py --workload decode --num-seqs 48 --context 310
     .venv/bin/python benchmarks/step_breakdown.py --workload w1
+    .venv/bin/python benchmarks/step_breakdown.py --num-seqs 1 --context 128 --model CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -42,18 +43,22 @@ def median_step_ms(engine, num_steps: int) -> float:
 
 @contextmanager
 def cached_linears():
-    """bf16 linears return the output they computed first for each input shape (no matmul)."""
+    """bf16 and quantized linears return the output they computed first for each input shape."""
     from ember.models.layers.linear import PrepackedLinear
+    from ember.quant.linear import QuantLinear
 
-    real, cache = PrepackedLinear.forward, {}
+    cache = {}
 
-    def forward(self, x):
-        key = (id(self), tuple(x.shape))
-        if key not in cache:
-            cache[key] = real(self, x)
-        return cache[key]
+    def caching(real):
+        def forward(self, x):
+            key = (id(self), tuple(x.shape))
+            if key not in cache:
+                cache[key] = real(self, x)
+            return cache[key]
+        return forward
 
-    with mock.patch.object(PrepackedLinear, "forward", forward):
+    with mock.patch.object(PrepackedLinear, "forward", caching(PrepackedLinear.forward)), \
+            mock.patch.object(QuantLinear, "forward", caching(QuantLinear.forward)):
         yield
 
 
@@ -127,10 +132,11 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=48)
     parser.add_argument("--context", type=int, default=310)
     parser.add_argument("--num-steps", type=int, default=15)
+    parser.add_argument("--model", default=None, help="GGUF file, HF or quantized checkpoint directory")
     args = parser.parse_args()
     from ember import LLM
 
-    llm = LLM(max_model_len=1024, kv_cache_memory_gib=2.0, enable_prefix_caching=False)
+    llm = LLM(model=args.model, max_model_len=1024, kv_cache_memory_gib=2.0, enable_prefix_caching=False)
     warmup = wl.build_warmup()
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup], [_params(r.max_tokens) for r in warmup],
                  use_tqdm=False)
