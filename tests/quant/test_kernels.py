@@ -132,3 +132,13 @@ def test_w8a8_activation_scale_is_per_token(name):
     exact = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
     out = layer.run_kernel(x, KERNEL_REGISTRY[name])
     assert _rel(out[1:], exact[1:]) < 1.5e-2
+
+
+def test_forward_follows_a_new_policy():
+    # decode-sized calls reuse their kernel choice; replacing the policy must drop that choice
+    layer = _layer(WeightScheme(4, 64, True), None, 128)
+    x = torch.randn(1, 128).to(torch.bfloat16)
+    default = layer(x)
+    assert torch.equal(default, layer.run_kernel(x, layer.select_kernel(1, torch.bfloat16)))
+    layer.policy = KernelPolicy(kernel="reference")
+    assert torch.equal(layer(x), layer.run_kernel(x, REFERENCE))

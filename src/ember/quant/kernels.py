@@ -123,8 +123,10 @@ GEMV_MAX_TOKENS = 4  # rows per native call
 
 
 def _gemv_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
+    if x.shape[0] <= GEMV_MAX_TOKENS:
+        return _add_bias(quant_ops().int8_gemv(x, layer.qweight, prepared), layer)
     outs = [quant_ops().int8_gemv(rows, layer.qweight, prepared) for rows in x.split(GEMV_MAX_TOKENS)]
-    return _add_bias(outs[0] if len(outs) == 1 else torch.cat(outs), layer)
+    return _add_bias(torch.cat(outs), layer)
 
 
 INT8_GEMV = KernelBackend("int8_gemv", _gemv_supports, lambda layer, dtype: layer.scales.view(-1).float().contiguous(),
@@ -150,8 +152,10 @@ def _w8a8_gemv_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
 def _w8a8_gemv_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> torch.Tensor:
     codes, colsum, w_scale = prepared
     # one native call per 4 rows: quantize_rows_int8, the GEMV's exact int32 sums, rescale_rows
-    outs = [quant_ops().w8a8_linear_gemv(rows, codes, colsum, w_scale, layer.bias) for rows in x.split(GEMV_MAX_TOKENS)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if x.shape[0] <= GEMV_MAX_TOKENS:
+        return quant_ops().w8a8_linear_gemv(x, codes, colsum, w_scale, layer.bias)
+    return torch.cat([quant_ops().w8a8_linear_gemv(rows, codes, colsum, w_scale, layer.bias)
+                      for rows in x.split(GEMV_MAX_TOKENS)])
 
 
 W8A8_GEMV = KernelBackend("w8a8_gemv", _w8a8_gemv_supports, _w8a8_gemv_prepare, _w8a8_gemv_run)

@@ -10,6 +10,9 @@ from ember.quant.kernels import KernelBackend, KernelPolicy
 from ember.quant.rtn import QuantizedWeight, WeightScheme
 
 
+MAX_PLANNED_TOKENS = 64  # calls up to this many tokens reuse their kernel choice
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as integer codes and per-group scales.
 
@@ -45,6 +48,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._prepared: dict[tuple[str, torch.dtype], Any] = {}
+        # (kernel, operands) per (token count, dtype) of decode-sized calls, for the policy it came from:
+        # choosing the kernel costs more than a small call's matmul
+        self._plans: dict[tuple[int, torch.dtype], tuple[KernelBackend, Any]] = {}
+        self._plans_policy: KernelPolicy | None = None
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
@@ -108,7 +115,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.numel() // self.in_features
-        return self.run_kernel(x, self.select_kernel(num_tokens, x.dtype))
+        if num_tokens > MAX_PLANNED_TOKENS:
+            return self.run_kernel(x, self.select_kernel(num_tokens, x.dtype))
+        if self._plans_policy is not self.policy:
+            self._plans, self._plans_policy = {}, self.policy
+        plan = self._plans.get((num_tokens, x.dtype))
+        if plan is None:
+            kernel = self.select_kernel(num_tokens, x.dtype)
+            plan = self._plans[(num_tokens, x.dtype)] = (kernel, self.prepare(kernel, x.dtype))
+        out = plan[0].run(x.reshape(num_tokens, self.in_features), self, plan[1])
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""
@@ -119,10 +135,12 @@ class QuantLinear(nn.Module):
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         self._prepared.clear()
+        self._plans.clear()
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._prepared.clear()  # packed operands describe the old weights
+        self._plans.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
