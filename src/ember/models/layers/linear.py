@@ -85,12 +85,13 @@ class PrepackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and (self.tiled_weight is not None or self.weight_rows is not None):
             num_tokens = x.numel() // self.in_features
-            flat = x.reshape(num_tokens, self.in_features)
             if self.tiled_weight is not None and num_tokens <= self.amx_max_tokens:
-                out = self._ops.bf16_linear_amx(flat, self.tiled_weight, self.out_features)
+                out = self._ops.bf16_linear_amx(x.reshape(num_tokens, self.in_features), self.tiled_weight,
+                                                self.out_features)
                 return out.view(*x.shape[:-1], self.out_features)
             if self.weight_rows is not None and num_tokens <= GEMV_MAX_TOKENS:
-                return self._gemv.bf16_gemv(flat, self.weight_rows).view(*x.shape[:-1], self.out_features)
+                out = self._gemv.bf16_gemv(x.reshape(num_tokens, self.in_features), self.weight_rows)
+                return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
     def extra_repr(self) -> str:

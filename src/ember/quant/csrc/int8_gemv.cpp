@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "gemv.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define EMBER_GEMV_AVX512 1
@@ -23,7 +25,7 @@
 
 namespace {
 
-constexpr int64_t kMaxTokens = 4;
+using ember_gemv::kMaxTokens;
 
 #ifdef EMBER_GEMV_AVX512
 inline __m512 widen16(const int8_t* p) {
@@ -91,13 +93,8 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const float* xp = xf.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    switch (m) {
-      case 1: row_band<1>(w, xp, sp, yp, n, k, begin, end); break;
-      case 2: row_band<2>(w, xp, sp, yp, n, k, begin, end); break;
-      case 3: row_band<3>(w, xp, sp, yp, n, k, begin, end); break;
-      default: row_band<4>(w, xp, sp, yp, n, k, begin, end); break;
-    }
+  ember_gemv::for_row_bands(m, n, [&](auto tokens, int64_t begin, int64_t end) {
+    row_band<decltype(tokens)::value>(w, xp, sp, yp, n, k, begin, end);
   });
 #else
   TORCH_CHECK(false, "built without AVX-512");
@@ -134,13 +131,8 @@ torch::Tensor w8a8_gemv_acc(torch::Tensor x_codes, torch::Tensor codes, torch::T
   const int8_t* w = codes.data_ptr<int8_t>();
   const int32_t* cs = colsum.data_ptr<int32_t>();
   int32_t* ap = acc.data_ptr<int32_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    switch (m) {
-      case 1: vnni_band<1>(xp, w, cs, ap, n, k, begin, end); break;
-      case 2: vnni_band<2>(xp, w, cs, ap, n, k, begin, end); break;
-      case 3: vnni_band<3>(xp, w, cs, ap, n, k, begin, end); break;
-      default: vnni_band<4>(xp, w, cs, ap, n, k, begin, end); break;
-    }
+  ember_gemv::for_row_bands(m, n, [&](auto tokens, int64_t begin, int64_t end) {
+    vnni_band<decltype(tokens)::value>(xp, w, cs, ap, n, k, begin, end);
   });
 #else
   TORCH_CHECK(false, "built without AVX512-VNNI");
