@@ -7,6 +7,7 @@ import torch
 
 from ember.quant.amx import TILE_N, b_tiles, has_amx
 from ember.quant.native import quant_ops
+from ember.quant.pack import unpack_int4
 
 if TYPE_CHECKING:
     from ember.quant.linear import QuantLinear
@@ -17,10 +18,19 @@ TILE_K = 32  # k values per tile (16 bf16 pairs)
 def tile_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes [N, K] (int8) or [N, K / 2] (uint8 pairs) -> uint8 [N / 16, K / 32, 16, 16 * bytes per pair].
 
-    One B tile's codes are contiguous, row r holding k pair r of the 16 columns: a byte per pair at
-    4 bits (low nibble = even k, as stored), two bytes at 8 bits. Same size as ``qweight``.
+    One B tile's codes are contiguous, row r holding k pair r of its 16 columns. 8 bits: the two
+    codes of each column, even k first. 4 bits: byte j holds lane j of the row's two float32 halves
+    (columns 0-7 and 8-15, even and odd k interleaved) in its low and high nibble, so the kernel widens
+    a row with one zero-extension, a mask and a shift. Same size as ``qweight``.
     """
-    return b_tiles(qweight.view(torch.uint8), 1 if bits == 4 else 2)
+    if bits == 8:
+        return b_tiles(qweight.view(torch.uint8), 2)
+    codes = unpack_int4(qweight)  # [N, K]
+    rows, cols = codes.shape
+    # [N / 16, 16 columns, K / 32, 16 k pairs, 2] -> [N / 16, K / 32, 16 k pairs, 2 halves, 8 columns, 2]
+    tiles = codes.view(rows // TILE_N, 2, 8, cols // TILE_K, 16, 2).permute(0, 3, 4, 1, 2, 5)
+    halves = tiles.reshape(rows // TILE_N, cols // TILE_K, 16, 2, 16).to(torch.uint8)
+    return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).contiguous()
 
 
 def tile_params(params: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ using ember_amx::request_amx;
 constexpr int64_t kTileK = 32;     // bf16 k values per A tile row (64 bytes)
 constexpr int64_t kTileElems = kTileRows * kTileK;  // bf16 values of one dequantized B tile
 
-// One B tile: 16 k pairs x 16 columns. Codes of a tile are stored [k pair][column] as one byte
-// (int4: low nibble = even k) or two bytes (int8: even k first). scale / offset: the 16 columns'.
+// One B tile: 16 k pairs x 16 columns, a row of 16 bytes (int4, in float32 lane order: see
+// ember.quant.woq_amx.tile_codes) or 32 (int8: [column][even k, odd k]). scale / offset: the 16 columns'.
 // Lanes are kept in VNNI order (column c's even k, then its odd k) from the start: the 32 values of
 // a row become float32 vectors for columns 0-7 and 8-15, whose bf16 conversion is the tile row.
 template <int Bits>
@@ -36,11 +36,10 @@ void dequantize_tile(const uint8_t* codes, const float* scale, const float* offs
   for (int64_t r = 0; r < kTileRows; ++r) {
     __m512i lo, hi;  // int32 codes of columns 0-7 and 8-15, even and odd k interleaved
     if constexpr (Bits == 4) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 16));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i even = _mm_and_si128(raw, mask), odd = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-      lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd));
-      hi = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(even, odd));
+      // byte j: lane j of columns 0-7 in the low nibble, of columns 8-15 in the high one (tile_codes)
+      const __m512i both = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 16)));
+      lo = _mm512_and_si512(both, _mm512_set1_epi32(0x0F));
+      hi = _mm512_srli_epi32(both, 4);
     } else {
       lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 32)));
       hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * 32 + 16)));
