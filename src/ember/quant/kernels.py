@@ -314,9 +314,10 @@ class KernelPolicy:
         w8a8_order / w8a8_batched_order: W8A8 kernels in order of preference (the first supported
             one runs); ``w8a8_decode_order`` replaces ``w8a8_order`` up to ``max_gemv_tokens`` tokens.
             ``w8a8_gemv`` (AVX512-VNNI, no AMX) per 30 SmolLM2 layers at 1 token on a Zen 4: 6.5 ms
-            against 9.1-11.9 for fbgemm and 14.3 for oneDNN. ``w8a8_amx`` (CPUs with AMX-INT8) beats the others at every size, per SmolLM2
-            decoder layer (2 threads): 0.095 ms at 1 token (fbgemm 0.15), 0.23 at 64 (oneDNN 0.57),
-            2.35 at 1024 (oneDNN 3.78); the prepacked bf16 matmuls take 0.25 / 0.37 / 4.06.
+            against 9.1-11.9 for fbgemm and 14.3 for oneDNN. ``w8a8_amx`` (CPUs with AMX-INT8) beats
+            the others at every size, per SmolLM2 decoder layer (2 threads): 0.095 ms at 1 token
+            (fbgemm 0.15), 0.23 at 64 (oneDNN 0.57), 2.35 at 1024 (oneDNN 3.78); the prepacked bf16
+            matmuls take 0.25 / 0.37 / 4.06.
         weight_only_batched_order: weight-only kernels beyond the packed-kernel limits, in order of
             preference (the first supported one runs; ``dequant_dense`` supports every layer).
             Measured per SmolLM2 decoder layer (2 threads, bf16, int8 / int4 g32): ``woq_amx`` 0.33 /

@@ -7,7 +7,7 @@ import torch
 
 from ember.quant.amx import TILE_N, b_tiles, has_amx
 from ember.quant.native import quant_ops
-from ember.quant.pack import unpack_int4
+from ember.quant.pack import pack_int4, unpack_int4
 
 if TYPE_CHECKING:
     from ember.quant.linear import QuantLinear
@@ -27,10 +27,10 @@ def tile_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
         return b_tiles(qweight.view(torch.uint8), 2)
     codes = unpack_int4(qweight)  # [N, K]
     rows, cols = codes.shape
-    # [N / 16, 16 columns, K / 32, 16 k pairs, 2] -> [N / 16, K / 32, 16 k pairs, 2 halves, 8 columns, 2]
-    tiles = codes.view(rows // TILE_N, 2, 8, cols // TILE_K, 16, 2).permute(0, 3, 4, 1, 2, 5)
-    halves = tiles.reshape(rows // TILE_N, cols // TILE_K, 16, 2, 16).to(torch.uint8)
-    return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).contiguous()
+    # [N / 16, 2 halves, 8 columns, K / 32, 16 k pairs, 2] -> [N / 16, K / 32, 16 k pairs, 8 columns, 2, 2 halves]:
+    # the two halves of a lane side by side, which pack_int4 puts in one byte
+    lanes = codes.view(rows // TILE_N, 2, 8, cols // TILE_K, 16, 2).permute(0, 3, 4, 2, 5, 1)
+    return pack_int4(lanes.reshape(rows // TILE_N, cols // TILE_K, 16, 32)).contiguous()
 
 
 def tile_params(params: torch.Tensor) -> torch.Tensor:
