@@ -36,7 +36,9 @@ def test_dequantized_weight_is_bit_exact(scheme, out_features, in_features):
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
-@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 100, 130, 529])  # 529: 3 row chunks, a tail
+# up to 64 tokens one task takes every row (1-4 row tiles, a padded last one: 5, 17, 33, 50); beyond, row
+# blocks of 32 in chunks of 256 (529: 3 chunks and a tail)
+@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 32, 33, 48, 50, 64, 65, 100, 130, 529])
 def test_matches_float32_matmul_of_bf16_weight(scheme, out_features, in_features, num_tokens):
     layer = _layer(scheme, out_features, in_features, bias=True)
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens)).bfloat16()
@@ -74,7 +76,8 @@ def test_float32_activations_keep_the_dense_path():
     assert layer.select_kernel(256, torch.float32).name == "dequant_dense"
 
 
-@pytest.mark.parametrize("scheme, packed", [(WeightScheme(8), "int8_weight_only"),
+# int8 with groups: per-channel int8 takes int8_gemv up to 4 tokens whatever the batched kernel
+@pytest.mark.parametrize("scheme, packed", [(WeightScheme(8, 32), "int8_weight_only"),
                                             (WeightScheme(4, 32, False), "int4_weight_only")])
 def test_policy_keeps_packed_kernels_for_few_tokens_only(scheme, packed):
     layer = _layer(scheme, 48, 64)

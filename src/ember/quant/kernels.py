@@ -324,8 +324,9 @@ class KernelPolicy:
             0.31 ms at 16 tokens against 0.78 / 1.15 for ``dequant_dense``, 1.28 / 1.23 against
             1.76 / 2.11 at 256, and within noise of it at 1024 (4.5-4.8 ms both).
         max_packed_tokens_amx: where ``woq_amx`` runs the batched calls, the packed kernels keep
-            only this many tokens (their time grows linearly: 0.12 ms per layer at 1 token, 0.38-0.44
-            at 8, 0.71-0.82 at 16, against a flat 0.33-0.36 for ``woq_amx`` up to 16).
+            only this many tokens. Per SmolLM2 decoder layer (2 threads, int4 g64 / g32 and int8): the
+            packed kernels take 0.11-0.12 ms at 1 token, 0.19-0.21 at 4 and 0.36-0.41 at 6, against a
+            flat 0.18-0.22 for ``woq_amx`` up to 16 tokens.
         max_woq_amx_tokens: ``woq_amx`` runs calls up to this many tokens; longer ones (a whole prefill
             step) take the next kernel of ``weight_only_batched_order``. Measured per SmolLM2 decoder
             layer (2 threads, int8): ``woq_amx`` 4.4 ms at 1024 tokens against 4.7 for ``dequant_dense``
@@ -346,7 +347,7 @@ class KernelPolicy:
     w8a8_decode_order: tuple[str, ...] = ("w8a8_amx", "w8a8_gemv", "fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
     w8a8_batched_order: tuple[str, ...] = ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")
     weight_only_batched_order: tuple[str, ...] = ("woq_amx", "dequant_dense")
-    max_packed_tokens_amx: int = 6
+    max_packed_tokens_amx: int = 4
     max_woq_amx_tokens: int = 1024
     max_gemv_tokens: int = 4
 
