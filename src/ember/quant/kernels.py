@@ -321,8 +321,9 @@ class KernelPolicy:
         weight_only_batched_order: weight-only kernels beyond the packed-kernel limits, in order of
             preference (the first supported one runs; ``dequant_dense`` supports every layer).
             Measured per SmolLM2 decoder layer (2 threads, bf16, int8 / int4 g32): ``woq_amx`` 0.33 /
-            0.31 ms at 16 tokens against 0.78 / 1.15 for ``dequant_dense``, 1.28 / 1.23 against
-            1.76 / 2.11 at 256, and within noise of it at 1024 (4.5-4.8 ms both).
+            0.31 ms at 16 tokens (0.15-0.19 since its one-block-per-task path for up to 64 tokens)
+            against 0.78 / 1.15 for ``dequant_dense``, 1.28 / 1.23 against 1.76 / 2.11 at 256, and
+            within noise of it at 1024 (4.5-4.8 ms both).
         max_packed_tokens_amx: where ``woq_amx`` runs the batched calls, the packed kernels keep
             only this many tokens. Per SmolLM2 decoder layer (2 threads, int4 g64 / g32 and int8): the
             packed kernels take 0.11-0.12 ms at 1 token, 0.19-0.21 at 4 and 0.36-0.41 at 6, against a
