@@ -53,11 +53,11 @@ void dequantize_tile(const uint8_t* codes, const float* scale, const float* offs
   }
 }
 
-// Float32 accumulators [rows, 16 * NB] (row stride 32) -> bfloat16 output rows.
-void store_rows(const float* acc, int64_t rows, int64_t cols, at::BFloat16* y, int64_t ldy) {
+// Float32 accumulators [rows, cols] (row stride lda) -> bfloat16 output rows.
+void store_rows(const float* acc, int64_t lda, int64_t rows, int64_t cols, at::BFloat16* y, int64_t ldy) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; c += 16) {
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 32 + c));
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * lda + c));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy + c), v);
     }
   }
@@ -123,7 +123,7 @@ void run_woq(const WoqProblem& p) {
           rows, grid.r0(t), grid.r1(t), b0, b0 + kTileElems * 2, nbs * kTileElems * 2, k_tiles, nbs, acc,
           [&] { ahead.run(per_step); },
           [&](int64_t m0, int64_t n_rows) {
-            store_rows(static_cast<const float*>(acc), n_rows, 16 * nbs, p.y + m0 * p.n + nb0 * 16, p.n);
+            store_rows(static_cast<const float*>(acc), 32, n_rows, 16 * nbs, p.y + m0 * p.n + nb0 * 16, p.n);
           });
       ahead.run(ahead.total);  // whatever the steps did not cover
     }
@@ -132,9 +132,9 @@ void run_woq(const WoqProblem& p) {
 
 // Calls of at most 64 rows: one task per 16-column block, all rows at once (up to 4 row tiles, sums in
 // tiles 0-3), each B tile dequantized just before its products into a two-tile ring that stays in L1.
-// Tiles are not renamed: a tile load waits for the products still reading that tile, so every row tile
-// gets its own A tile where 8 suffice (up to 3 row tiles: A in 3-5, B alternating 6 / 7); with 4, A
-// rotates over 4-6 and B stays in 7 (measured 10% faster at 49-64 rows than 2 A and 2 B tiles).
+// Tiles are not renamed: a tile load waits for the products still reading that tile, so row tiles 0-2
+// get A tiles 4-6 of their own (the fourth reuses 4) and B stays in 7 (measured 10% faster at 49-64
+// rows than 2 A and 2 B tiles, and within noise of alternating B tiles at fewer rows).
 constexpr int64_t kNarrowRows = 4 * kTileRows;
 
 template <int Bits, int NA>
@@ -160,38 +160,19 @@ void narrow_block(const WoqProblem& p, const uint8_t* const* a, int64_t nb, at::
   if constexpr (NA > 2) _tile_zero(2);
   if constexpr (NA > 3) _tile_zero(3);
   dequantize(0);
-  if constexpr (NA == 4) {
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      _tile_loadd(7, ring + kt % 2 * kTileElems, 64);
-      dequantize(kt + 1);
-      _tile_loadd(4, a[0] + kt * 64, lda);
-      _tile_loadd(5, a[1] + kt * 64, lda);
-      _tile_loadd(6, a[2] + kt * 64, lda);
-      _tile_dpbf16ps(0, 4, 7);
-      _tile_dpbf16ps(1, 5, 7);
-      _tile_dpbf16ps(2, 6, 7);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    _tile_loadd(7, ring + kt % 2 * kTileElems, 64);
+    dequantize(kt + 1);
+    _tile_loadd(4, a[0] + kt * 64, lda);
+    if constexpr (NA > 1) _tile_loadd(5, a[1] + kt * 64, lda);
+    if constexpr (NA > 2) _tile_loadd(6, a[2] + kt * 64, lda);
+    _tile_dpbf16ps(0, 4, 7);
+    if constexpr (NA > 1) _tile_dpbf16ps(1, 5, 7);
+    if constexpr (NA > 2) _tile_dpbf16ps(2, 6, 7);
+    if constexpr (NA > 3) {
       _tile_loadd(4, a[3] + kt * 64, lda);
       _tile_dpbf16ps(3, 4, 7);
     }
-  } else {
-#define EMBER_NARROW_STEP(B, KT)                                      \
-  do {                                                                \
-    _tile_loadd(B, ring + (KT) % 2 * kTileElems, 64);                 \
-    dequantize((KT) + 1);                                             \
-    _tile_loadd(3, a[0] + (KT) * 64, lda);                            \
-    if constexpr (NA > 1) _tile_loadd(4, a[1] + (KT) * 64, lda);      \
-    if constexpr (NA > 2) _tile_loadd(5, a[2] + (KT) * 64, lda);      \
-    _tile_dpbf16ps(0, 3, B);                                          \
-    if constexpr (NA > 1) _tile_dpbf16ps(1, 4, B);                    \
-    if constexpr (NA > 2) _tile_dpbf16ps(2, 5, B);                    \
-  } while (0)
-    int64_t kt = 0;
-    for (; kt + 1 < k_tiles; kt += 2) {
-      EMBER_NARROW_STEP(6, kt);
-      EMBER_NARROW_STEP(7, kt + 1);
-    }
-    if (kt < k_tiles) EMBER_NARROW_STEP(6, kt);
-#undef EMBER_NARROW_STEP
   }
   _tile_stored(0, acc, 64);
   if constexpr (NA > 1) _tile_stored(1, acc + 1 * kTileRows * 16, 64);
@@ -218,10 +199,7 @@ void run_woq_narrow(const WoqProblem& p) {
         case 3: narrow_block<Bits, 3>(p, a, nb, ring, acc); break;
         default: narrow_block<Bits, 4>(p, a, nb, ring, acc); break;
       }
-      for (int64_t r = 0; r < p.m; ++r) {
-        const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + r * p.n + nb * 16), v);
-      }
+      store_rows(acc, 16, p.m, 16, p.y + nb * 16, p.n);
     }
     _tile_release();
   });
