@@ -1,7 +1,8 @@
 """ms per decoder layer's four linears (fused qkv, o, fused gate/up, down of SmolLM2-135M) for the bf16
-prepacked matmul and each batched weight-only and W8A8 kernel, as JSON lines.
+prepacked matmul and each weight-only, W8A8 and W4A8 kernel, as JSON lines.
 
 Usage: python benchmarks/quant_layer.py [--tokens 16,64,256,1024] [--threads 2]
+(EMBER_DISABLE_AMX=1 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 in front: as a CPU without AMX runs)
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from ember.quant.rtn import WeightScheme, quantize_weight
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K)
 SCHEMES = {"int8": (WeightScheme(8), None), "int4_g32_asym": (WeightScheme(4, 32, False), None),
-           "w8a8": (WeightScheme(8), 8)}  # name: (weight scheme, activation bits)
-KERNELS = ("dequant_dense", "woq_amx", "fbgemm_w8a8", "onednn_w8a8", "w8a8_amx")
+           "int4_g64": (WeightScheme(4, 64, True), None), "w8a8": (WeightScheme(8), 8),
+           "w4a8_g64": (WeightScheme(4, 64, True), 8), "w4a8_g32_asym": (WeightScheme(4, 32, False), 8)}
+# name: (weight scheme, activation bits)
+KERNELS = ("int4_weight_only", "dequant_dense", "woq_amx", "fbgemm_w8a8", "onednn_w8a8", "w8a8_amx", "w4a8_vnni")
 
 
 def main() -> None:

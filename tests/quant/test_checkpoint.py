@@ -19,10 +19,11 @@ CONFIGS = [
                 calibration={"source": "random ids", "num_samples": 8, "seq_len": 32}),
     QuantConfig(method="gptq", bits=4, group_size=64, rotate=True, method_args={"act_order": True},
                 calibration={"source": "random ids", "num_samples": 8, "seq_len": 32}),
+    QuantConfig(method="rtn", bits=4, group_size=64, act_bits=8),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-w{c.bits}-rot{int(c.rotate)}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-w{c.bits}a{c.act_bits or 16}-rot{int(c.rotate)}")
 def test_save_load_round_trip(config, tmp_path, calib_batches):
     model = make_tiny_llama()
     names = quantize_model(model, config, calib_batches=calib_batches)

@@ -87,3 +87,14 @@ def test_policy_keeps_packed_kernels_for_few_tokens_only(scheme, packed):
     assert layer.select_kernel(1024, torch.bfloat16).name == "woq_amx"
     without = KernelPolicy(weight_only_batched_order=("dequant_dense",))
     assert without.select(layer, limit + 1, torch.bfloat16).name == packed  # the old limits without AMX
+
+
+@pytest.mark.skipif(not has_amx(), reason="needs AMX")
+def test_disable_amx_switch(monkeypatch):
+    from ember.quant import amx
+
+    monkeypatch.setenv("EMBER_DISABLE_AMX", "1")
+    # the cached answers were computed without the switch; the uncached functions see it
+    assert not amx.has_amx.__wrapped__() and not amx.has_amx_int8.__wrapped__()
+    monkeypatch.delenv("EMBER_DISABLE_AMX")
+    assert amx.has_amx.__wrapped__()

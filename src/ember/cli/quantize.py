@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     parser.add_argument("--group-size", type=int, default=None, help="input channels per scale (4-bit)")
     parser.add_argument("--asymmetric", action="store_true", help="zero points (4-bit)")
     parser.add_argument("--act-bits", type=int, default=None, choices=[8],
-                        help="dynamic per-token int8 activations (W8A8; implied by smoothquant)")
+                        help="dynamic int8 activations: per token with --bits 8 (W8A8; implied by smoothquant), "
+                             "per token and weight group with --bits 4 (W4A8)")
     parser.add_argument("--rotate", action="store_true", help="fold a Hadamard rotation in first (QuaRot)")
     parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian diagonal")

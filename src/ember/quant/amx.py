@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -10,18 +11,24 @@ from ember.quant.native import quant_ops
 TILE_N = 16  # columns per B tile (and rows per tile)
 
 
+def amx_disabled() -> bool:
+    """EMBER_DISABLE_AMX=1 runs ember's kernels as on a CPU without AMX (with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
+    torch's oneDNN matmuls too): how a Xeon measures what a Zen 4 or an older Xeon runs."""
+    return os.environ.get("EMBER_DISABLE_AMX") == "1"
+
+
 @functools.cache
 def has_amx() -> bool:
     """Whether the native kernels are compiled with AMX-BF16 and the OS grants tile data."""
     ops = quant_ops()
-    return ops is not None and bool(ops.has_amx())
+    return ops is not None and not amx_disabled() and bool(ops.has_amx())
 
 
 @functools.cache
 def has_amx_int8() -> bool:
     """Whether the native kernels are compiled with AMX-INT8 and the OS grants tile data."""
     ops = quant_ops()
-    return ops is not None and bool(ops.has_amx_int8())
+    return ops is not None and not amx_disabled() and bool(ops.has_amx_int8())
 
 
 def b_tiles(matrix: torch.Tensor, per_row: int) -> torch.Tensor:

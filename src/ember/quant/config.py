@@ -24,7 +24,9 @@ class QuantConfig:
         group_size: input channels per scale for 4-bit weights (32, 64 or 128); ``None`` means
             one scale per output channel (required for 8-bit).
         symmetric: symmetric weights (no zero point) if True, else asymmetric (4-bit only).
-        act_bits: 8 for dynamic per-token int8 activations (SmoothQuant W8A8), else ``None``.
+        act_bits: 8 for dynamic int8 activations, else ``None``: per token with 8-bit weights (W8A8,
+            SmoothQuant), per token and block of ``group_size`` input channels with 4-bit ones (W4A8,
+            the Q8 blocks llama.cpp runs against its Q4 weights).
         rotate: whether a QuaRot-style Hadamard rotation was folded in before quantizing.
         modules: name suffixes of the linears to quantize.
         alpha: SmoothQuant migration strength; ``None`` for the method default.
@@ -59,8 +61,6 @@ class QuantConfig:
             raise ValueError("8-bit weights are symmetric per output channel (group_size=None)")
         if self.act_bits not in (None, 8):
             raise ValueError(f"act_bits must be None or 8, got {self.act_bits}")
-        if self.act_bits == 8 and self.bits != 8:
-            raise ValueError("int8 activations are only supported with int8 weights (W8A8)")
         if self.method == "smoothquant" and self.act_bits != 8:
             raise ValueError("smoothquant is W8A8: set bits=8, act_bits=8")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:

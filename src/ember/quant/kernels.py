@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ember.quant import w8a8_amx, woq_amx
+from ember.quant import w4a8, w8a8_amx, woq_amx
 from ember.quant.native import quant_ops
 
 if TYPE_CHECKING:
@@ -32,6 +32,10 @@ class KernelBackend:
     run: Callable[[torch.Tensor, "QuantLinear", Prepared], torch.Tensor]
 
 
+def _is_w8a8(layer: "QuantLinear") -> bool:
+    return layer.act_bits == 8 and layer.scheme.bits == 8
+
+
 def _add_bias(y: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
@@ -42,9 +46,35 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_per_group(x: torch.Tensor, group_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row and block of ``group_len`` columns: x [M, K] -> (codes int8 [M, K],
+    scales float32 [M, K / group_len])."""
+    blocks = x.float().view(x.shape[0], -1, group_len)
+    scale = blocks.abs().amax(dim=2, keepdim=True).clamp(min=1e-8) / 127.0
+    codes = torch.round(blocks / scale).clamp(-127, 127).to(torch.int8)
+    return codes.view(x.shape), scale.squeeze(2)
+
+
+def _w4a8_reference(x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+    """sum_g xs[m, g] * (s[n, g] * A[m, n, g] + o[n, g] * Q[m, g]) with A, Q exact integer sums, in float64."""
+    weight = layer.quantized_weight()
+    group_len = weight.scheme.group_len(layer.in_features)
+    codes, x_scale = quantize_per_group(x, group_len)
+    rows, groups = x.shape[0], x_scale.shape[1]
+    xq = codes.view(rows, groups, group_len).float()
+    # products of codes up to 127 * 15 summed over a group stay exact in float32 (below 2^24)
+    acc = torch.einsum("mgl,ngl->mng", xq, weight.codes().view(-1, groups, group_len).float()).double()
+    sums = xq.sum(dim=2).double()  # [M, G]
+    y = (acc * weight.scales.double() + weight.group_offsets().double() * sums.unsqueeze(1))  # [M, N, G]
+    return (y * x_scale.double().unsqueeze(1)).sum(dim=2).to(x.dtype)
+
+
 # --- reference: dequantize then matmul ------------------------------------------------------------
 def _reference_run(x: torch.Tensor, layer: "QuantLinear", _prepared: Prepared) -> torch.Tensor:
-    """Weight-only: dequantize W to x's dtype and matmul. W8A8: per-token int8 x, exact int products."""
+    """Weight-only: dequantize W to x's dtype and matmul. W8A8: per-token int8 x, exact int products.
+    W4A8: int8 x per token and weight group, exact int products per group."""
+    if layer.act_bits == 8 and layer.scheme.bits == 4:
+        return _add_bias(_w4a8_reference(x, layer), layer)
     weight = layer.quantized_weight()
     if layer.act_bits == 8:
         codes, x_scale = quantize_per_token(x)
@@ -145,7 +175,7 @@ def _has_w8a8_gemv() -> bool:
 
 
 def _w8a8_gemv_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
-    return layer.act_bits == 8 and dtype in (torch.bfloat16, torch.float32) and _has_w8a8_gemv()
+    return _is_w8a8(layer) and dtype in (torch.bfloat16, torch.float32) and _has_w8a8_gemv()
 
 
 def _w8a8_gemv_prepare(layer: "QuantLinear", dtype: torch.dtype) -> Prepared:
@@ -188,7 +218,7 @@ INT4_WEIGHT_ONLY = KernelBackend("int4_weight_only", _int4_supports, _int4_prepa
 
 # --- W8A8 dynamic: fbgemm linear_dynamic on row-normalised activations (per-token in effect) ---
 def _fbgemm_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
-    return (layer.act_bits == 8 and hasattr(torch.ops.quantized, "linear_dynamic")
+    return (_is_w8a8(layer) and hasattr(torch.ops.quantized, "linear_dynamic")
             and "fbgemm" in torch.backends.quantized.supported_engines)
 
 
@@ -250,11 +280,11 @@ def _int_mm_run(x: torch.Tensor, layer: "QuantLinear", prepared: Prepared) -> to
     return _add_bias((acc.float() * x_scale * w_scale).to(x.dtype), layer)
 
 
-INT_MM_W8A8 = KernelBackend("int_mm_w8a8", lambda layer, dtype: layer.act_bits == 8, _int_mm_prepare, _int_mm_run)
+INT_MM_W8A8 = KernelBackend("int_mm_w8a8", lambda layer, dtype: _is_w8a8(layer), _int_mm_prepare, _int_mm_run)
 
 # --- W8A8 dynamic: oneDNN u8 x s8 matmul on a prepacked weight (AMX-INT8 or VNNI) -----------------
 def _onednn_supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
-    return (layer.act_bits == 8 and dtype in (torch.bfloat16, torch.float32) and quant_ops() is not None
+    return (_is_w8a8(layer) and dtype in (torch.bfloat16, torch.float32) and quant_ops() is not None
             and hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available())
 
 
@@ -286,9 +316,12 @@ WOQ_AMX = KernelBackend("woq_amx", woq_amx.supports, woq_amx.prepare,
 # --- W8A8, CPU with AMX-INT8: int8 tile products with the rescale fused into the store (csrc/w8a8_amx.cpp)
 W8A8_AMX = KernelBackend("w8a8_amx", w8a8_amx.supports, w8a8_amx.prepare, w8a8_amx.run)
 
+# --- W4A8: per-block int8 activations x 4-bit codes on AVX512-VNNI, per-group rescale (csrc/w4a8_vnni.cpp)
+W4A8_VNNI = KernelBackend("w4a8_vnni", w4a8.supports, w4a8.prepare, w4a8.run)
+
 KERNEL_REGISTRY: dict[str, KernelBackend] = {
     k.name: k for k in (REFERENCE, DEQUANT_DENSE, INT8_WEIGHT_ONLY, INT8_GEMV, INT4_WEIGHT_ONLY, W8A8_GEMV, FBGEMM_W8A8,
-                        INT_MM_W8A8, ONEDNN_W8A8, WOQ_AMX, W8A8_AMX)
+                        INT_MM_W8A8, ONEDNN_W8A8, WOQ_AMX, W8A8_AMX, W4A8_VNNI)
 }
 
 
@@ -332,6 +365,13 @@ class KernelPolicy:
             step) take the next kernel of ``weight_only_batched_order``. Measured per SmolLM2 decoder
             layer (2 threads, int8): ``woq_amx`` 4.4 ms at 1024 tokens against 4.7 for ``dequant_dense``
             and 4.1 for bf16; at 2048, 12.1 against 6.4 and 5.7; at 4096, 25.2 against 13.0 and 12.4.
+        w4a8_order: W4A8 kernels (4-bit weights, int8 activations per token and weight group) in order
+            of preference; every call of such a layer takes the first supported one (the reference at
+            worst), so a request's numerics do not depend on how its tokens were batched. Per SmolLM2
+            decoder layer (2 threads, ``w4a8_vnni`` g64 / bf16 / int4 g64 weight-only, ms): without AMX (a
+            Xeon run with EMBER_DISABLE_AMX=1, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.053 / 0.154 / 0.108
+            at 1 token, 0.46 / 1.92 / 1.92 at 48, 8.7 / 32.2 / 34.3 at 1024; with AMX 0.050 / 0.189 /
+            0.108 at 1, 0.45 / 0.24 / 0.26 at 48, 9.4 / 4.3 / 3.5 at 1024.
         max_gemv_tokens: int8 weight-only calls with per-channel scales up to this many tokens run
             ``int8_gemv`` (the kernel takes at most 4). 30 decoder layers whose codes come from memory
             (2 threads, 1 token): 5.7-6.1 ms against 10.8 for ``torch._weight_int8pack_mm`` on a Xeon,
@@ -348,13 +388,14 @@ class KernelPolicy:
     w8a8_decode_order: tuple[str, ...] = ("w8a8_amx", "w8a8_gemv", "fbgemm_w8a8", "onednn_w8a8", "int_mm_w8a8")
     w8a8_batched_order: tuple[str, ...] = ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")
     weight_only_batched_order: tuple[str, ...] = ("woq_amx", "dequant_dense")
+    w4a8_order: tuple[str, ...] = ("w4a8_vnni",)
     max_packed_tokens_amx: int = 4
     max_woq_amx_tokens: int = 1024
     max_gemv_tokens: int = 4
 
     def __post_init__(self) -> None:
         unknown = {self.kernel} - {"auto"} | set(self.w8a8_order + self.w8a8_decode_order + self.w8a8_batched_order
-                                                  + self.weight_only_batched_order)
+                                                  + self.weight_only_batched_order + self.w4a8_order)
         unknown -= set(KERNEL_REGISTRY)
         if unknown:
             raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(KERNEL_REGISTRY)}")
@@ -367,6 +408,8 @@ class KernelPolicy:
         if self.kernel != "auto":
             forced = KERNEL_REGISTRY[self.kernel]
             return forced if forced.supports(layer, dtype) else REFERENCE
+        if layer.act_bits == 8 and layer.scheme.bits == 4:
+            return self._first_supported(self.w4a8_order, layer, dtype)
         if layer.act_bits == 8:
             if num_tokens <= min(self.max_gemv_tokens, GEMV_MAX_TOKENS):
                 order = self.w8a8_decode_order

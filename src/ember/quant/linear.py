@@ -23,7 +23,8 @@ class QuantLinear(nn.Module):
 
     Args:
         in_features, out_features: as ``nn.Linear``.
-        scheme: weight scheme; ``act_bits=8`` adds dynamic per-token int8 activations (W8A8).
+        scheme: weight scheme; ``act_bits=8`` adds dynamic int8 activations: per token with 8-bit
+            weights (W8A8), per token and weight group with 4-bit ones (W4A8).
         bias: whether the layer has a bias.
         policy: kernel selection policy.
     """
@@ -31,8 +32,8 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, *,
                  act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None) -> None:
         super().__init__()
-        if act_bits not in (None, 8) or (act_bits == 8 and scheme.bits != 8):
-            raise ValueError("act_bits must be None, or 8 with 8-bit weights")
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None or 8, got {act_bits}")
         groups = in_features // scheme.group_len(in_features)
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.act_bits = scheme, act_bits

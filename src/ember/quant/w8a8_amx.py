@@ -22,8 +22,9 @@ def tile_codes(qweight: torch.Tensor) -> torch.Tensor:
 
 def supports(layer: "QuantLinear", dtype: torch.dtype) -> bool:
     """W8A8 with per-channel weight scales, bf16 or float32 activations, N % 16 == 0, K % 64 == 0."""
-    return (layer.act_bits == 8 and layer.scales.shape[1] == 1 and dtype in (torch.bfloat16, torch.float32)
-            and layer.out_features % TILE_N == 0 and layer.in_features % TILE_K == 0 and has_amx_int8())
+    return (layer.act_bits == 8 and layer.scheme.bits == 8 and layer.scales.shape[1] == 1
+            and dtype in (torch.bfloat16, torch.float32) and layer.out_features % TILE_N == 0
+            and layer.in_features % TILE_K == 0 and has_amx_int8())
 
 
 def prepare(layer: "QuantLinear", dtype: torch.dtype) -> Any:

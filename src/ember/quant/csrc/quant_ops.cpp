@@ -241,6 +241,7 @@ void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 void register_bf16(pybind11::module& m);  // bf16_amx.cpp
 void register_gemv(pybind11::module& m);  // int8_gemv.cpp
 void register_bf16_gemv(pybind11::module& m);  // bf16_gemv.cpp
+void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
@@ -253,4 +254,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bf16(m);
   register_gemv(m);
   register_bf16_gemv(m);
+  register_w4a8(m);
 }
