@@ -27,6 +27,9 @@ namespace {
 constexpr int64_t kBlockN = 16;     // output channels per zmm of int32 sums
 constexpr int64_t kChunkK = 8;      // k values per 64-byte chunk of codes
 constexpr int kMaxRows = 6;         // activation rows per micro-kernel call
+// Calls of 1-2 rows read their codes this far ahead (a W2 step's 120 decoder calls: 3.4-3.5 ms with it,
+// 4.0-4.4 without, 3.6 at 4096 bytes): each call's stream starts cold, and the panels are contiguous.
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {  // bf16 is the high half of an fp32
@@ -100,7 +103,9 @@ void micro(const W4A8Problem& p, int64_t m0, int64_t nb, T* y) {
     for (int64_t c = g * p.len / kChunkK; c < (g + 1) * p.len / kChunkK; ++c) {
       __m512i lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {
-        const __m512i raw = _mm512_loadu_si512(p.w + (nb + v) * chunk_bytes + c * 64);
+        const uint8_t* src = p.w + (nb + v) * chunk_bytes + c * 64;
+        if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i raw = _mm512_loadu_si512(src);
         lo[v] = _mm512_and_si512(raw, nibble);
         hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
       }
