@@ -45,7 +45,8 @@ void store16(T* dst, __m512 v) {
 
 // Per token and block of `len` values: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x /
 // scale) ties to even, clamped to +-127 (as ember.quant.kernels.quantize_per_group), and the block's
-// xs * sum(codes). len % 16 == 0.
+// xs * sum(codes). len % 16 == 0. quantize_rows_int8 (quant_ops.cpp) on blocks viewed as rows gives the
+// same codes, but with the sums taken in a second pass a decode-sized call measured 3.2 µs against 1.7.
 template <typename T>
 void quantize_blocks(const T* x, int64_t rows, int64_t k, int64_t len, int8_t* codes, float* xs, float* xsq) {
   const int64_t blocks = k / len;
