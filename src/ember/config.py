@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import typing
 from dataclasses import dataclass, field
@@ -11,12 +12,34 @@ from dataclasses import dataclass, field
 SUPPORTED_DTYPES = ("bfloat16", "float32")
 
 
+class UsageContext(enum.Enum):
+    """Who runs the engine (as vLLM's UsageContext); it picks the defaults of the step budget.
+
+    Offline runs care about throughput, so as vLLM on CPU they batch up to 256 requests and 4096
+    tokens a step; a server keeps steps shorter (128, 2048) for its inter-token latency, and so
+    does an engine built directly from an `EngineConfig`.
+    """
+
+    ENGINE = "engine"  # LLMEngine.from_config(EngineConfig(...))
+    OFFLINE = "offline"  # LLM, `ember generate`, `ember chat`
+    SERVING = "serving"  # `ember serve`
+
+    @property
+    def defaults(self) -> dict[str, int]:
+        """The value of each `EngineConfig` field this context fills in when it is left None."""
+        if self is UsageContext.OFFLINE:
+            return {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
+        return {"max_num_seqs": 128, "max_num_batched_tokens": 2048}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start; validated once, never mutated.
 
     Each field becomes a CLI flag (`max_num_seqs` -> `--max-num-seqs`); the metadata `help`
-    is the flag's help text.
+    is the flag's help text, and fields marked `cli: False` are not flags.
+    Invariant: after construction `max_num_seqs` and `max_num_batched_tokens` are ints; when left
+    None they are filled in from `usage_context` (see `UsageContext.defaults`).
     """
 
     model: str | None = field(default=None, metadata={
@@ -29,14 +52,20 @@ class EngineConfig:
     kv_cache_memory_gib: float = field(default=1.0, metadata={"help": "memory for the KV cache in GiB"})
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "number of KV-cache blocks (overrides --kv-cache-memory-gib)"})
-    max_num_seqs: int = field(default=128, metadata={"help": "most requests in one step"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
+    max_num_seqs: int | None = field(default=None, metadata={"help": "most requests in one step"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget of one step"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "seed of the default random generator"})
     num_threads: int | None = field(default=None, metadata={
         "help": "intra-op threads; default: the number of physical cores"})
+    usage_context: UsageContext = field(default=UsageContext.ENGINE, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        # Frozen: the defaults are filled in here, once, before anyone can read the config.
+        object.__setattr__(self, "usage_context", UsageContext(self.usage_context))
+        for name, value in self.usage_context.defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
         if self.block_size < 1:
@@ -74,10 +103,18 @@ def default_num_threads() -> int:
     return max(1, logical)
 
 
-def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig) -> None:
-    """Add one `--flag` per dataclass field of `cls`."""
+def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig,
+                        usage_context: UsageContext | None = None) -> None:
+    """Add one `--flag` per dataclass field of `cls` (except fields marked `cli: False`).
+
+    `usage_context` is the command's (`EngineConfig` only): the help shows the defaults it fills
+    in, and `config_from_cli_args` passes it on to the config, which resolves them.
+    """
     hints = typing.get_type_hints(cls)
+    shown = usage_context.defaults if usage_context is not None else {}
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         base = _base_type(hints[f.name])
@@ -86,12 +123,15 @@ def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfi
                                 default=f.default, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=base, default=f.default,
-                                help=f"{help_text} (default: {f.default})")
+                                help=f"{help_text} (default: {shown.get(f.name, f.default)})")
+    if usage_context is not None:
+        parser.set_defaults(usage_context=usage_context)
 
 
 def config_from_cli_args(args: argparse.Namespace, cls: type = EngineConfig):
-    """Build `cls` from the flags `add_config_cli_args` added."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """Build `cls` from the flags `add_config_cli_args` added (and the usage context it recorded)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if f.metadata.get("cli", True) or hasattr(args, f.name)})
 
 
 def _base_type(hint) -> type:

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from ember.engine.request import Request
 from ember.kv_cache.block_hash import BlockHashIndex, hash_block_tokens
 from ember.kv_cache.kv_cache_manager import KVCacheManager
+from ember.request import Request
 from ember.sampling_params import SamplingParams
 
 BS = 4  # block size used throughout

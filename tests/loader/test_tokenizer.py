@@ -34,13 +34,3 @@ def test_cached_tokenizer_equals_direct_gguf_conversion(bundled_gguf, fresh_cach
         assert tok.apply_chat_template(messages) == reference.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
 
-
-def test_incremental_detokenizer_matches_full_decode(bundled_gguf, fresh_cache):
-    from ember.loader.tokenizer import IncrementalDetokenizer, Tokenizer
-
-    tok = Tokenizer.from_path(bundled_gguf)
-    for text in TEXTS:
-        ids = tok.encode(text)
-        detok = IncrementalDetokenizer(tok, prompt_token_ids=[1, 2, 3])
-        pieces = [detok.add_tokens([i]) for i in ids]
-        assert "".join(pieces) == detok.text == tok.decode(ids)

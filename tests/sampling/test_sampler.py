@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ember.engine.request import Request
+from ember.request import Request
 from ember.sampling import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 

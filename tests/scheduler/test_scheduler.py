@@ -2,8 +2,8 @@
 
 import pytest
 
-from ember.engine.request import Request, RequestStatus
 from ember.kv_cache.kv_cache_manager import KVCacheManager
+from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
 from ember.scheduler.scheduler import Scheduler
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from ember.server.bench.client import RequestResult
-from ember.server.bench.metrics import calculate_metrics, parse_goodput
-from ember.server.bench.runner import arrival_gaps
+from ember.benchmarks.client import RequestResult
+from ember.benchmarks.metrics import calculate_metrics, parse_goodput
+from ember.benchmarks.runner import arrival_gaps
 from server_helpers import API_KEY
 
 

@@ -34,3 +34,76 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     # [num_decode, 1, 1, max_blocks * block_size] bool; only the PyTorch reference path reads it
     decode_mask: torch.Tensor | None = None
+
+
+def build_attention_metadata(block_tables: list[list[int]], context_lens: list[int],
+                             query_lens: list[int], block_size: int,
+                             positions: torch.Tensor | None = None) -> AttentionMetadata:
+    """The one way a step's `AttentionMetadata` is made, from plain per-sequence data.
+
+    The step's tokens are laid out sequence after sequence, `query_lens[i]` tokens of sequence i
+    at positions `context_lens[i]` onward. The leading run of sequences with one new token are
+    the decode rows, batched together (the runner sorts them first); every later sequence is a
+    prefill chunk.
+
+    Args:
+        block_tables: each sequence's block ids, covering at least its context and new tokens.
+        context_lens: tokens of each sequence whose K/V is already in the cache.
+        query_lens: new tokens of each sequence this step (>= 1).
+        block_size: tokens per KV-cache block.
+        positions: [num_tokens] int64 absolute position of every new token, when the caller
+            already built it for the model; otherwise derived from the lengths.
+    Returns:
+        The metadata with slot mapping, decode rows, prefill chunks and their causal masks.
+    Raises:
+        ValueError: the three lists differ in length or are empty.
+    """
+    num_seqs = len(block_tables)
+    if num_seqs == 0 or not num_seqs == len(context_lens) == len(query_lens):
+        raise ValueError(f"need one block table, context length and query length per sequence, got "
+                         f"{num_seqs}, {len(context_lens)}, {len(query_lens)}")
+    tables = _pad_tables(block_tables)  # [num_seqs, max_blocks]; every row below indexes it
+    counts = torch.tensor(query_lens, dtype=torch.int64)
+    row_of_token = torch.repeat_interleave(torch.arange(num_seqs), counts)  # [num_tokens]
+    if positions is None:
+        positions = _token_positions(context_lens, counts, row_of_token)
+    slot_mapping = tables[row_of_token, positions // block_size] * block_size + positions % block_size
+    num_decode = next((i for i, n in enumerate(query_lens) if n != 1), num_seqs)
+    decode_seq_lens = (torch.tensor(context_lens[:num_decode], dtype=torch.int64) + 1) if num_decode else None
+    return AttentionMetadata(slot_mapping, num_decode, tables[:num_decode] if num_decode else None,
+                             decode_seq_lens, _prefill_chunks(tables, block_tables, context_lens,
+                                                              query_lens, num_decode))
+
+
+def _token_positions(context_lens: list[int], counts: torch.Tensor,
+                     row_of_token: torch.Tensor) -> torch.Tensor:
+    """[num_tokens] int64: token j of sequence i sits at context_lens[i] + j."""
+    first_token = torch.cumsum(counts, 0) - counts  # [num_seqs] offset of each sequence's first token
+    starts = torch.tensor(context_lens, dtype=torch.int64)
+    return torch.arange(len(row_of_token)) - first_token[row_of_token] + starts[row_of_token]
+
+
+def _prefill_chunks(tables: torch.Tensor, block_tables: list[list[int]], context_lens: list[int],
+                    query_lens: list[int], num_decode: int) -> list[PrefillChunk]:
+    """One chunk per sequence after the decode rows, each with its slice of the padded tables."""
+    chunks = []
+    offset = num_decode  # decode rows hold one token each
+    for row in range(num_decode, len(query_lens)):
+        ctx, num_new = context_lens[row], query_lens[row]
+        chunks.append(PrefillChunk(offset, num_new, ctx, tables[row, :len(block_tables[row])],
+                                   _chunk_mask(ctx, num_new)))
+        offset += num_new
+    return chunks
+
+
+def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
+    """Query i (absolute position context_len + i) sees keys 0..context_len + i."""
+    if context_len == 0:
+        return None
+    return torch.ones(query_len, context_len + query_len, dtype=torch.bool).tril(context_len)
+
+
+def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [N, max_blocks] int64 tensor, rows padded with block 0."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)

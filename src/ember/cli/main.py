@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from ember.config import EngineConfig, add_config_cli_args, config_from_cli_args
+from ember.config import EngineConfig, UsageContext, add_config_cli_args, config_from_cli_args
 from ember.sampling_params import SamplingParams
 
 # Subcommand modules that expose `register(subparsers)`; imported only if present.
@@ -78,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt, streaming the output")
     gen.add_argument("--prompt", required=True)
     _add_sampling_args(gen)
-    add_config_cli_args(gen)
+    add_config_cli_args(gen, EngineConfig, UsageContext.OFFLINE)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat)
-    add_config_cli_args(chat)
+    add_config_cli_args(chat, EngineConfig, UsageContext.OFFLINE)
     chat.set_defaults(func=cmd_chat)
     for name in _PLUGINS:
         try:

@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from ember.config import EngineConfig, add_config_cli_args, config_from_cli_args
+from ember.config import EngineConfig, UsageContext, add_config_cli_args, config_from_cli_args
 from ember.server.config import ServerConfig
 
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, "
                     "/health, /version and /metrics on one engine.")
     add_config_cli_args(parser, ServerConfig)
-    add_config_cli_args(parser, EngineConfig)
+    add_config_cli_args(parser, EngineConfig, UsageContext.SERVING)
     parser.set_defaults(func=run)
     return parser
 

@@ -12,11 +12,11 @@ import torch
 from ember.config import EngineConfig, default_num_threads
 from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ember.engine.output_processor import ParentState, check_stop
-from ember.engine.request import Request, RequestStatus
 from ember.kv_cache.kv_cache_manager import KVCacheManager
 from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
 from ember.outputs import Logprob, RequestOutput
+from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
 from ember.scheduler.output import SchedulerOutput
 from ember.scheduler.scheduler import Scheduler

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from ember.attention.metadata import build_attention_metadata
 from ember.models.config import ModelConfig
 from ember.sampling.metadata import SamplingMetadata
 from ember.sampling.sampler import Sampler, SamplerOutput
@@ -58,48 +58,22 @@ class ModelRunner:
         return ModelRunnerOutput(sampled, self.sampler(logits, metadata))
 
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
-        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
+        context_lens: list[int] = []
         logits_rows: list[int] = []
         sampled = []
-        decode_lens: list[int] = []
-        chunks: list[tuple[int, int, int, int]] = []  # (row, offset, context_len, query_len)
-        for row, entry in enumerate(entries):
+        for entry in entries:
             request, num_new = entry.request, entry.num_new_tokens
             start = request.num_computed_tokens
             end = start + num_new
-            chunks.append((row, len(input_ids), start, num_new))
+            context_lens.append(start)
             input_ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
-            if num_new == 1:
-                decode_lens.append(end)
             if end == request.num_tokens:  # all known tokens computed: sample the next one
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(request)
-        # One padded block table for the whole step [num_entries, max_blocks]: slot mapping,
-        # decode rows (first, as entries are sorted decode-first) and prefill chunks all index it.
-        tables = _pad_tables([e.block_ids for e in entries])
         positions_t = torch.tensor(positions, dtype=torch.int64)
-        counts = torch.tensor([e.num_new_tokens for e in entries])
-        row_of_token = torch.repeat_interleave(torch.arange(len(entries)), counts)
-        slot_mapping = tables[row_of_token, positions_t // bs] * bs + positions_t % bs
-        num_decode = len(decode_lens)
-        prefills = [PrefillChunk(offset, n, ctx, tables[row, :len(entries[row].block_ids)], _chunk_mask(ctx, n))
-                    for row, offset, ctx, n in chunks[num_decode:]]
-        meta = AttentionMetadata(slot_mapping, num_decode, tables[:num_decode] if num_decode else None,
-                                 torch.tensor(decode_lens, dtype=torch.int64) if num_decode else None, prefills)
+        meta = build_attention_metadata([e.block_ids for e in entries], context_lens,
+                                        [e.num_new_tokens for e in entries], self.block_size, positions_t)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
-
-
-def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
-    """Query i (absolute position context_len + i) sees keys 0..context_len + i."""
-    if context_len == 0:
-        return None
-    return torch.ones(query_len, context_len + query_len, dtype=torch.bool).tril(context_len)
-
-
-def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one [N, max_blocks] int64 tensor, rows padded with block 0."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)

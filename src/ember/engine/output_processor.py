@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from ember.engine.request import Request, RequestStatus
-from ember.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.loader.tokenizer import Tokenizer
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ember.request import Request, RequestStatus
 
 
 class SequenceState:

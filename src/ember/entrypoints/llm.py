@@ -6,15 +6,12 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ember.config import EngineConfig
+from ember.config import EngineConfig, UsageContext
 from ember.engine.llm_engine import LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
 PromptType = str | dict
-
-OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096
-OFFLINE_MAX_NUM_SEQS = 256
 
 
 class LLM:
@@ -22,14 +19,13 @@ class LLM:
 
     `LLM(model=None, dtype="bfloat16", max_model_len=..., ...)`: keyword arguments are the
     fields of `EngineConfig`; `model=None` loads the bundled SmolLM2-135M-Instruct.
-    Offline runs care about throughput, not inter-token latency, so as in vLLM on CPU the step
-    budget defaults to 4096 tokens and 256 requests (the server keeps 2048 and 128).
+    The engine runs in the offline usage context: the step budget defaults to
+    `UsageContext.OFFLINE.defaults` (throughput first, as vLLM's `LLM`).
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
-        kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
-        kwargs.setdefault("max_num_seqs", OFFLINE_MAX_NUM_SEQS)
-        self.engine = LLMEngine.from_config(EngineConfig(model=model, **kwargs))
+        config = EngineConfig(model=model, usage_context=UsageContext.OFFLINE, **kwargs)
+        self.engine = LLMEngine.from_config(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

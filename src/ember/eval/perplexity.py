@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from ember.attention.metadata import build_attention_metadata
 
 
 @dataclass
@@ -32,10 +32,9 @@ def window_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Te
     dtype = model.model.embed_tokens.weight.dtype
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
     caches = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0,
-                             decode_block_tables=None, decode_seq_lens=None,
-                             prefills=[PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks), None)])
-    hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), caches, meta)
+    positions = torch.arange(num_tokens)
+    meta = build_attention_metadata([list(range(num_blocks))], [0], [num_tokens], block_size, positions)
+    hidden = model(torch.tensor(token_ids), positions, caches, meta)
     return model.compute_logits(hidden)  # [num_tokens, vocab] float32
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ember.engine.request import Request
 from ember.kv_cache.block_allocator import BlockAllocator
 from ember.kv_cache.block_hash import BlockHashIndex, HashFn, hash_block_tokens
+from ember.request import Request
 
 
 class KVCacheManager:

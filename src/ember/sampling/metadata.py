@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ember.engine.request import Request
+from ember.request import Request
 
 # A sparse set of (row, token id) positions in the [B, V] logits, optionally with values.
 IndexPair = tuple[torch.Tensor, torch.Tensor]

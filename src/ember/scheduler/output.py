@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.engine.request import Request
+from ember.request import Request
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable
 
-from ember.engine.request import Request, RequestStatus
 from ember.kv_cache.kv_cache_manager import KVCacheManager
+from ember.request import Request, RequestStatus
 from ember.scheduler.output import ScheduledRequest, SchedulerOutput
 
 

@@ -9,8 +9,8 @@ import time
 import httpx
 import numpy as np
 
-from ember.server.bench.client import RequestResult, Target, send_request
-from ember.server.bench.datasets import SampleRequest
+from ember.benchmarks.client import RequestResult, Target, send_request
+from ember.benchmarks.datasets import SampleRequest
 
 
 def arrival_gaps(num: int, request_rate: float, burstiness: float, seed: int) -> list[float]:

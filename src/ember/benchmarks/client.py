@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ember.server.bench.datasets import SampleRequest
+from ember.benchmarks.datasets import SampleRequest
 
 
 @dataclass

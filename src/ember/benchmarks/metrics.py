@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.server.bench.client import RequestResult
+from ember.benchmarks.client import RequestResult
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",

@@ -1,1 +1,0 @@
-"""`ember bench serve`: load an OpenAI-compatible server and report vLLM-compatible latency metrics."""
