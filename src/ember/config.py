@@ -58,6 +58,11 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed of the default random generator"})
     num_threads: int | None = field(default=None, metadata={
         "help": "intra-op threads; default: the number of physical cores"})
+    disable_kernels: str | None = field(default=None, metadata={
+        "help": "comma-separated linear kernels never to use, e.g. woq_amx,w8a8_amx (`ember kernels` lists them)"})
+    force_kernels: str | None = field(default=None, metadata={
+        "help": "comma-separated linear kernels to use for every layer of their kind (at most one per kind); "
+                "loading fails if one cannot run here"})
     usage_context: UsageContext = field(default=UsageContext.ENGINE, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -82,6 +87,14 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        self.kernel_policy()  # unknown or conflicting kernel names fail here, with the known ones listed
+
+    def kernel_policy(self):
+        """The `KernelPolicy` every linear of the model gets (disabled and forced kernels)."""
+        from ember.kernels.linear.registry import KernelPolicy, parse_kernel_names
+
+        return KernelPolicy(disabled=frozenset(parse_kernel_names(self.disable_kernels)),
+                            forced=parse_kernel_names(self.force_kernels))
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

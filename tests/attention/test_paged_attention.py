@@ -51,10 +51,10 @@ def _slots(table, positions):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_native_decode_kernel_matches_reference(dtype, tol):
-    from ember.attention.kernels import native_ops
+    from ember.kernels.ops import core_ops
     from ember.attention.paged_attention import decode_attention_reference
 
-    ops = native_ops()
+    ops = core_ops()
     if ops is None:
         pytest.skip("no C++ compiler: the reference path is the one in use")
     gen = torch.Generator().manual_seed(1)
@@ -78,9 +78,9 @@ def test_native_decode_kernel_matches_naive_attention(dtype, tol, group, block_s
     """Model-sized heads (the vectorized bfloat16 path): whole and partial 16-token chunks, a block
     size that chunks straddle, an odd number of 16-wide vectors per head, and NaN in every slot past
     a sequence's end (a reused or never-written block) that must not leak into the result."""
-    from ember.attention.kernels import native_ops
+    from ember.kernels.ops import core_ops
 
-    ops = native_ops()
+    ops = core_ops()
     if ops is None:
         pytest.skip("no C++ compiler: the reference path is the one in use")
     gen = torch.Generator().manual_seed(2)

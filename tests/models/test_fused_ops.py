@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from ember.attention.kernels import native_ops
+from ember.kernels.ops import core_ops
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.rotary import RotaryEmbedding, apply_rotary
 
-ops = native_ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler: the PyTorch path is in use")
+ops = core_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="no native build: the PyTorch path is in use")
 BF16 = torch.bfloat16
 
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from ember.quant.kernels import KERNEL_REGISTRY, REFERENCE, KernelPolicy
+from ember.kernels.linear.reference import REFERENCE
+from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy, KernelUnavailableError
+from ember.kernels.cpu import cpu_features
+from ember.kernels.ops import native_has
 from ember.quant.linear import QuantLinear
-from ember.quant.native import quant_ops
 from ember.quant.rtn import WeightScheme, quantize_weight
-from ember.quant.w8a8_amx import has_amx_int8
-from ember.quant.woq_amx import has_amx
 
 # Relative Frobenius error vs the float32 reference: float32 kernels differ only by summation
 # order; half-precision activations add their own rounding (bf16: 8-bit mantissa); fbgemm rounds
@@ -52,12 +52,14 @@ def _rel(a, b):
 def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, num_tokens):
     layer = _layer(scheme, act_bits, in_features)
     kernel = KERNEL_REGISTRY[name]
-    if not kernel.supports(layer, dtype):
-        assert ((name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
-                or (name == "onednn_w8a8" and (dtype == torch.float16 or quant_ops() is None))
-                or (name == "w8a8_amx" and (dtype == torch.float16 or not has_amx_int8()))
-                or (name == "w8a8_gemv" and (dtype == torch.float16 or quant_ops() is None))
-                or (name == "int8_gemv" and (dtype != torch.bfloat16 or quant_ops() is None)))
+    if not kernel.supports(layer.spec, dtype):
+        assert ((name in ("fbgemm_w8a8", "onednn_w8a8") and not cpu_features().vnni)
+                or (name == "int8_weight_only" and dtype == torch.bfloat16 and in_features % 16)
+                or (name == "onednn_w8a8" and (dtype == torch.float16 or not native_has("quant")
+                                               or not cpu_features().vnni))
+                or (name == "w8a8_amx" and (dtype == torch.float16 or not native_has("quant", "amx")))
+                or (name == "w8a8_gemv" and (dtype == torch.float16 or not native_has("quant", "avx512_vnni")))
+                or (name == "int8_gemv" and (dtype != torch.bfloat16 or not native_has("quant", "avx512_bf16"))))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
     reference = layer.run_kernel(x, REFERENCE)  # float32
@@ -77,15 +79,15 @@ def test_reference_equals_float_linear_on_dequantized_weight():
 
 def test_int8_bf16_refused_when_k_not_multiple_of_16():
     layer = _layer(WeightScheme(8), None, 72)
-    assert not KERNEL_REGISTRY["int8_weight_only"].supports(layer, torch.bfloat16)
+    assert not KERNEL_REGISTRY["int8_weight_only"].supports(layer.spec, torch.bfloat16)
     assert layer.select_kernel(1, torch.bfloat16).name == "dequant_dense"
-    assert KernelPolicy(packed_dtypes=(torch.float32,)).select(layer, 1, torch.float32).name == "int8_weight_only"
+    assert KernelPolicy(packed_dtypes=(torch.float32,)).select(layer.spec, 1, torch.float32).name == "int8_weight_only"
 
 
 def test_policy_selection():
     int4 = _layer(WeightScheme(4, 64, True), None, 128)
     assert int4.select_kernel(1, torch.bfloat16).name == "int4_weight_only"
-    batched = "woq_amx" if has_amx() else "dequant_dense"
+    batched = "woq_amx" if native_has("quant", "amx") else "dequant_dense"
     assert int4.select_kernel(64, torch.bfloat16).name == batched  # prefill
     assert int4.select_kernel(4096, torch.bfloat16).name == "dequant_dense"  # beyond max_woq_amx_tokens
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
@@ -94,10 +96,10 @@ def test_policy_selection():
     assert w8a8.select_kernel(1, torch.float32).name in ("w8a8_amx", "w8a8_gemv", "fbgemm_w8a8", "onednn_w8a8",
                                                          "int_mm_w8a8")
     forced = _layer(WeightScheme(8), 8, 128)
-    forced.policy = KernelPolicy(kernel="int_mm_w8a8")
+    forced.policy = KernelPolicy(forced=("int_mm_w8a8",))
     assert forced.select_kernel(1, torch.float32).name == "int_mm_w8a8"
     with pytest.raises(ValueError):
-        KernelPolicy(kernel="nope")
+        KernelPolicy(forced=("nope",))
 
 
 def test_prepared_operands_refresh_on_load():
@@ -125,7 +127,7 @@ def test_dtype_cast_keeps_scales_float32():
 def test_w8a8_activation_scale_is_per_token(name):
     # one token with massive activations (an attention sink) must not crush the other rows
     layer = _layer(WeightScheme(8), 8, 128)
-    if not KERNEL_REGISTRY[name].supports(layer, torch.float32):
+    if not KERNEL_REGISTRY[name].supports(layer.spec, torch.float32):
         pytest.skip(f"{name} is not available here")
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
     x[0] *= 300.0
@@ -140,5 +142,28 @@ def test_forward_follows_a_new_policy():
     x = torch.randn(1, 128).to(torch.bfloat16)
     default = layer(x)
     assert torch.equal(default, layer.run_kernel(x, layer.select_kernel(1, torch.bfloat16)))
-    layer.policy = KernelPolicy(kernel="reference")
+    layer.policy = KernelPolicy(forced=("reference",))
     assert torch.equal(layer(x), layer.run_kernel(x, REFERENCE))
+
+
+def test_disabled_kernels_are_never_chosen():
+    int4 = _layer(WeightScheme(4, 64, True), None, 128)
+    assert int4.select_kernel(1, torch.bfloat16).name == "int4_weight_only"
+    int4.policy = KernelPolicy(disabled={"int4_weight_only"})
+    assert int4.select_kernel(1, torch.bfloat16).name in ("woq_amx", "dequant_dense")
+    with pytest.raises(ValueError, match="cannot be disabled"):
+        KernelPolicy(disabled={"reference"})
+    with pytest.raises(ValueError, match="one per kind"):
+        KernelPolicy(forced=("int_mm_w8a8", "fbgemm_w8a8"))
+
+
+def test_forced_kernel_that_cannot_run_raises():
+    # int4_weight_only takes at most 48 tokens, and never a W8A8 layer: a forced choice is never bent
+    int4 = _layer(WeightScheme(4, 64, True), None, 128)
+    int4.policy = KernelPolicy(forced=("int4_weight_only",))
+    assert int4.select_kernel(48, torch.bfloat16).name == "int4_weight_only"
+    with pytest.raises(KernelUnavailableError, match="at most 48 tokens"):
+        int4(torch.randn(49, 128).bfloat16())
+    with pytest.raises(KernelUnavailableError, match="group length"):
+        KernelPolicy(forced=("int4_weight_only",)).check_forced(_layer(WeightScheme(4, 48, True), None, 96).spec,
+                                                               torch.bfloat16)

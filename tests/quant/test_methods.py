@@ -7,7 +7,7 @@ from ember.quant.api import quantize_model
 from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
 from ember.quant.config import QuantConfig
 from ember.quant.gptq import HessianAccumulator, gptq_quantize
-from ember.quant.kernels import quantize_per_token
+from ember.kernels.linear.reference import quantize_per_token
 from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, fake_quantize, quantize_weight, sqnr_db
 from ember.quant.smoothquant import smoothing_scales

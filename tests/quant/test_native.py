@@ -2,13 +2,15 @@
 import pytest
 import torch
 
-from ember.quant.kernels import KERNEL_REGISTRY, quantize_per_token
+from ember.kernels.linear import w8a8
+from ember.kernels.linear.reference import quantize_per_token
+from ember.kernels.linear.registry import KERNEL_REGISTRY
+from ember.kernels.ops import native_has, quant_ops
 from ember.quant.linear import QuantLinear
-from ember.quant.native import quant_ops
 from ember.quant.rtn import WeightScheme, quantize_weight
 
 ops = quant_ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler for the native extension")
+pytestmark = pytest.mark.skipif(ops is None, reason="no native build here")
 
 # (scheme, K): groups of 24, 36 and 72 are not multiples of the 16-wide vector loop, so the scalar
 # tails run too; groups of 32 and 64 take the vector loop only.
@@ -75,12 +77,10 @@ def test_concat_refuses_mixed_schemes():
 
 
 def test_int_mm_row_chunks_equal_one_call(monkeypatch):
-    import ember.quant.kernels as kernels
-
     layer = QuantLinear.from_quantized(quantize_weight(torch.randn(40, 96), WeightScheme(8)), act_bits=8)
     x = torch.randn(11, 96).bfloat16()
     whole = layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"])
-    monkeypatch.setattr(kernels, "INT_MM_MAX_ROWS", 4)  # 11 rows -> chunks of 4, 4, 3
+    monkeypatch.setattr(w8a8, "INT_MM_MAX_ROWS", 4)  # 11 rows -> chunks of 4, 4, 3
     assert torch.equal(layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"]), whole)
 
 
@@ -89,6 +89,9 @@ def test_onednn_w8a8_equals_exact_integer_matmul(dtype):
     # both multiply the same per-token codes exactly; only the float rescale may round differently
     layer = QuantLinear.from_quantized(quantize_weight(torch.randn(40, 96), WeightScheme(8)), torch.randn(40),
                                        act_bits=8)
+    reason = KERNEL_REGISTRY["onednn_w8a8"].why_not(layer.spec, dtype)
+    if reason is not None:
+        pytest.skip(reason)
     x = (torch.randn(37, 96) * 4).to(dtype)
     ours = layer.run_kernel(x, KERNEL_REGISTRY["onednn_w8a8"]).float()
     exact = layer.run_kernel(x, KERNEL_REGISTRY["int_mm_w8a8"]).float()
@@ -105,6 +108,7 @@ def test_shifted_codes_are_code_plus_128():
 
 @pytest.mark.parametrize("out_features, in_features", [(48, 64), (7, 96), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+@pytest.mark.skipif(not native_has("quant", "avx512_bf16"), reason="the int8 GEMV needs AVX512-BF16")
 def test_int8_gemv_rounds_the_scaled_float32_sum_once(out_features, in_features, num_tokens):
     # y = scale * sum(x * code), float32 sums in another order (1e-5 of sum |x||w|), one bf16 rounding
     gen = torch.Generator().manual_seed(out_features + num_tokens)

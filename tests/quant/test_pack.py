@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ember.quant.pack import pack_int4, pack_int8, unpack_int4, unpack_int8
+from ember.kernels.linear.pack import pack_int4, pack_int8, unpack_int4, unpack_int8
 from ember.quant.rtn import WeightScheme, fake_quantize, quantize_weight, sqnr_db
 
 

@@ -3,14 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.quant.kernels import KERNEL_REGISTRY, REFERENCE, KernelPolicy, quantize_per_group
+from ember.kernels.linear.pack import unpack_int4
+from ember.kernels.linear.reference import REFERENCE, quantize_per_group
+from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy, KernelUnavailableError
+from ember.kernels.linear.tiles import vnni_codes
+from ember.kernels.ops import native_has, quant_ops
 from ember.quant.linear import QuantLinear
-from ember.quant.native import quant_ops
-from ember.quant.pack import unpack_int4
 from ember.quant.rtn import WeightScheme, quantize_weight, sqnr_db
-from ember.quant.w4a8 import has_w4a8_vnni, vnni_codes
 
-needs_vnni = pytest.mark.skipif(not has_w4a8_vnni(), reason="needs the native AVX512-VNNI kernel")
+needs_vnni = pytest.mark.skipif(not (native_has("quant", "avx512_vnni") and native_has("quant", "avx512_bf16")), reason="needs the native AVX512-VNNI kernel")
 W4A8 = KERNEL_REGISTRY["w4a8_vnni"]
 
 
@@ -89,8 +90,8 @@ def test_kernel_matches_float64_reference(scheme, m, n, bias):
 @needs_vnni
 def test_kernel_at_model_shapes_and_in_policy():
     layer = _layer(960, 576, WeightScheme(4, 64, True))
-    assert KernelPolicy().select(layer, 1, torch.bfloat16) is W4A8
-    assert KernelPolicy().select(layer, 1024, torch.float32) is W4A8
+    assert KernelPolicy().select(layer.spec, 1, torch.bfloat16) is W4A8
+    assert KernelPolicy().select(layer.spec, 1024, torch.float32) is W4A8
     for m in (1, 4, 48, 300):
         x = _activations(m, 576, seed=m)
         reference = layer.run_kernel(x.double(), REFERENCE)
@@ -120,5 +121,10 @@ def test_per_group_activations_cost_little_sqnr():
 def test_other_kernels_refuse_w4a8_layers(name):
     # their per-token (W8A8) or bf16-weight (weight-only) numerics are not this layer's
     layer = _layer(48, 128, WeightScheme(4, 128, True))
-    assert not KERNEL_REGISTRY[name].supports(layer, torch.bfloat16)
-    assert KernelPolicy(kernel=name).select(layer, 4, torch.bfloat16) is REFERENCE
+    assert not KERNEL_REGISTRY[name].supports(layer.spec, torch.bfloat16)
+    # forcing a kernel binds the layers of its own kind only; W4A8 layers keep their own choice
+    assert KernelPolicy(forced=(name,)).select(layer.spec, 4, torch.bfloat16) is KernelPolicy().select(
+        layer.spec, 4, torch.bfloat16)
+    with pytest.raises(KernelUnavailableError, match="w4a8_vnni"):  # forced but unable: an error, not a fallback
+        KernelPolicy(forced=("w4a8_vnni",)).check_forced(_layer(48, 128, WeightScheme(4, 8, True)).spec,
+                                                         torch.bfloat16)

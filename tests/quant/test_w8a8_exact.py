@@ -3,13 +3,13 @@ rescale like rescale_rows."""
 import pytest
 import torch
 
-from ember.quant.kernels import KERNEL_REGISTRY
+from ember.kernels.linear.registry import KERNEL_REGISTRY
+from ember.kernels.linear.tiles import tile_int8_codes
+from ember.kernels.ops import native_has, quant_ops
 from ember.quant.linear import QuantLinear
-from ember.quant.native import quant_ops
 from ember.quant.rtn import WeightScheme, quantize_weight
-from ember.quant.w8a8_amx import has_amx_int8, tile_codes
 
-needs_amx = pytest.mark.skipif(not has_amx_int8(), reason="no AMX-INT8 on this machine")
+needs_amx = pytest.mark.skipif(not native_has("quant", "amx"), reason="no AMX-INT8 on this machine")
 AMX = KERNEL_REGISTRY["w8a8_amx"]
 EXACT_KERNELS = ["w8a8_amx", "w8a8_gemv"]
 # (N, K): 48 and 80 leave an odd 16-column block; 960 x 576 is SmolLM2's fused q/k/v, 576 x 1536 its down
@@ -18,7 +18,7 @@ SHAPES = [(48, 64), (80, 192), (960, 576), (576, 1536)]
 
 def _exact_kernel(name, layer, dtype):
     kernel = KERNEL_REGISTRY[name]
-    if not kernel.supports(layer, dtype):
+    if not kernel.supports(layer.spec, dtype):
         pytest.skip(f"{name} cannot run here")
     return kernel
 
@@ -65,7 +65,7 @@ def test_integer_products_are_exact_at_the_code_extremes(name):
 @needs_amx
 def test_tile_codes_keep_the_weight_size_and_quad_order():
     qweight = torch.arange(32 * 128, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(32, 128)
-    tiles = tile_codes(qweight)
+    tiles = tile_int8_codes(qweight)
     assert tiles.shape == (2, 2, 16, 64) and tiles.numel() == qweight.numel()
     # tile (column block 1, k tile 1), row 3, column 5, byte 2 holds W[16 + 5, 64 + 4 * 3 + 2]
     assert tiles[1, 1, 3, 5 * 4 + 2] == qweight[21, 78]
@@ -77,13 +77,13 @@ def test_policy_prefers_amx_for_w8a8():
     assert layer.select_kernel(1, torch.bfloat16) is AMX
     assert layer.select_kernel(512, torch.float32) is AMX
     grouped = QuantLinear.from_quantized(quantize_weight(torch.randn(48, 128), WeightScheme(8, 64)), act_bits=8)
-    assert not AMX.supports(grouped, torch.bfloat16)  # one scale per output channel only
+    assert not AMX.supports(grouped.spec, torch.bfloat16)  # one scale per output channel only
 
 
 def test_policy_takes_the_gemv_for_decode_without_amx():
     layer = _layer(48, 64, False)
     gemv = KERNEL_REGISTRY["w8a8_gemv"]
-    if has_amx_int8() or not gemv.supports(layer, torch.bfloat16):
+    if native_has("quant", "amx") or not gemv.supports(layer.spec, torch.bfloat16):
         pytest.skip("AMX-INT8 serves decode here, or no VNNI GEMV")
     assert layer.select_kernel(4, torch.bfloat16) is gemv
     assert layer.select_kernel(5, torch.bfloat16) is not gemv

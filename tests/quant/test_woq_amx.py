@@ -3,12 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.quant.kernels import KERNEL_REGISTRY, KernelPolicy
+from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy
+from ember.kernels.linear.tiles import tile_woq_codes
+from ember.kernels.ops import native_has
 from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, quantize_weight
-from ember.quant.woq_amx import has_amx, tile_codes
 
-pytestmark = pytest.mark.skipif(not has_amx(), reason="no AMX-BF16 on this machine")
+pytestmark = pytest.mark.skipif(not native_has("quant", "amx"), reason="no AMX-BF16 on this machine")
 WOQ = KERNEL_REGISTRY["woq_amx"]
 
 SCHEMES = [WeightScheme(8), WeightScheme(8, 64), WeightScheme(4, 32, False), WeightScheme(4, 64, True),
@@ -56,23 +57,22 @@ def test_matches_float32_matmul_of_bf16_weight(scheme, out_features, in_features
 
 def test_tile_codes_keep_the_weight_size():
     layer = _layer(WeightScheme(4, 32, False), 48, 64)
-    assert tile_codes(layer.qweight, 4).numel() == layer.qweight.numel()
+    assert tile_woq_codes(layer.qweight, 4).numel() == layer.qweight.numel()
     layer8 = _layer(WeightScheme(8), 48, 64)
-    assert tile_codes(layer8.qweight, 8).numel() == layer8.qweight.numel()
+    assert tile_woq_codes(layer8.qweight, 8).numel() == layer8.qweight.numel()
 
 
 @pytest.mark.parametrize("out_features, in_features, scheme", [(40, 64, WeightScheme(8)), (48, 72, WeightScheme(8)),
                                                                 (48, 96, WeightScheme(4, 48, True))])
 def test_unsupported_shapes_are_refused(out_features, in_features, scheme):
     layer = _layer(scheme, out_features, in_features)
-    assert not WOQ.supports(layer, torch.bfloat16)
-    policy = KernelPolicy(weight_only_batched_order=("woq_amx", "dequant_dense"))
-    assert policy.select(layer, 256, torch.bfloat16).name == "dequant_dense"
+    assert not WOQ.supports(layer.spec, torch.bfloat16)
+    assert KernelPolicy().select(layer.spec, 256, torch.bfloat16).name == "dequant_dense"
 
 
 def test_float32_activations_keep_the_dense_path():
     layer = _layer(WeightScheme(8), 48, 64)
-    assert not WOQ.supports(layer, torch.float32)
+    assert not WOQ.supports(layer.spec, torch.float32)
     assert layer.select_kernel(256, torch.float32).name == "dequant_dense"
 
 
@@ -85,16 +85,15 @@ def test_policy_keeps_packed_kernels_for_few_tokens_only(scheme, packed):
     assert layer.select_kernel(limit, torch.bfloat16).name == packed
     assert layer.select_kernel(limit + 1, torch.bfloat16).name == "woq_amx"
     assert layer.select_kernel(1024, torch.bfloat16).name == "woq_amx"
-    without = KernelPolicy(weight_only_batched_order=("dequant_dense",))
-    assert without.select(layer, limit + 1, torch.bfloat16).name == packed  # the old limits without AMX
+    without = KernelPolicy(disabled={"woq_amx"})
+    assert without.select(layer.spec, limit + 1, torch.bfloat16).name == packed  # the old limits without AMX
 
 
-@pytest.mark.skipif(not has_amx(), reason="needs AMX")
 def test_disable_amx_switch(monkeypatch):
-    from ember.quant import amx
-
+    # read when a kernel is chosen: a layer built after the switch runs what a CPU without AMX runs
     monkeypatch.setenv("EMBER_DISABLE_AMX", "1")
-    # the cached answers were computed without the switch; the uncached functions see it
-    assert not amx.has_amx.__wrapped__() and not amx.has_amx_int8.__wrapped__()
+    assert not native_has("quant", "amx") and not native_has("core", "amx")
+    assert _layer(WeightScheme(8), 48, 64).select_kernel(256, torch.bfloat16).name == "dequant_dense"
     monkeypatch.delenv("EMBER_DISABLE_AMX")
-    assert amx.has_amx.__wrapped__()
+    assert native_has("quant", "amx")
+    assert _layer(WeightScheme(8), 48, 64).select_kernel(256, torch.bfloat16).name == "woq_amx"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.attention.kernels import native_ops
+from ember.kernels.ops import core_ops
 from ember.attention.metadata import AttentionMetadata
 
 
@@ -56,7 +56,7 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    ops = native_ops()
+    ops = core_ops()
     if ops is not None:  # reads K/V through the block table, no gather
         return ops.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
                                           meta.decode_seq_lens, scale)

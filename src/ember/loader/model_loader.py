@@ -11,7 +11,8 @@ from torch import nn
 from ember.loader.gguf_loader import load_gguf
 from ember.loader.hf_loader import load_hf_dir
 from ember.models.config import ModelConfig
-from ember.models.layers.linear import can_prepack, prepack_linears
+from ember.kernels.linear.registry import KernelPolicy
+from ember.models.layers.linear import should_fuse_projections, use_dense_kernels
 from ember.models.layers.rotary import RotaryEmbedding
 from ember.models.llama import LlamaForCausalLM
 from ember.quant.checkpoint import QUANT_CONFIG_NAME, load_quantized  # the name marks a quantized checkpoint
@@ -49,26 +50,27 @@ def load_state(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return load_hf_dir(path)
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Instantiate the architecture without random init, then copy the weights in."""
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                policy: KernelPolicy | None = None) -> nn.Module:
+    """Instantiate the architecture without random init, copy the weights in, and set up its kernels."""
     cls = MODEL_REGISTRY.get(config.architecture)
     if cls is None:
         raise NotImplementedError(f"architecture {config.architecture!r} is not supported")
     with torch.device("meta"):
         model = cls(config)
     model.load_weights(state, dtype)
-    return _finish_for_inference(model.eval(), dtype)
+    return _finish_for_inference(model.eval(), dtype, policy)
 
 
-def _finish_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """RoPE tables (float32, built after the meta device), then the bfloat16 fast path if any:
-    fused q/k/v and gate/up, prepacked float linears."""
+def _finish_for_inference(model: nn.Module, dtype: torch.dtype, policy: KernelPolicy | None) -> nn.Module:
+    """RoPE tables (float32, built after the meta device), fused q/k/v and gate/up where a fast bfloat16
+    matmul runs them, then every linear behind the kernel dispatch with `policy`."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers()  # float32 tables, cast per use
-    if can_prepack(dtype):
+    if should_fuse_projections(dtype):
         fuse_projections(model)
-        prepack_linears(model)  # quantized layers keep their own kernels
+    use_dense_kernels(model, dtype, policy)
     return model
 
 
@@ -79,19 +81,20 @@ def fuse_projections(model: nn.Module) -> None:
             module.fuse_projections()
 
 
-def load_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
+def load_model(path: str, dtype: torch.dtype, policy: KernelPolicy | None = None) -> tuple[nn.Module, ModelConfig]:
     """Read and build the model at `path` (GGUF file, HF directory or quantized checkpoint) in `dtype`.
 
     A directory holding `quantization_config.json` is a quantized checkpoint: its own config says
-    how it was quantized, so no flag is needed.
+    how it was quantized, so no flag is needed. `policy` (disabled or forced kernels) reaches every linear.
     """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANT_CONFIG_NAME)):
-        return load_quantized_model(path, dtype)
+        return load_quantized_model(path, dtype, policy)
     config, state = load_state(path)
-    return build_model(config, state, dtype), config
+    return build_model(config, state, dtype, policy), config
 
 
-def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
+def load_quantized_model(path: str, dtype: torch.dtype,
+                         policy: KernelPolicy | None = None) -> tuple[nn.Module, ModelConfig]:
     """Build the float skeleton from `config.json`, then swap in the checkpoint's quantized layers."""
     from transformers import AutoConfig
 
@@ -102,6 +105,6 @@ def load_quantized_model(path: str, dtype: torch.dtype) -> tuple[nn.Module, Mode
     model = model.to_empty(device="cpu")
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_quantized(model, path)
+    load_quantized(model, path, policy)
     model = model.to(dtype).eval().requires_grad_(False)
-    return _finish_for_inference(model, dtype), config
+    return _finish_for_inference(model, dtype, policy), config

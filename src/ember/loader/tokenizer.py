@@ -8,12 +8,14 @@ import shutil
 
 from transformers import AutoTokenizer
 
+from ember import envs
+
 logger = logging.getLogger(__name__)
 
 
 def _cache_dir_for(gguf_path: str) -> str:
     """Where the tokenizer converted from a GGUF file is kept (keyed by file name, size, mtime)."""
-    root = os.environ.get("EMBER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
+    root = envs.EMBER_CACHE_DIR
     stat = os.stat(gguf_path)
     key = f"{os.path.basename(gguf_path)}-{stat.st_size}-{stat.st_mtime_ns}"
     return os.path.join(root, "tokenizers", key)

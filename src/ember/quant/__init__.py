@@ -1,17 +1,27 @@
-"""Quantization toolkit: RTN, AWQ, GPTQ, SmoothQuant, Hadamard rotation, CPU kernels, checkpoints."""
-from ember.quant.api import quantize_model, smooth_model, target_linears
-from ember.quant.calibration import (ChannelStats, capture_activations, collect_layer_inputs, run_layer,
-                                     sample_calibration_batches)
-from ember.quant.checkpoint import load_quantized, load_quantized_state, save_quantized
-from ember.quant.config import QuantConfig
-from ember.quant.kernels import KERNEL_REGISTRY, KernelBackend, KernelPolicy
-from ember.quant.linear import QuantLinear
-from ember.quant.rotation import rotate_model
-from ember.quant.rtn import QuantizedWeight, WeightScheme, dequantize_codes, quantize_weight, sqnr_db
+"""Quantization toolkit: RTN, AWQ, GPTQ, SmoothQuant, Hadamard rotation, quantized linears, checkpoints.
 
-__all__ = [
-    "ChannelStats", "KERNEL_REGISTRY", "KernelBackend", "KernelPolicy", "QuantConfig", "QuantLinear",
-    "QuantizedWeight", "WeightScheme", "capture_activations", "collect_layer_inputs", "dequantize_codes",
-    "load_quantized", "load_quantized_state", "quantize_model", "quantize_weight", "rotate_model",
-    "run_layer", "sample_calibration_batches", "save_quantized", "smooth_model", "sqnr_db", "target_linears",
-]
+Names are imported on first use, so serving a quantized checkpoint (``ember.quant.checkpoint``) does not
+import the calibration methods.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "quantize_model": "api", "smooth_model": "api", "target_linears": "api",
+    "ChannelStats": "calibration", "capture_activations": "calibration", "collect_layer_inputs": "calibration",
+    "run_layer": "calibration", "sample_calibration_batches": "calibration",
+    "load_quantized": "checkpoint", "load_quantized_state": "checkpoint", "save_quantized": "checkpoint",
+    "QuantConfig": "config", "QuantLinear": "linear", "rotate_model": "rotation",
+    "quantize_weight": "rtn", "sqnr_db": "rtn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

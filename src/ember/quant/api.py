@@ -7,23 +7,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ember.kernels.linear.registry import KernelPolicy
+from ember.kernels.linear.spec import QuantizedWeight
 from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
 from ember.quant.calibration import (ChannelStats, ForwardFn, LayerInputs, capture_activations,
                                      collect_layer_inputs, default_forward, find_decoder_layers, run_layer)
 from ember.quant.config import QuantConfig
 from ember.quant.gptq import HessianAccumulator, gptq_quantize
-from ember.quant.kernels import KernelPolicy
 from ember.quant.layout import fold_scales, scale_groups
 from ember.quant.linear import QuantLinear
 from ember.quant.rotation import rotate_model
-from ember.quant.rtn import QuantizedWeight, WeightScheme, quantize_weight
+from ember.quant.rtn import quantize_weight
 from ember.quant.smoothquant import smoothing_scales
 
 LayerFn = Callable[[nn.Module, dict[str, nn.Linear], LayerInputs], dict[str, QuantizedWeight]]
-
-
-def weight_scheme(config: QuantConfig) -> WeightScheme:
-    return WeightScheme(config.bits, config.group_size, config.symmetric)
 
 
 def target_linears(model: nn.Module, modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -32,16 +29,11 @@ def target_linears(model: nn.Module, modules: Sequence[str]) -> dict[str, nn.Lin
         name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in modules)}
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: QuantConfig,
              policy: KernelPolicy | None) -> None:
     for name, weight in weights.items():
         linear = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits,
+        model.set_submodule(name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits,
                                                               policy=policy))
 
 
@@ -76,7 +68,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
             layer_fn = _awq_layer_fn(config) if config.method == "awq" else _gptq_layer_fn(config)
             _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy)
         targets = target_linears(model, config.modules)  # whatever is still float: RTN
-        scheme = weight_scheme(config)
+        scheme = config.weight_scheme()
         _replace(model, {n: quantize_weight(m.weight, scheme) for n, m in targets.items()}, config, policy)
     return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
 
@@ -96,7 +88,7 @@ def _quantize_layerwise(model: nn.Module, config: QuantConfig, batches: Sequence
 
 def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
     args = config.method_args
-    scheme = weight_scheme(config)
+    scheme = config.weight_scheme()
 
     def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, QuantizedWeight]:
         hessians = HessianAccumulator()
@@ -111,7 +103,7 @@ def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
 
 
 def _awq_layer_fn(config: QuantConfig) -> LayerFn:
-    scheme = weight_scheme(config)
+    scheme = config.weight_scheme()
     max_tokens = int(config.method_args.get("max_tokens", 1024))  # CPU budget: the grid runs the block 21 times
     n_grid = int(config.method_args.get("n_grid", 20))
     clip = bool(config.method_args.get("clip", True))

@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ember.quant.api import set_submodule, weight_scheme
+from ember.kernels.linear.registry import KernelPolicy
 from ember.quant.config import QuantConfig
-from ember.quant.kernels import KernelPolicy
 from ember.quant.linear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -71,12 +70,12 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
     Returns the checkpoint's ``QuantConfig``.
     """
     config, quantized, state = load_quantized_state(directory)
-    scheme = weight_scheme(config)
+    scheme = config.weight_scheme()
     for name in quantized:
         linear = model.get_submodule(name)
         layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits,
                             bias=f"{name}.bias" in state, policy=policy)
-        set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     if config.rotate and hasattr(model, "lm_head"):
         # rotated checkpoints carry their own lm_head; never re-tie it to the embedding
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())

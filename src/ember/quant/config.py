@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ember.kernels.linear.spec import WeightScheme
+
 METHODS = ("rtn", "awq", "gptq", "smoothquant")
 GROUP_SIZES = (32, 64, 128)
 # Linear layers quantized by default; lm_head and embeddings stay in float (they dominate error at 4 bits).
@@ -68,6 +70,9 @@ class QuantConfig:
         if not self.modules:
             raise ValueError("modules must name at least one linear")
         object.__setattr__(self, "modules", tuple(self.modules))
+
+    def weight_scheme(self) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_size, self.symmetric)
 
     @property
     def needs_calibration(self) -> bool:

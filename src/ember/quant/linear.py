@@ -4,22 +4,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from ember.quant.kernels import KernelBackend, KernelPolicy
-from ember.quant.rtn import QuantizedWeight, WeightScheme
-
-
-MAX_PLANNED_TOKENS = 64  # calls up to this many tokens reuse their kernel choice
+from ember.kernels.linear.base import LinearWeights
+from ember.kernels.linear.module import KernelLinear
+from ember.kernels.linear.registry import KernelPolicy
+from ember.kernels.linear.spec import LinearSpec, QuantizedWeight, WeightScheme
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(KernelLinear):
     """y = x W^T + b with W stored as integer codes and per-group scales.
 
     Buffers (the checkpoint layout): ``qweight`` int8 [N, K] (8-bit) or uint8 [N, K // 2] (4-bit,
     two codes per byte); ``scales`` float32 [N, groups]; ``offsets`` float32 [N, groups]
-    (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present. Packed kernel operands are derived from these on first
-    use per activation dtype (or by ``prepare``) and are not part of the state dict.
+    (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present. Kernel operands are
+    derived from these on first use per activation dtype and are not part of the state dict.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -31,13 +29,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, *,
                  act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None) -> None:
-        super().__init__()
-        if act_bits not in (None, 8):
-            raise ValueError(f"act_bits must be None or 8, got {act_bits}")
         groups = in_features // scheme.group_len(in_features)
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(LinearSpec(in_features, out_features, scheme, act_bits, groups, bias), policy)
         self.scheme, self.act_bits = scheme, act_bits
-        self.policy = policy or KernelPolicy()
         if scheme.bits == 4:
             if in_features % 2:
                 raise ValueError("4-bit weights need an even in_features")
@@ -48,11 +42,6 @@ class QuantLinear(nn.Module):
         offsets = None if scheme.symmetric else torch.zeros(out_features, groups)
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._prepared: dict[tuple[str, torch.dtype], Any] = {}
-        # (kernel, operands) per (token count, dtype) of decode-sized calls, for the policy it came from:
-        # choosing the kernel costs more than a small call's matmul
-        self._plans: dict[tuple[int, torch.dtype], tuple[KernelBackend, Any]] = {}
-        self._plans_policy: KernelPolicy | None = None
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
@@ -98,34 +87,8 @@ class QuantLinear(nn.Module):
         """The float weight [N, K] this layer represents."""
         return self.quantized_weight().dequantize(dtype)
 
-    def select_kernel(self, num_tokens: int, dtype: torch.dtype) -> KernelBackend:
-        return self.policy.select(self, num_tokens, dtype)
-
-    def prepare(self, kernel: KernelBackend, dtype: torch.dtype) -> Any:
-        """Packed operands of ``kernel`` for activations of ``dtype`` (built once, then cached)."""
-        key = (kernel.name, dtype)
-        if key not in self._prepared:
-            self._prepared[key] = kernel.prepare(self, dtype)
-        return self._prepared[key]
-
-    def run_kernel(self, x: torch.Tensor, kernel: KernelBackend) -> torch.Tensor:
-        """Apply one specific kernel to x [..., K] (used by tests and benchmarks)."""
-        flat = x.reshape(-1, self.in_features)  # [num_tokens, K]
-        out = kernel.run(flat, self, self.prepare(kernel, x.dtype))
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        num_tokens = x.numel() // self.in_features
-        if num_tokens > MAX_PLANNED_TOKENS:
-            return self.run_kernel(x, self.select_kernel(num_tokens, x.dtype))
-        if self._plans_policy is not self.policy:
-            self._plans, self._plans_policy = {}, self.policy
-        plan = self._plans.get((num_tokens, x.dtype))
-        if plan is None:
-            kernel = self.select_kernel(num_tokens, x.dtype)
-            plan = self._plans[(num_tokens, x.dtype)] = (kernel, self.prepare(kernel, x.dtype))
-        out = plan[0].run(x.reshape(num_tokens, self.in_features), self, plan[1])
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def linear_weights(self) -> LinearWeights:
+        return LinearWeights(quantized=self.quantized_weight(), bias=self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""
@@ -135,14 +98,7 @@ class QuantLinear(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        self._prepared.clear()
-        self._plans.clear()
         return self
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._prepared.clear()  # packed operands describe the old weights
-        self._plans.clear()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         group = self.scheme.group_size or "channel"

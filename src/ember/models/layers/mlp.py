@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.attention.kernels import native_ops
+from ember.kernels.ops import core_ops
 from ember.models.layers.linear import fuse_linears
 
 
@@ -26,7 +26,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            ops = native_ops() if gate_up.dtype == torch.bfloat16 else None
+            ops = core_ops() if gate_up.dtype == torch.bfloat16 else None
             if ops is not None:  # one fused op instead of chunk + silu + mul
                 return self.down_proj(ops.silu_mul_bf16(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ember.attention.kernels import native_ops
+from ember.kernels.ops import core_ops
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-            ops = native_ops()
+            ops = core_ops()
             if ops is not None:  # one fused op instead of eight
                 return ops.rms_norm_bf16(x, self.weight, self.eps)
         return self.reference_forward(x)

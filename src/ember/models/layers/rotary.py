@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ember.attention.kernels import native_ops
+from ember.kernels.ops import core_ops
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,7 +37,7 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
     """Rotate q and k; in place on the native bfloat16 path (one op each instead of eight)."""
     if q.dtype == torch.bfloat16 and q.stride(-1) == 1 and k.stride(-1) == 1:
-        ops = native_ops()
+        ops = core_ops()
         if ops is not None:
             ops.rope_bf16_(q, *rope)
             ops.rope_bf16_(k, *rope)

@@ -414,9 +414,6 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
-void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void register_paged_decode(pybind11::module& m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-  register_fused_ops(m);
 }

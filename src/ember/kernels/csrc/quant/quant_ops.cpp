@@ -7,6 +7,9 @@
 #include <cmath>
 #include <type_traits>
 
+#include "gemv.h"
+#include "isa.h"
+
 namespace {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -238,12 +241,12 @@ torch::Tensor w8a8_linear_gemv(torch::Tensor x, torch::Tensor codes, torch::Tens
 
 void register_woq(pybind11::module& m);   // woq_amx.cpp
 void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
-void register_bf16(pybind11::module& m);  // bf16_amx.cpp
 void register_gemv(pybind11::module& m);  // int8_gemv.cpp
-void register_bf16_gemv(pybind11::module& m);  // bf16_gemv.cpp
 void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_isa", &ember_isa::compiled_isa, "instruction sets this build was compiled for");
+  m.attr("max_gemv_tokens") = ember_gemv::kMaxTokens;
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
   m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row (uint8 code + 128 if shift128)",
         pybind11::arg("x"), pybind11::arg("shift128") = false);
@@ -251,8 +254,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_linear_gemv", &w8a8_linear_gemv, "W8A8 linear for <= 4 tokens: quantize_rows_int8, VNNI GEMV, rescale_rows");
   register_woq(m);
   register_w8a8(m);
-  register_bf16(m);
   register_gemv(m);
-  register_bf16_gemv(m);
   register_w4a8(m);
 }

@@ -102,14 +102,6 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return y;
 }
 
-bool has_int8_gemv() {
-#ifdef EMBER_GEMV_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 // x_codes uint8 [M <= 4, K] (per-token codes + 128); codes int8 [N, K]; colsum int32 [N] (sum_k codes).
@@ -140,17 +132,7 @@ torch::Tensor w8a8_gemv_acc(torch::Tensor x_codes, torch::Tensor codes, torch::T
   return acc;
 }
 
-bool has_w8a8_gemv() {
-#ifdef EMBER_GEMV_VNNI
-  return true;
-#else
-  return false;
-#endif
-}
-
 void register_gemv(pybind11::module& m) {
-  m.def("has_int8_gemv", &has_int8_gemv, "whether the AVX-512 int8 GEMV is compiled in");
   m.def("int8_gemv", &int8_gemv, "bf16 x [<= 4, K] @ (int8 codes [N, K] * scale[N])^T, scale applied to the sum");
-  m.def("has_w8a8_gemv", &has_w8a8_gemv, "whether the AVX512-VNNI W8A8 GEMV is compiled in");
   m.def("w8a8_gemv_acc", &w8a8_gemv_acc, "exact int32 products of per-token activation codes (+128, uint8) and int8 codes");
 }

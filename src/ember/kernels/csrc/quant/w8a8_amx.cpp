@@ -113,6 +113,5 @@ torch::Tensor w8a8_linear_amx(torch::Tensor codes, torch::Tensor x_scale, torch:
 }  // namespace
 
 void register_w8a8(pybind11::module& m) {
-  m.def("has_amx_int8", &has_amx_int8, "whether AMX-INT8 tiles are compiled in and granted to this process");
   m.def("w8a8_linear_amx", &w8a8_linear_amx, "int8 codes @ W^T on AMX-INT8 tiles, rescaled per row and column");
 }

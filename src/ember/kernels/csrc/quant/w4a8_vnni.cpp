@@ -224,18 +224,9 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   return y;
 }
 
-bool has_w4a8_vnni() {
-#ifdef EMBER_W4A8_VNNI
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void register_w4a8(pybind11::module& m) {
-  m.def("has_w4a8_vnni", &has_w4a8_vnni, "whether the AVX512-VNNI W4A8 kernel is compiled in");
   m.def("w4a8_linear", &w4a8_linear, "per-block int8 activations x repacked 4-bit codes (vpdpbusd), per-group rescale",
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("scales"), pybind11::arg("offsets"),
         pybind11::arg("bias"), pybind11::arg("group_len"));

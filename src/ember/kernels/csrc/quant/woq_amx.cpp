@@ -251,6 +251,5 @@ torch::Tensor woq_linear_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor
 }  // namespace
 
 void register_woq(pybind11::module& m) {
-  m.def("has_amx", &has_amx, "whether AMX-BF16 tiles are compiled in and granted to this process");
   m.def("woq_linear_amx", &woq_linear_amx, "bf16 x @ dequant(W)^T on AMX tiles, W in the tile layout");
 }

@@ -1,6 +1,6 @@
-"""Kernel micro-benchmark: ms per call of each QuantLinear kernel vs a dense bf16/fp32 linear, as JSON.
+"""Kernel micro-benchmark: ms per call of each quantized linear kernel vs a dense bf16/fp32 linear, as JSON.
 
-Usage: python -m ember.quant.bench [--shapes 576x576,576x1536,1536x576] [--tokens 1,2,8,32] [--threads 2]
+Usage: python -m ember.benchmarks.kernels [--shapes 576x576,576x1536,1536x576] [--tokens 1,2,8,32] [--threads 2]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ember.quant.kernels import KERNEL_REGISTRY
+from ember.kernels.linear.registry import KERNEL_REGISTRY
 from ember.quant.linear import QuantLinear
 from ember.quant.rtn import WeightScheme, quantize_weight
 
@@ -53,7 +53,7 @@ def bench_shape(in_features: int, out_features: int, num_tokens: int) -> dict[st
             continue
         layer = QuantLinear.from_quantized(quantize_weight(weight, scheme), act_bits=act_bits)
         kernel, xd = KERNEL_REGISTRY[kernel_name], x.to(dtype)
-        if kernel.supports(layer, dtype):
+        if kernel.supports(layer.spec, dtype):
             out[name] = time_ms(lambda: layer.run_kernel(xd, kernel))
     return {k: round(v, 4) for k, v in out.items()}
 

@@ -72,17 +72,8 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight) {
   return y;
 }
 
-bool has_bf16_gemv() {
-#ifdef EMBER_BF16_GEMV_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void register_bf16_gemv(pybind11::module& m) {
-  m.def("has_bf16_gemv", &has_bf16_gemv, "whether the AVX512-BF16 GEMV is compiled in");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [<= 4, K] @ bf16 weight [N, K]^T, float32 sums rounded once");
 }

@@ -1,31 +1,47 @@
-"""oneDNN-prepacked bfloat16 linears against the plain bfloat16 and float32 paths."""
+"""Dense linears through the kernel dispatch (oneDNN prepacked, AMX tiles, the bfloat16 GEMV) against
+float32 matmuls of the same bfloat16 numbers, and the float32 reference against nn.Linear."""
 
 import pytest
 import torch
 from torch import nn
 
-from ember.models.layers.linear import PrepackedLinear, can_prepack, prepack_linears
+from ember.kernels.linear.dense import AMX_MAX_TOKENS, onednn_bf16_available
+from ember.kernels.linear.registry import KERNEL_REGISTRY
+from ember.kernels.linear.tiles import tile_bf16_weight
+from ember.kernels.ops import core_ops
+from ember.models.layers.linear import DenseLinear, use_dense_kernels
 
-pytestmark = pytest.mark.skipif(not can_prepack(torch.bfloat16), reason="no oneDNN bfloat16 support")
+needs_onednn = pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bfloat16 support")
 
 
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_float32_reference_equals_nn_linear(rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 40, bias=False)
+    x = torch.randn(2, rows, 96)
+    layer = DenseLinear(linear)
+    assert layer.select_kernel(rows, torch.float32).name == "dense_reference"
+    assert torch.equal(layer(x), linear(x))
+
+
+@needs_onednn
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_prepacked_linear_matches_float32(rows):
+def test_dense_linear_matches_float32(rows):
     torch.manual_seed(0)
     linear = nn.Linear(576, 1536, bias=False).to(torch.bfloat16)
     x = torch.randn(rows, 576).to(torch.bfloat16)
     expected = x.float() @ linear.weight.float().T  # exact products of the bf16 inputs
-    out = PrepackedLinear(linear)(x)
+    out = DenseLinear(linear)(x)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 1536)
     # bfloat16 output rounding only: relative error of the stored result <= 2^-8 (+ accumulation).
     torch.testing.assert_close(out.float(), expected, rtol=2 ** -7, atol=1e-2)
 
 
-def test_prepack_replaces_every_bias_free_linear():
+def test_every_bias_free_linear_is_replaced():
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Sequential(nn.Linear(8, 4, bias=False)),
                           nn.Linear(4, 2, bias=True)).to(torch.bfloat16)
-    assert prepack_linears(model) == 2
-    assert isinstance(model[0], PrepackedLinear) and isinstance(model[1][0], PrepackedLinear)
+    assert use_dense_kernels(model, torch.bfloat16) == 2
+    assert isinstance(model[0], DenseLinear) and isinstance(model[1][0], DenseLinear)
     assert type(model[2]) is nn.Linear
 
 
@@ -33,15 +49,12 @@ def test_prepack_replaces_every_bias_free_linear():
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64, 100, 256, 300])
 def test_amx_tile_path_rounds_the_float32_sum_once(out_features, in_features, rows):
     # 48 and 80 columns leave an odd 16-column block; 300 rows go to oneDNN (over AMX_MAX_TOKENS)
-    from ember.models.layers.linear import AMX_MAX_TOKENS
-    from ember.quant.woq_amx import has_amx
-
-    if not has_amx():
-        pytest.skip("no AMX-BF16 on this machine")
     gen = torch.Generator().manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
-    layer = PrepackedLinear(linear)
-    assert layer.tiled_weight is not None and (rows <= AMX_MAX_TOKENS) == (rows <= layer.amx_max_tokens)
+    layer = DenseLinear(linear)
+    if not KERNEL_REGISTRY["amx_bf16"].supports(layer.spec, torch.bfloat16):
+        pytest.skip("no AMX-BF16 on this machine")
+    assert (layer.select_kernel(rows, torch.bfloat16).name == "amx_bf16") == (rows <= AMX_MAX_TOKENS)
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
     out = layer(x.view(1, rows, in_features))
     assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
@@ -56,8 +69,6 @@ def _assert_float32_sum_rounded_once(out, x, weight):
 
 
 def test_tile_layout_holds_vnni_pairs():
-    from ember.models.layers.linear import tile_bf16_weight
-
     weight = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).to(torch.bfloat16)
     tiles = tile_bf16_weight(weight)
     assert tiles.shape == (2, 2, 16, 32) and tiles.numel() == weight.numel()
@@ -69,17 +80,17 @@ def test_tile_layout_holds_vnni_pairs():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
 def test_gemv_path_rounds_the_float32_sum_once(out_features, in_features, rows):
     # rows 1-4 take the GEMV where there is no AMX; 5 rows go to oneDNN
-    from ember.models.layers.linear import GEMV_MAX_TOKENS
-
     gen = torch.Generator().manual_seed(out_features + rows)
     linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
-    layer = PrepackedLinear(linear)
-    if layer.weight_rows is None:
+    layer = DenseLinear(linear)
+    gemv = KERNEL_REGISTRY["bf16_gemv"]
+    if not gemv.supports(layer.spec, torch.bfloat16) or layer.select_kernel(1, torch.bfloat16) is not gemv:
         pytest.skip("no AVX512-BF16 GEMV here (or AMX serves short calls)")
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
     out = layer(x.view(1, rows, in_features))
     assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
     _assert_float32_sum_rounded_once(out[0], x, linear.weight)
-    if rows <= GEMV_MAX_TOKENS:  # the kernel itself, not only the layer's dispatch
-        direct = layer._gemv.bf16_gemv(x, layer.weight_rows)
+    if rows <= core_ops().max_gemv_tokens:  # the kernel itself, not only the layer's dispatch
+        assert layer.select_kernel(rows, torch.bfloat16) is gemv
+        direct = core_ops().bf16_gemv(x, linear.weight.contiguous())
         assert torch.equal(direct, out[0])

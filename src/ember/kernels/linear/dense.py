@@ -1,0 +1,84 @@
+"""Kernels for float (dense) weights: AMX tiles and the AVX512-BF16 GEMV for short bfloat16 calls,
+oneDNN on a prepacked weight, and torch's F.linear as the reference.
+
+Where each one wins is measured in docs/performance.md ("Dense bfloat16 linears").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ember.kernels.linear.base import LinearKernel, LinearWeights, always, require
+from ember.kernels.linear.spec import DENSE, LinearSpec
+from ember.kernels.linear.tiles import TILE_K_BF16, TILE_N, tile_bf16_weight
+from ember.kernels.ops import core_ops, native_has
+
+DENSE_KINDS = frozenset({DENSE})
+# oneDNN picks the packed layout for this many rows; one layout packed for 64 rows serves 1..1024 rows
+# within noise of the best layout for each (measured on this model's shapes)
+PACK_BATCH_HINT = 64
+# the AMX tile kernel beats oneDNN up to 256 tokens, but on a very wide layer (the LM head) only up to 32
+AMX_MAX_TOKENS = 256
+AMX_MAX_TOKENS_WIDE = 32
+WIDE_OUT_FEATURES = 16384
+
+
+@functools.cache
+def onednn_bf16_available() -> bool:
+    """Whether torch's oneDNN runs bfloat16 matmuls on this CPU (it needs AVX512-BF16, AMX or AVX-512 emulation)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _reference_run(x: torch.Tensor, spec: LinearSpec, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight.to(x.dtype))
+
+
+DENSE_REFERENCE = LinearKernel("dense_reference", DENSE_KINDS, always, lambda spec, w, dtype: w.weight,
+                               _reference_run)
+
+
+def _onednn_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (onednn_bf16_available(), "torch's oneDNN has no bfloat16 matmul on this CPU"))
+
+
+def _onednn_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype) -> torch.Tensor:
+    # reordered once into oneDNN's blocked layout: F.linear would reorder the weight inside every call
+    return torch.ops.mkldnn._reorder_linear_weight(weights.weight.to(torch.bfloat16), PACK_BATCH_HINT)
+
+
+ONEDNN_BF16 = LinearKernel(
+    "onednn_bf16", DENSE_KINDS, _onednn_check, _onednn_prepare,
+    lambda x, spec, packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+
+
+def _amx_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (spec.out_features % TILE_N == 0 and spec.in_features % TILE_K_BF16 == 0,
+                    "needs N % 16 == 0 and K % 32 == 0"),
+                   (native_has("core", "amx"), "no AMX-BF16 tiles here (or EMBER_DISABLE_AMX=1)"))
+
+
+AMX_BF16 = LinearKernel(
+    "amx_bf16", DENSE_KINDS, _amx_check, lambda spec, w, dtype: tile_bf16_weight(w.weight),
+    lambda x, spec, tiles: core_ops().bf16_linear_amx(x, tiles, spec.out_features),
+    max_tokens=lambda spec: AMX_MAX_TOKENS_WIDE if spec.out_features >= WIDE_OUT_FEATURES else AMX_MAX_TOKENS)
+
+
+def _gemv_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (spec.in_features % 32 == 0, "needs K % 32 == 0"),
+                   (native_has("core", "avx512_bf16"), "no AVX512-BF16 in the native build here"))
+
+
+# a decode step streams every weight once: the GEMV reads the row-major weight as fast as a plain read,
+# oneDNN's small-row kernel at about half that (docs/performance.md)
+BF16_GEMV = LinearKernel(
+    "bf16_gemv", DENSE_KINDS, _gemv_check, lambda spec, w, dtype: w.weight.to(torch.bfloat16).contiguous(),
+    lambda x, spec, rows: core_ops().bf16_gemv(x, rows),
+    max_tokens=lambda spec: core_ops().max_gemv_tokens)
+
+DENSE_KERNELS = (AMX_BF16, BF16_GEMV, ONEDNN_BF16, DENSE_REFERENCE)

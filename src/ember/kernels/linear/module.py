@@ -1,0 +1,86 @@
+"""``KernelLinear``: the base of every linear module that runs through the kernel dispatch.
+
+Subclasses own the tensors (a float weight, or packed codes and scales) and describe them as a
+``LinearSpec`` and ``LinearWeights``; this base owns the policy, the per-call-size kernel choice and
+each kernel's prepared operands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.kernels.linear.base import LinearKernel, LinearWeights
+from ember.kernels.linear.registry import KernelPolicy
+from ember.kernels.linear.spec import LinearSpec
+
+
+class KernelLinear(nn.Module):
+    """y = x W^T (+ b) computed by the kernel ``policy`` picks for each call's token count and dtype.
+
+    The choice and its operands are cached per (token count, dtype): choosing costs more than a small
+    call's matmul. Caches are dropped when the policy is replaced, the weights are loaded or the module
+    is moved.
+    """
+
+    def __init__(self, spec: LinearSpec, policy: KernelPolicy | None = None) -> None:
+        super().__init__()
+        self.spec = spec  # frozen: what the kernels are told about this layer
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.policy = policy or KernelPolicy()
+        self._prepared: dict[tuple[str, torch.dtype], Any] = {}
+        self._plans: dict[tuple[int, torch.dtype], tuple[LinearKernel, Any]] = {}
+        self._plans_policy: KernelPolicy | None = None
+
+    def linear_weights(self) -> LinearWeights:
+        """The tensors a kernel's prepare() packs (subclasses hold them)."""
+        raise NotImplementedError
+
+    def select_kernel(self, num_tokens: int, dtype: torch.dtype) -> LinearKernel:
+        return self.policy.select(self.spec, num_tokens, dtype)
+
+    def prepare(self, kernel: LinearKernel, dtype: torch.dtype) -> Any:
+        """Operands of ``kernel`` for activations of ``dtype`` (built once, then cached)."""
+        key = (kernel.name, dtype)
+        if key not in self._prepared:
+            self._prepared[key] = kernel.prepare(self.spec, self.linear_weights(), dtype)
+        return self._prepared[key]
+
+    def run_kernel(self, x: torch.Tensor, kernel: LinearKernel) -> torch.Tensor:
+        """Apply one specific kernel to x [..., K] (tests and benchmarks), whatever the policy says."""
+        flat = x.reshape(-1, self.in_features)  # [num_tokens, K]
+        out = self._run(kernel, flat, self.prepare(kernel, x.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.numel() // self.in_features
+        if self._plans_policy is not self.policy:
+            self._plans, self._plans_policy = {}, self.policy
+        plan = self._plans.get((num_tokens, x.dtype))
+        if plan is None:
+            kernel = self.select_kernel(num_tokens, x.dtype)
+            plan = self._plans[(num_tokens, x.dtype)] = (kernel, self.prepare(kernel, x.dtype))
+        out = self._run(plan[0], x.reshape(num_tokens, self.in_features), plan[1])
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _run(self, kernel: LinearKernel, x: torch.Tensor, operands: Any) -> torch.Tensor:
+        out = kernel.run(x, self.spec, operands)
+        bias = getattr(self, "bias", None)
+        if bias is not None and not kernel.fuses_bias:
+            out = out + bias.to(out.dtype)
+        return out
+
+    def clear_kernel_caches(self) -> None:
+        self._prepared.clear()
+        self._plans.clear()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "KernelLinear":
+        super()._apply(fn, recurse)
+        self.clear_kernel_caches()  # operands describe the old tensors
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_kernel_caches()
+        super()._load_from_state_dict(*args, **kwargs)
