@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ember-setup
 DATA := data
 SHAKESPEARE := $(DATA)/shakespeare
 
-.PHONY: setup test test-all chat serve generate bench clean
+.PHONY: setup test test-reference test-all chat serve generate bench clean
 
 setup: $(STAMP) $(SHAKESPEARE)/.done
 
@@ -30,6 +30,10 @@ $(SHAKESPEARE)/.done:
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the same suite on the PyTorch reference paths only (no native kernels loaded)
+test-reference: setup
+	EMBER_DISABLE_NATIVE=1 $(BIN)/python -m pytest -q
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""

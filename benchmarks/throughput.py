@@ -80,7 +80,8 @@ def weight_bytes(llm) -> int | None:
     model = getattr(getattr(engine, "runner", None), "model", None) or getattr(engine, "model", None)
     if model is None or not hasattr(model, "parameters"):
         return None
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}  # tied weights once
+    # tied weights once (the LM head's weight is a view of the embedding's storage)
+    tensors = {t.untyped_storage().data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

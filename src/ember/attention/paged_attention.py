@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.kernels.ops import core_ops
 from ember.attention.metadata import AttentionMetadata
+from ember.kernels.ops import core_ops
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

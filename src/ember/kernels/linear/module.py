@@ -30,6 +30,7 @@ class KernelLinear(nn.Module):
         self.spec = spec  # frozen: what the kernels are told about this layer
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.policy = policy or KernelPolicy()
+        self.register_buffer("bias", None)  # subclasses with a bias register theirs
         self._prepared: dict[tuple[str, torch.dtype], Any] = {}
         self._plans: dict[tuple[int, torch.dtype], tuple[LinearKernel, Any]] = {}
         self._plans_policy: KernelPolicy | None = None
@@ -67,9 +68,8 @@ class KernelLinear(nn.Module):
 
     def _run(self, kernel: LinearKernel, x: torch.Tensor, operands: Any) -> torch.Tensor:
         out = kernel.run(x, self.spec, operands)
-        bias = getattr(self, "bias", None)
-        if bias is not None and not kernel.fuses_bias:
-            out = out + bias.to(out.dtype)
+        if self.bias is not None and not kernel.fuses_bias:
+            out = out + self.bias.to(out.dtype)
         return out
 
     def clear_kernel_caches(self) -> None:
