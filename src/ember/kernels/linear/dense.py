@@ -33,10 +33,11 @@ def onednn_bf16_available() -> bool:
 
 
 def _reference_run(x: torch.Tensor, spec: LinearSpec, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight.to(x.dtype))
+    return F.linear(x, weight)
 
 
-DENSE_REFERENCE = LinearKernel("dense_reference", DENSE_KINDS, always, lambda spec, w, dtype: w.weight,
+# operands are per activation dtype: the weight in that dtype (itself when they match)
+DENSE_REFERENCE = LinearKernel("dense_reference", DENSE_KINDS, always, lambda spec, w, dtype: w.weight.to(dtype),
                                _reference_run)
 
 

@@ -32,7 +32,7 @@ class KernelLinear(nn.Module):
         self.policy = policy or KernelPolicy()
         self.register_buffer("bias", None)  # subclasses with a bias register theirs
         self._prepared: dict[tuple[str, torch.dtype], Any] = {}
-        self._plans: dict[tuple[int, torch.dtype], tuple[LinearKernel, Any]] = {}
+        self._plans: dict[tuple[int, torch.dtype], tuple[LinearKernel, Any, bool]] = {}
         self._plans_policy: KernelPolicy | None = None
 
     def linear_weights(self) -> LinearWeights:
@@ -52,25 +52,33 @@ class KernelLinear(nn.Module):
     def run_kernel(self, x: torch.Tensor, kernel: LinearKernel) -> torch.Tensor:
         """Apply one specific kernel to x [..., K] (tests and benchmarks), whatever the policy says."""
         flat = x.reshape(-1, self.in_features)  # [num_tokens, K]
-        out = self._run(kernel, flat, self.prepare(kernel, x.dtype))
+        out = kernel.run(flat, self.spec, self.prepare(kernel, x.dtype))
+        if self.bias is not None and not kernel.fuses_bias:
+            out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the per-call path of every linear: a decode step makes ~200 of these calls, so nothing here
+        # that a cached plan can answer (a 2-D input is passed through without reshapes)
         num_tokens = x.numel() // self.in_features
         if self._plans_policy is not self.policy:
             self._plans, self._plans_policy = {}, self.policy
         plan = self._plans.get((num_tokens, x.dtype))
         if plan is None:
-            kernel = self.select_kernel(num_tokens, x.dtype)
-            plan = self._plans[(num_tokens, x.dtype)] = (kernel, self.prepare(kernel, x.dtype))
-        out = self._run(plan[0], x.reshape(num_tokens, self.in_features), plan[1])
+            plan = self._plans[(num_tokens, x.dtype)] = self._plan(num_tokens, x.dtype)
+        kernel, operands, add_bias = plan
+        if x.dim() == 2:
+            out = kernel.run(x, self.spec, operands)
+            return out + self.bias.to(out.dtype) if add_bias else out
+        out = kernel.run(x.reshape(num_tokens, self.in_features), self.spec, operands)
+        if add_bias:
+            out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _run(self, kernel: LinearKernel, x: torch.Tensor, operands: Any) -> torch.Tensor:
-        out = kernel.run(x, self.spec, operands)
-        if self.bias is not None and not kernel.fuses_bias:
-            out = out + self.bias.to(out.dtype)
-        return out
+    def _plan(self, num_tokens: int, dtype: torch.dtype) -> tuple[LinearKernel, Any, bool]:
+        """(kernel, its operands, whether the bias is added after it) for calls of this size and dtype."""
+        kernel = self.select_kernel(num_tokens, dtype)
+        return kernel, self.prepare(kernel, dtype), self.bias is not None and not kernel.fuses_bias
 
     def clear_kernel_caches(self) -> None:
         self._prepared.clear()
