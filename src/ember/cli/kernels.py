@@ -94,9 +94,7 @@ def _refusals(layers: dict, dtype) -> list[str]:
         if kind in seen:
             continue
         seen.add(kind)
-        order = {"dense": layer.policy.dense_order, "weight_only": layer.policy.weight_only_order,
-                 "w8a8": layer.policy.w8a8_order, "w4a8": layer.policy.w4a8_order}[kind]
-        for kernel in layer.policy.candidates(order):
+        for kernel in layer.policy.candidates(kind):
             reason = kernel.why_not(layer.spec, dtype)
             if reason is not None:
                 lines.append(f"  {kernel.name}: {reason}")

@@ -118,4 +118,8 @@ def build(spec: ExtensionSpec, *, verbose: bool = True) -> ModuleType:
 
 def build_all(*, verbose: bool = True) -> dict[str, str]:
     """Build every extension; returns each one's library path."""
-    return {name: (build(spec, verbose=verbose), locate(spec).library)[1] for name, spec in EXTENSIONS.items()}
+    libraries = {}
+    for name, spec in EXTENSIONS.items():
+        build(spec, verbose=verbose)
+        libraries[name] = locate(spec).library
+    return libraries

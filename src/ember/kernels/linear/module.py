@@ -67,13 +67,11 @@ class KernelLinear(nn.Module):
         if plan is None:
             plan = self._plans[(num_tokens, x.dtype)] = self._plan(num_tokens, x.dtype)
         kernel, operands, add_bias = plan
-        if x.dim() == 2:
-            out = kernel.run(x, self.spec, operands)
-            return out + self.bias.to(out.dtype) if add_bias else out
-        out = kernel.run(x.reshape(num_tokens, self.in_features), self.spec, operands)
+        flat = x.dim() == 2
+        out = kernel.run(x if flat else x.reshape(num_tokens, self.in_features), self.spec, operands)
         if add_bias:
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def _plan(self, num_tokens: int, dtype: torch.dtype) -> tuple[LinearKernel, Any, bool]:
         """(kernel, its operands, whether the bias is added after it) for calls of this size and dtype."""

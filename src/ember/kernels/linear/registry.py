@@ -104,15 +104,17 @@ class KernelPolicy:
             return forced
         if spec.kind == WEIGHT_ONLY:
             return self._select_weight_only(spec, num_tokens, dtype)
-        order = {DENSE: self.dense_order, W8A8: self.w8a8_order, W4A8: self.w4a8_order}[spec.kind]
-        return next((kernel for kernel in self.candidates(order) if self._usable(kernel, spec, num_tokens, dtype)),
-                    REFERENCES[spec.kind])
+        return next((kernel for kernel in self.candidates(spec.kind)
+                     if self._usable(kernel, spec, num_tokens, dtype)), REFERENCES[spec.kind])
 
-    def candidates(self, order: tuple[str, ...]) -> list[LinearKernel]:
+    def candidates(self, kind: str) -> list[LinearKernel]:
+        """The enabled kernels of one layer kind, in priority order."""
+        order = {DENSE: self.dense_order, WEIGHT_ONLY: self.weight_only_order, W8A8: self.w8a8_order,
+                 W4A8: self.w4a8_order}[kind]
         return [KERNEL_REGISTRY[name] for name in order if name not in self.disabled]
 
     def _select_weight_only(self, spec: LinearSpec, num_tokens: int, dtype: torch.dtype) -> LinearKernel:
-        kernels = self.candidates(self.weight_only_order)
+        kernels = self.candidates(WEIGHT_ONLY)
         beside_amx = any(kernel.name == "woq_amx" and kernel.supports(spec, dtype) for kernel in kernels)
         for kernel in kernels:
             if kernel.name in PACKED and (dtype not in self.packed_dtypes

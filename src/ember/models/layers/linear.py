@@ -34,7 +34,7 @@ class DenseLinear(KernelLinear):
         first request; raises if a forced kernel cannot run this layer."""
         self.policy.check_forced(self.spec, dtype)
         forced = self.policy.forced_for(self.spec)
-        kernels = [forced] if forced is not None else self.policy.candidates(self.policy.dense_order)
+        kernels = [forced] if forced is not None else self.policy.candidates(self.spec.kind)
         for kernel in kernels:
             if kernel.supports(self.spec, dtype):
                 self.prepare(kernel, dtype)
