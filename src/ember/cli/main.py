@@ -10,7 +10,8 @@ from ember.config import EngineConfig, UsageContext, add_config_cli_args, config
 from ember.sampling_params import SamplingParams
 
 # Subcommand modules that expose `register(subparsers)`; imported only if present.
-_PLUGINS = ("ember.cli.serve", "ember.cli.bench", "ember.cli.quantize", "ember.cli.eval", "ember.cli.kernels")
+_PLUGINS = ("ember.cli.serve", "ember.cli.bench", "ember.cli.quantize", "ember.cli.eval", "ember.cli.kernels",
+            "ember.cli.analyze")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,14 @@
-"""`ember quantize`: quantize a model with RTN, AWQ, GPTQ or SmoothQuant into a checkpoint directory."""
+"""`ember quantize`: quantize a model with RTN, AWQ, GPTQ or SmoothQuant into a checkpoint directory,
+uniformly or with a per-op precision plan (sensitive ops in bf16, or searched with `--auto`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+
+from ember.cli.calibration import add_calibration_args
 
 
 def register(subparsers) -> None:
@@ -20,10 +24,22 @@ def register(subparsers) -> None:
     parser.add_argument("--rotate", action="store_true", help="fold a Hadamard rotation in first (QuaRot)")
     parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian diagonal")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--calib-seq-len", type=int, default=256)
-    parser.add_argument("--calib-file", action="append", default=None,
-                        help="calibration text (default: Shakespeare calibration plays)")
+    add_calibration_args(parser)
+    mixed = parser.add_argument_group("mixed precision")
+    mixed.add_argument("--keep-bf16", metavar="REPORT", default=None,
+                       help="sensitivity report (`ember analyze sensitivity`): keep the ops it flags in bf16")
+    mixed.add_argument("--bf16-budget", type=float, default=None, metavar="FRACTION",
+                       help="keep the most sensitive ops in bf16, up to this fraction of the linear weights "
+                            "(ranked by the --keep-bf16 report, or by an analysis run now)")
+    mixed.add_argument("--rank-by", default="kl", choices=["kl", "dppl", "R", "energy", "skew"],
+                       help="metric that ranks ops for --bf16-budget and --auto")
+    mixed.add_argument("--sensitivity", metavar="REPORT", default=None,
+                       help="sensitivity report that ranks the ops for --bf16-budget and --auto "
+                            "(default: run the analysis first)")
+    mixed.add_argument("--auto", action="store_true",
+                       help="search each op's precision among int4, int8 and bf16 (GPTQ/RTN, weight-only)")
+    mixed.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
+                       help="--auto: the largest calibration perplexity increase allowed, in percent")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
     parser.set_defaults(func=cmd_quantize)
@@ -32,34 +48,90 @@ def register(subparsers) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
+    from ember.cli.calibration import describe_calibration, load_calibration
     from ember.config import default_num_threads
-    from ember.eval.datasets import CALIBRATION_PLAYS, play_paths, read_texts
     from ember.loader.hf_export import to_hf_model
     from ember.loader.model_loader import load_state, resolve_model_path
     from ember.loader.tokenizer import Tokenizer
-    from ember.quant import QuantConfig, quantize_model, sample_calibration_batches, save_quantized
+    from ember.quant import QuantConfig, quantize_model, save_quantized
 
     torch.set_num_threads(args.num_threads or default_num_threads())
     path = resolve_model_path(args.model)
     act_bits = 8 if args.method == "smoothquant" else args.act_bits
-    calib_files = args.calib_file or play_paths(CALIBRATION_PLAYS)
     method_args = {"act_order": True} if args.act_order else {}
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                          symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
-                         alpha=args.alpha, method_args=method_args,
-                         calibration={"files": [f.rsplit("/", 1)[-1] for f in calib_files],
-                                      "num_samples": args.calib_samples, "seq_len": args.calib_seq_len,
-                                      "seed": 0})
+                         alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args))
     model_config, state = load_state(path)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
-    batches = None
-    if config.needs_calibration:
-        ids = torch.tensor(tokenizer.encode(read_texts(calib_files), add_special_tokens=False))
-        batches = sample_calibration_batches(ids, args.calib_samples, args.calib_seq_len, seed=0)
+    needs_report = (args.bf16_budget is not None or args.auto) and not (args.sensitivity or args.keep_bf16)
+    batches = load_calibration(args, tokenizer) if config.needs_calibration or needs_report or args.auto else None
     start = time.monotonic()
+    precisions = _auto_plan(args, config, model, batches) if args.auto else _bf16_plan(args, config, model, batches)
+    if precisions:
+        config = dataclasses.replace(config, precisions=precisions)
     replaced = quantize_model(model, config, calib_batches=batches)
     save_quantized(model, args.output, config)
     tokenizer.hf.save_pretrained(args.output)
     print(json.dumps({"output": args.output, "config": config.to_dict(), "quantized_modules": len(replaced),
                       "quantize_s": round(time.monotonic() - start, 1)}, indent=1))
+
+
+def _bf16_plan(args: argparse.Namespace, config, model, batches) -> dict[str, str]:
+    """Linear name -> "bf16" for the ops the sensitivity report (or budget) keeps in float."""
+    if args.keep_bf16 is None and args.bf16_budget is None:
+        return {}
+    from ember.quant.plan import budget_plan, decoder_ops, linear_precisions, op_shapes
+
+    report = _sensitivity(args, config, model, batches)
+    shapes = op_shapes(model, decoder_ops(len(model.model.layers)))
+    if args.bf16_budget is None:
+        kept = [ref for ref in report.flagged() if ref in shapes]
+    else:
+        ranking = [ref for ref in report.ranking(args.rank_by) if ref in shapes]
+        kept = budget_plan(ranking, shapes, args.bf16_budget)
+    return linear_precisions({ref: "bf16" for ref in kept})
+
+
+def _sensitivity(args: argparse.Namespace, config, model, batches):
+    """The report that ranks the ops: read from a file, or measured now on the calibration batches."""
+    from ember.analysis.report import SensitivityReport
+    from ember.analysis.sensitivity import analyze_sensitivity
+
+    if config.act_bits is not None or config.rotate:
+        raise SystemExit("mixed precision needs a weight-only config without rotation")
+    path = args.sensitivity or args.keep_bf16
+    if path:
+        return SensitivityReport.load(path)
+    method = args.method if args.method in ("rtn", "gptq", "awq") else "rtn"
+    return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=True)
+
+
+def _auto_plan(args: argparse.Namespace, config, model, batches) -> dict[str, str]:
+    """Search each op's precision (int4 g<group>, int8, bf16); write the candidates' CSV and Pareto plot."""
+    import math
+    import os
+
+    from tqdm import tqdm
+
+    from ember.analysis.precision_search import (PlanEvaluator, plot_candidates, search_precisions,
+                                                 write_candidates_csv)
+    from ember.quant.plan import linear_precisions
+
+    if config.bits != 4 or config.method not in ("rtn", "gptq"):
+        raise SystemExit("--auto searches from int4: use --bits 4 --group-size G with --method gptq or rtn")
+    report = _sensitivity(args, config, model, batches)
+    evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method)
+    bar = tqdm(desc="precision search", unit="plan")
+    best, candidates = search_precisions(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,
+                                         on_candidate=lambda c: bar.update())
+    bar.close()
+    os.makedirs(args.output, exist_ok=True)
+    write_candidates_csv(candidates, os.path.join(args.output, "precision_search.csv"))
+    plot_candidates(candidates, best, args.max_ppl_increase, math.exp(evaluator.base_nll),
+                    os.path.join(args.output, "precision_search.png"))
+    if best is None:
+        raise SystemExit(f"no plan within +{args.max_ppl_increase}% calibration perplexity (see precision_search.csv)")
+    print(json.dumps({"chosen": best.to_row()}, indent=1))
+    return {name: p for name, p in linear_precisions(best.plan).items() if p != "int4"}

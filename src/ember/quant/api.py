@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ember.kernels.linear.registry import KernelPolicy
-from ember.kernels.linear.spec import QuantizedWeight
+from ember.kernels.linear.spec import QuantizedWeight, WeightScheme
 from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
 from ember.quant.calibration import (ChannelStats, ForwardFn, LayerInputs, capture_activations,
                                      collect_layer_inputs, default_forward, find_decoder_layers, run_layer)
@@ -20,13 +20,21 @@ from ember.quant.rotation import rotate_model
 from ember.quant.rtn import quantize_weight
 from ember.quant.smoothquant import smoothing_scales
 
-LayerFn = Callable[[nn.Module, dict[str, nn.Linear], LayerInputs], dict[str, QuantizedWeight]]
+# (decoder layer, its target linears, their inputs, each one's scheme) -> quantized weights
+LayerFn = Callable[[nn.Module, dict[str, nn.Linear], LayerInputs, dict[str, WeightScheme]],
+                   dict[str, QuantizedWeight]]
 
 
 def target_linears(model: nn.Module, modules: Sequence[str]) -> dict[str, nn.Linear]:
     """``nn.Linear`` submodules whose name ends with one of ``modules`` (dotted suffixes or globs)."""
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and any(
         name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in modules)}
+
+
+def _schemes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: str = "") -> dict[str, WeightScheme]:
+    """The scheme of each target that is quantized at all (``config.precisions`` may keep some in float)."""
+    schemes = {name: config.scheme_for(prefix + name) for name in targets}
+    return {name: scheme for name, scheme in schemes.items() if scheme is not None}
 
 
 def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: QuantConfig,
@@ -68,8 +76,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
             layer_fn = _awq_layer_fn(config) if config.method == "awq" else _gptq_layer_fn(config)
             _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy)
         targets = target_linears(model, config.modules)  # whatever is still float: RTN
-        scheme = config.weight_scheme()
-        _replace(model, {n: quantize_weight(m.weight, scheme) for n, m in targets.items()}, config, policy)
+        schemes = _schemes(targets, config)
+        _replace(model, {n: quantize_weight(targets[n].weight, s) for n, s in schemes.items()}, config, policy)
     return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
 
 
@@ -79,22 +87,23 @@ def _quantize_layerwise(model: nn.Module, config: QuantConfig, batches: Sequence
     prefix, layers = find_decoder_layers(model)
     inputs = collect_layer_inputs(model, batches, forward)
     for index, layer in enumerate(layers):
-        targets = target_linears(layer, config.modules)
+        schemes = _schemes(target_linears(layer, config.modules), config, f"{prefix}.{index}.")
+        targets = {name: layer.get_submodule(name) for name in schemes}
         if targets:
-            weights = layer_fn(layer, targets, inputs)
+            weights = layer_fn(layer, targets, inputs, schemes)
             _replace(model, {f"{prefix}.{index}.{n}": w for n, w in weights.items()}, config, policy)
         inputs.hidden = run_layer(layer, inputs)
 
 
 def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
     args = config.method_args
-    scheme = config.weight_scheme()
 
-    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, QuantizedWeight]:
+    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs,
+                 schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
         hessians = HessianAccumulator()
         with capture_activations(layer, list(targets), reducer=hessians):
             run_layer(layer, inputs)
-        return {name: gptq_quantize(lin.weight, hessians.hessians[name], scheme,
+        return {name: gptq_quantize(lin.weight, hessians.hessians[name], schemes[name],
                                     block_size=int(args.get("block_size", 128)),
                                     percdamp=float(args.get("percdamp", 0.01)),
                                     act_order=bool(args.get("act_order", True)))
@@ -103,13 +112,14 @@ def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
 
 
 def _awq_layer_fn(config: QuantConfig) -> LayerFn:
-    scheme = config.weight_scheme()
     max_tokens = int(config.method_args.get("max_tokens", 1024))  # CPU budget: the grid runs the block 21 times
     n_grid = int(config.method_args.get("n_grid", 20))
     clip = bool(config.method_args.get("clip", True))
 
-    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, QuantizedWeight]:
-        groups = [g for g in scale_groups(layer) if all(n in targets for n in g.names)]
+    def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs,
+                 schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
+        groups = [g for g in scale_groups(layer)
+                  if all(n in targets for n in g.names) and len({schemes[n] for n in g.names}) == 1]
         with capture_activations(layer, list(targets)) as capture:
             run_layer(layer, inputs)
         sample = {name: torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])[:max_tokens]
@@ -117,15 +127,16 @@ def _awq_layer_fn(config: QuantConfig) -> LayerFn:
         for group in groups:
             # the whole MLP is the block for gate/up (AWQ inspects the module the scales affect)
             inspect = layer.mlp if group.names == ["mlp.gate_proj", "mlp.up_proj"] else None
-            result = awq_search_scales(sample[group.input_key], group.linears, scheme, n_grid=n_grid, inspect=inspect)
+            result = awq_search_scales(sample[group.input_key], group.linears, schemes[group.input_key],
+                                       n_grid=n_grid, inspect=inspect)
             fold_scales(group, result.scales)
             for name in group.names:  # the linears now see x / s
                 sample[name] = sample[name] / result.scales
         if clip:
             for name, lin in targets.items():
                 if not name.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped (attention logits)
-                    apply_clip(lin.weight, awq_search_clip(sample[name], lin.weight, scheme, n_grid=n_grid))
-        return {name: quantize_weight(lin.weight, scheme) for name, lin in targets.items()}
+                    apply_clip(lin.weight, awq_search_clip(sample[name], lin.weight, schemes[name], n_grid=n_grid))
+        return {name: quantize_weight(lin.weight, schemes[name]) for name, lin in targets.items()}
     return layer_fn
 
 

@@ -1,13 +1,13 @@
 """AWQ (Lin et al. 2023): activation-aware per-channel scaling searched on calibration outputs."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ember.quant.calibration import swapped_weights
 from ember.quant.rtn import WeightScheme, fake_quantize
 
 Inspect = Callable[[torch.Tensor], torch.Tensor]
@@ -21,18 +21,6 @@ class AwqSearchResult:
     alpha: float
     loss: float
     rtn_loss: float
-
-
-@contextlib.contextmanager
-def _swapped_weights(linears: Sequence[nn.Linear], weights: Sequence[torch.Tensor]) -> Iterator[None]:
-    saved = [lin.weight.data for lin in linears]
-    try:
-        for lin, w in zip(linears, weights):
-            lin.weight.data = w.to(lin.weight.dtype)
-        yield
-    finally:
-        for lin, w in zip(linears, saved):
-            lin.weight.data = w
 
 
 def concat_outputs(linears: Sequence[nn.Linear]) -> Inspect:
@@ -68,7 +56,7 @@ def awq_search_scales(x: torch.Tensor, linears: Sequence[nn.Linear], scheme: Wei
         scales = x_mean.pow(alpha).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()  # centre the range around 1
         trial = [fake_quantize(w * scales, scheme) / scales for w in originals]
-        with _swapped_weights(linears, trial):
+        with swapped_weights(linears, trial):
             loss = float((inspect(x) - reference).float().pow(2).mean())
         if step == 0:
             rtn_loss = loss

@@ -125,6 +125,19 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError("model has no decoder stack at model.layers or layers")
 
 
+@contextlib.contextmanager
+def swapped_weights(linears: Sequence[nn.Module], weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily give ``linears`` the ``weights`` (cast to their dtype; restored on exit, even on error)."""
+    saved = [lin.weight.data for lin in linears]
+    try:
+        for lin, weight in zip(linears, weights):
+            lin.weight.data = weight.to(lin.weight.dtype)
+        yield
+    finally:
+        for lin, weight in zip(linears, saved):
+            lin.weight.data = weight
+
+
 class _StopForward(Exception):
     """Raised by the layer-0 catcher so calibration does not run the whole model."""
 

@@ -38,7 +38,9 @@ def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig)
         tensors[name] = tensor.detach().contiguous()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "ember-quant"})
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
-    payload = dict(config.to_dict(), quantized_modules=quantized, tied=tied)
+    precisions = {n: config.precision_of(n) for n in quantized}
+    precisions.update({n: p for n, p in config.precisions.items() if p == "bf16"})
+    payload = dict(config.to_dict(), quantized_modules=quantized, tied=tied, module_precisions=precisions)
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_file"):
@@ -70,9 +72,11 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
     Returns the checkpoint's ``QuantConfig``.
     """
     config, quantized, state = load_quantized_state(directory)
-    scheme = config.weight_scheme()
     for name in quantized:
         linear = model.get_submodule(name)
+        scheme = config.scheme_for(name)
+        if scheme is None:
+            raise ValueError(f"{name} is listed as quantized but its precision is bf16")
         layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits,
                             bias=f"{name}.bias" in state, policy=policy)
         model.set_submodule(name, layer)

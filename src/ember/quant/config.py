@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from ember.kernels.linear.spec import WeightScheme
+from ember.quant.plan import PRECISIONS
 
 METHODS = ("rtn", "awq", "gptq", "smoothquant")
 GROUP_SIZES = (32, 64, 128)
@@ -37,6 +38,9 @@ class QuantConfig:
         method_args: extra method knobs. GPTQ: ``percdamp`` (0.01), ``act_order`` (True; static
             groups), ``block_size`` (128). AWQ: ``n_grid`` (20), ``max_tokens`` (1024), ``clip``
             (True). SmoothQuant: ``smooth_down`` (True). Rotation: ``rotation_seed`` (0).
+        precisions: per-linear exceptions to ``bits``, by full Hugging Face name: ``"bf16"`` keeps the
+            linear in float, ``"int8"`` is symmetric per output channel, ``"int4"`` symmetric with
+            ``group_size`` (64 when the base is 8-bit). Weight-only configs only.
     Raises:
         ValueError: on any inconsistent combination.
     """
@@ -51,6 +55,7 @@ class QuantConfig:
     alpha: float | None = None
     calibration: dict[str, Any] | None = None
     method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    precisions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,9 +75,31 @@ class QuantConfig:
         if not self.modules:
             raise ValueError("modules must name at least one linear")
         object.__setattr__(self, "modules", tuple(self.modules))
+        bad = {name: p for name, p in self.precisions.items() if p not in PRECISIONS}
+        if bad:
+            raise ValueError(f"precisions must be one of {PRECISIONS}, got {bad}")
+        if self.precisions and self.act_bits is not None:
+            raise ValueError("per-linear precisions are for weight-only configs (act_bits=None)")
 
     def weight_scheme(self) -> WeightScheme:
         return WeightScheme(self.bits, self.group_size, self.symmetric)
+
+    def scheme_for(self, name: str) -> WeightScheme | None:
+        """The weight scheme of the linear ``name`` (full name), or None if it stays in float."""
+        precision = self.precisions.get(name)
+        if precision is None:
+            return self.weight_scheme()
+        if precision == "bf16":
+            return None
+        if precision == "int8":
+            return WeightScheme(8, None, True)
+        if self.bits == 4:
+            return self.weight_scheme()
+        return WeightScheme(4, self.group_size or 64, True)
+
+    def precision_of(self, name: str) -> str:
+        """``"int4"``, ``"int8"`` or ``"bf16"`` for the linear ``name`` (full name)."""
+        return self.precisions.get(name, f"int{self.bits}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -92,6 +119,7 @@ class QuantConfig:
             raise ValueError(f"unsupported quantization format_version {version}")
         data.pop("quantized_modules", None)  # checkpoint bookkeeping, not configuration
         data.pop("tied", None)
+        data.pop("module_precisions", None)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:

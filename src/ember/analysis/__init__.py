@@ -1,0 +1,1 @@
+"""Model analysis: per-op quantization sensitivity (KL, dispersion, spectral energy, skewness, perplexity)."""

@@ -1,0 +1,190 @@
+"""Automatic per-op precision search among int4, int8 and bf16, scored by measured calibration perplexity.
+
+Every decoder op is quantized once to int4 and once to int8 (GPTQ on the float model's calibration
+inputs, or RTN); a candidate plan swaps those weights in and runs the calibration batches. Seeded by
+the sensitivity ranking, the search promotes the top ``j`` ops to bf16 and the next ``k`` to int8, and
+for each ``j`` bisects on the smallest ``k`` that meets the perplexity bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ember.analysis.sensitivity import make_quantizer
+from ember.kernels.linear.spec import WeightScheme
+from ember.quant.calibration import capture_activations, collect_layer_inputs, find_decoder_layers, run_layer
+from ember.quant.plan import OP_LINEARS, OpRef, op_shapes, op_weight_bytes
+
+BF16_COUNTS = (0, 1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One evaluated plan: ``plan`` maps every decoder op to its precision."""
+
+    plan: dict[OpRef, str]
+    weight_bytes: int
+    ppl: float
+    dppl: float  # % of the float model's calibration perplexity
+    label: str
+
+    def counts(self) -> dict[str, int]:
+        return {p: sum(1 for v in self.plan.values() if v == p) for p in ("int4", "int8", "bf16")}
+
+    def to_row(self) -> dict[str, Any]:
+        return {"label": self.label, **self.counts(), "weight_bytes": self.weight_bytes, "ppl": self.ppl,
+                "dppl_percent": self.dppl, "bf16_ops": " ".join(r.key() for r, p in self.plan.items() if p == "bf16"),
+                "int8_ops": " ".join(r.key() for r, p in self.plan.items() if p == "int8")}
+
+
+class PlanEvaluator:
+    """Holds each op's int4 and int8 fake-quantized weights and scores plans on the calibration batches."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], group_size: int = 64,
+                 method: str = "gptq") -> None:
+        self.model, self.batches = model, list(batches)
+        _, layers = find_decoder_layers(model)
+        self.ops = [OpRef(i, op) for i in range(len(layers)) for op in OP_LINEARS]
+        self.shapes = op_shapes(model, self.ops)
+        self.group_size = group_size
+        self.original = {ref: [model.get_submodule(n).weight.data for n in ref.linear_names()] for ref in self.ops}
+        self.weights = self._quantize_all(method)
+        self.base_nll = self._nll()
+
+    @torch.no_grad()
+    def _quantize_all(self, method: str) -> dict[tuple[OpRef, str], list[torch.Tensor]]:
+        """Fake-quantized weights of every op at int4 and int8, from the float model's own inputs."""
+        quantizers = {"int4": make_quantizer(method, WeightScheme(4, self.group_size, True)),
+                      "int8": make_quantizer(method, WeightScheme(8, None, True))}
+        _, layers = find_decoder_layers(self.model)
+        inputs = collect_layer_inputs(self.model, self.batches)
+        out: dict[tuple[OpRef, str], list[torch.Tensor]] = {}
+        for index, layer in enumerate(layers):
+            firsts = [names[0] for names in OP_LINEARS.values()]
+            with capture_activations(layer, firsts) as capture:
+                inputs.hidden = run_layer(layer, inputs)
+            for op, names in OP_LINEARS.items():
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in capture.inputs[names[0]]])
+                linears = [layer.get_submodule(n) for n in names]
+                for precision, quantize in quantizers.items():
+                    out[(OpRef(index, op), precision)] = quantize(op, linears, x, layer)
+        return out
+
+    @torch.no_grad()
+    def _nll(self) -> float:
+        total, count = 0.0, 0
+        for batch in self.batches:
+            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+        return total / count
+
+    def weight_bytes(self, plan: dict[OpRef, str]) -> int:
+        return sum(op_weight_bytes(self.shapes[ref], p, self.group_size) for ref, p in plan.items())
+
+    def evaluate(self, plan: dict[OpRef, str], label: str = "") -> Candidate:
+        """Calibration perplexity of the model with each op at its planned precision."""
+        try:
+            for ref, precision in plan.items():
+                chosen = self.original[ref] if precision == "bf16" else self.weights[(ref, precision)]
+                for name, weight in zip(ref.linear_names(), chosen):
+                    self.model.get_submodule(name).weight.data = weight
+            nll = self._nll()
+        finally:
+            for ref in self.ops:
+                for name, weight in zip(ref.linear_names(), self.original[ref]):
+                    self.model.get_submodule(name).weight.data = weight
+        return Candidate(dict(plan), self.weight_bytes(plan), math.exp(nll), 100.0 * (math.exp(nll - self.base_nll) - 1),
+                         label)
+
+
+def tiered_plan(ranking: Sequence[OpRef], num_bf16: int, num_int8: int) -> dict[OpRef, str]:
+    """The top ``num_bf16`` ops of ``ranking`` in bf16, the next ``num_int8`` in int8, the rest int4."""
+    plan = {}
+    for position, ref in enumerate(ranking):
+        plan[ref] = "bf16" if position < num_bf16 else "int8" if position < num_bf16 + num_int8 else "int4"
+    return plan
+
+
+def search_precisions(evaluator: PlanEvaluator, ranking: Sequence[OpRef], max_ppl_increase: float,
+                      bf16_counts: Sequence[int] = BF16_COUNTS,
+                      on_candidate: Callable[[Candidate], None] | None = None) -> tuple[Candidate | None, list[Candidate]]:
+    """Smallest-memory plan within ``max_ppl_increase`` (% of calibration perplexity), and every candidate.
+
+    For each count j of bf16 ops, bisect on the count k of int8 ops after them (perplexity falls as k
+    grows, which the bisection assumes; every evaluated point is kept, so a non-monotone step shows
+    in the candidate list). Returns (the feasible candidate with the fewest weight bytes or None, all).
+    """
+    ranking = [ref for ref in ranking if ref in evaluator.shapes]
+    seen: dict[tuple[int, int], Candidate] = {}
+
+    def score(j: int, k: int) -> Candidate:
+        if (j, k) not in seen:
+            seen[(j, k)] = evaluator.evaluate(tiered_plan(ranking, j, k), label=f"bf16={j} int8={k}")
+            if on_candidate is not None:
+                on_candidate(seen[(j, k)])
+        return seen[(j, k)]
+
+    for j in bf16_counts:
+        if j > len(ranking):
+            break
+        lo, hi = 0, len(ranking) - j  # find the smallest k with dppl <= bound in [lo, hi]
+        if score(j, hi).dppl > max_ppl_increase:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if score(j, mid).dppl <= max_ppl_increase:
+                hi = mid
+            else:
+                lo = mid + 1
+    candidates = list(seen.values())
+    feasible = [c for c in candidates if c.dppl <= max_ppl_increase]
+    return (min(feasible, key=lambda c: c.weight_bytes) if feasible else None), candidates
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other one beats on both weight bytes and perplexity, by increasing bytes."""
+    front, best = [], math.inf
+    for cand in sorted(candidates, key=lambda c: (c.weight_bytes, c.ppl)):
+        if cand.ppl < best:
+            front.append(cand)
+            best = cand.ppl
+    return front
+
+
+def write_candidates_csv(candidates: Sequence[Candidate], path: str) -> None:
+    import csv
+
+    rows = [c.to_row() for c in candidates]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate | None, bound: float, base_ppl: float,
+                    path: str) -> None:
+    """Calibration perplexity against weight bytes: every candidate, the Pareto front, the bound, the choice."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([c.weight_bytes / 1e6 for c in candidates], [c.ppl for c in candidates], s=14, label="candidates")
+    front = pareto_front(candidates)
+    ax.plot([c.weight_bytes / 1e6 for c in front], [c.ppl for c in front], color="C1", label="Pareto front")
+    ax.axhline(base_ppl * (1 + bound / 100), color="C2", linestyle="--", label=f"+{bound:g}% bound")
+    if chosen is not None:
+        ax.scatter([chosen.weight_bytes / 1e6], [chosen.ppl], s=90, marker="*", color="C3", label="chosen", zorder=3)
+    ax.set_xlabel("linear weight bytes (MB)")
+    ax.set_ylabel("calibration perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""`ember analyze sensitivity`: how much quantizing each op alone costs, as JSON and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ember.cli.calibration import add_calibration_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("analyze", help="model analysis")
+    tasks = parser.add_subparsers(dest="task", required=True)
+    sens = tasks.add_parser("sensitivity", help="per-op quantization sensitivity (JSON + PNG)")
+    sens.add_argument("--model", default=None, help="GGUF file or HF directory (default: the bundled model)")
+    sens.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    sens.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    sens.add_argument("--group-size", type=int, default=64, help="input channels per scale (4-bit)")
+    add_calibration_args(sens, num_samples=8)
+    sens.add_argument("--kl-threshold", type=float, default=0.02, help="flag bf16 when KL exceeds this")
+    sens.add_argument("--dispersion-threshold", type=float, default=15.0, help="flag bf16 when R exceeds this")
+    sens.add_argument("--energy-threshold", type=float, default=0.42, help="flag bf16 when energy exceeds this")
+    sens.add_argument("--num-threads", type=int, default=None)
+    sens.add_argument("--output", required=True, help="JSON report to write (the plot goes next to it, .png)")
+    sens.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    sens.set_defaults(func=cmd_sensitivity)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    import torch
+
+    from ember.analysis.report import Thresholds, plot_report
+    from ember.analysis.sensitivity import analyze_sensitivity
+    from ember.cli.calibration import describe_calibration, load_calibration
+    from ember.config import default_num_threads
+    from ember.kernels.linear.spec import WeightScheme
+    from ember.loader.hf_export import to_hf_model
+    from ember.loader.model_loader import load_state, resolve_model_path
+    from ember.loader.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.num_threads or default_num_threads())
+    path = resolve_model_path(args.model)
+    scheme = WeightScheme(args.bits, args.group_size if args.bits == 4 else None, True)
+    thresholds = Thresholds(args.kl_threshold, args.dispersion_threshold, args.energy_threshold)
+    model_config, state = load_state(path)
+    model = to_hf_model(model_config, state)
+    batches = load_calibration(args, Tokenizer.from_path(path))
+    start = time.monotonic()
+    report = analyze_sensitivity(model, batches, scheme, method=args.method, thresholds=thresholds, progress=True,
+                                 info={"model": args.model or "SmolLM2-135M-Instruct",
+                                       "calibration": describe_calibration(args)})
+    report.save(args.output)
+    plot = None if args.no_plot else args.output.rsplit(".", 1)[0] + ".png"
+    if plot:
+        plot_report(report, plot)
+    flagged = [ref.key() for ref in report.flagged()]
+    print(json.dumps({"output": args.output, "plot": plot, "base_ppl": report.base_ppl, "flagged_bf16": flagged,
+                      "spearman_vs_dppl": report.rank_correlations(),
+                      "elapsed_s": round(time.monotonic() - start, 1)}, indent=1))

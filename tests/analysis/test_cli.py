@@ -1,0 +1,70 @@
+"""`ember analyze sensitivity` then `ember quantize --keep-bf16 / --bf16-budget / --auto` on a tiny local
+checkpoint; the written directories load with no flags and keep exactly the chosen ops in float."""
+import json
+
+import pytest
+
+from ember import LLM, SamplingParams
+from ember.cli.main import main
+
+CALIB = ["--num-samples", "2", "--calib-seq-len", "32", "--num-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_llama_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("analysis") / "sens.json"
+    main(["analyze", "sensitivity", "--model", tiny_llama_dir, "--method", "rtn", "--group-size", "32",
+          "--kl-threshold", "0", "--output", str(path), *CALIB])
+    return json.loads(path.read_text())
+
+
+def test_report_shape_and_plot(report, tmp_path_factory):
+    assert report["bits"] == 4 and report["group_size"] == 32 and report["method"] == "rtn"
+    assert len(report["layers"]) == 2 * 4 + 1 and report["layers"][-1]["op"] == "lm_head"
+    assert set(report["layers"][0]) == {"layer", "op", "kl", "R", "energy", "skew", "dppl", "flag"}
+    assert all(row["flag"] == "bf16" for row in report["layers"])  # --kl-threshold 0 flags every op
+    assert set(report["spearman_vs_dppl"]) == {"kl", "R", "energy", "skew"}
+
+
+def _generate(directory):
+    llm = LLM(model=str(directory), dtype="float32", num_kv_blocks=32, max_model_len=128)
+    return llm.generate({"prompt_token_ids": list(range(10, 30))},
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+
+
+def test_keep_bf16_and_budget(report, tiny_llama_dir, tmp_path):
+    report_path = tmp_path / "sens.json"
+    report_path.write_text(json.dumps(report))
+    keep = tmp_path / "keep"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--keep-bf16", str(report_path), "--output", str(keep), *CALIB])
+    precisions = json.loads((keep / "quantization_config.json").read_text())["module_precisions"]
+    assert set(precisions.values()) == {"bf16"}  # every op flagged: nothing quantized
+    budget = tmp_path / "budget"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
+          "--sensitivity", str(report_path), "--bf16-budget", "0.3", "--output", str(budget), *CALIB])
+    precisions = json.loads((budget / "quantization_config.json").read_text())["module_precisions"]
+    top = max((r for r in report["layers"] if r["op"] != "lm_head"), key=lambda r: r["kl"])
+    linears = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
+               "down_proj": "mlp.down_proj"}
+    assert precisions[f"model.layers.{top['layer']}.{linears[top['op']]}"] == "bf16"
+    assert "int4" in precisions.values() and "bf16" in precisions.values()
+    assert len(_generate(budget).outputs[0].token_ids) == 4
+
+
+def test_auto_writes_plan_csv_and_plot(report, tiny_llama_dir, tmp_path):
+    report_path = tmp_path / "sens.json"
+    report_path.write_text(json.dumps(report))
+    out = tmp_path / "auto"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--auto",
+          "--sensitivity", str(report_path), "--max-ppl-increase", "1000", "--output", str(out), *CALIB])
+    rows = (out / "precision_search.csv").read_text().splitlines()
+    assert rows[0].startswith("label,int4,int8,bf16,weight_bytes,ppl,dppl_percent") and len(rows) >= 2
+    assert (out / "precision_search.png").stat().st_size > 10_000
+    precisions = json.loads((out / "quantization_config.json").read_text())["module_precisions"]
+    assert set(precisions.values()) == {"int4"}  # a bound this loose keeps everything at int4
+    assert len(_generate(out).outputs[0].token_ids) == 4
+    with pytest.raises(SystemExit, match="no plan"):
+        main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--auto", "--sensitivity", str(report_path), "--max-ppl-increase", "-50",
+              "--output", str(tmp_path / "none"), *CALIB])
