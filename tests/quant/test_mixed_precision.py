@@ -95,3 +95,23 @@ def test_budget_and_random_plans():
     assert budget_plan(ranking, shapes, 0.0) == [] and budget_plan(ranking, shapes, 1.0) == ranking
     with pytest.raises(ValueError, match="fraction"):
         budget_plan(ranking, shapes, 1.5)
+
+
+def test_fallback_copies_round_trip_and_follow_the_dtype(tmp_path):
+    model = make_tiny_llama()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+             "model.layers.1.mlp.down_proj"]
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    config = QuantConfig(method="gptq", bits=4, group_size=64, fallback_modules=tuple(names))
+    quantize_model(model, config, calib_batches=[torch.randint(0, 256, (1, 32))])
+    save_quantized(model, tmp_path, config)
+    assert json.loads((tmp_path / QUANT_CONFIG_NAME).read_text())["fallback_modules"] == names
+    skeleton = LlamaForCausalLM(LlamaConfig.from_json_file(str(tmp_path / "config.json"))).eval()
+    load_quantized(skeleton, tmp_path)
+    for name in names:
+        assert torch.equal(skeleton.get_submodule(name).fallback_weight, originals[name])
+    assert skeleton.get_submodule("model.layers.0.mlp.down_proj").fallback_weight is None
+    fused = QuantLinear.concat([skeleton.get_submodule(n) for n in names[:3]])
+    assert torch.equal(fused.fallback_weight, torch.cat([originals[n] for n in names[:3]]))
+    layer = skeleton.get_submodule(names[-1]).to(torch.bfloat16)
+    assert layer.fallback_weight.dtype == torch.bfloat16 and layer.scales.dtype == torch.float32

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                        help="search each op's precision among int4, int8 and bf16 (GPTQ/RTN, weight-only)")
     mixed.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
                        help="--auto: the largest calibration perplexity increase allowed, in percent")
+    mixed.add_argument("--fallback-copies", default="none", choices=["none", "sensitive", "all"],
+                       help="also store float copies of the quantized ops the report flags (sensitive) or of "
+                            "every quantized op (all), for per-request precision fallback at run time")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
     parser.set_defaults(func=cmd_quantize)
@@ -65,26 +68,43 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model_config, state = load_state(path)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
-    needs_report = (args.bf16_budget is not None or args.auto) and not (args.sensitivity or args.keep_bf16)
-    batches = load_calibration(args, tokenizer) if config.needs_calibration or needs_report or args.auto else None
+    uses_report = bool(args.keep_bf16 or args.auto or args.bf16_budget is not None
+                       or args.fallback_copies == "sensitive")
+    measures_report = uses_report and not (args.sensitivity or args.keep_bf16)
+    batches = load_calibration(args, tokenizer) if config.needs_calibration or measures_report or args.auto else None
     start = time.monotonic()
-    precisions = _auto_plan(args, config, model, batches) if args.auto else _bf16_plan(args, config, model, batches)
-    if precisions:
-        config = dataclasses.replace(config, precisions=precisions)
+    report = _sensitivity(args, config, model, batches) if uses_report else None
+    precisions = _auto_plan(args, config, model, batches, report) if args.auto else _bf16_plan(args, model, report)
+    config = dataclasses.replace(config, precisions=precisions,
+                                 fallback_modules=_fallback_modules(args, config, model, report, precisions))
     replaced = quantize_model(model, config, calib_batches=batches)
     save_quantized(model, args.output, config)
     tokenizer.hf.save_pretrained(args.output)
+    copies = sum(model.get_submodule(n).fallback_weight.numel() for n in config.fallback_modules)
     print(json.dumps({"output": args.output, "config": config.to_dict(), "quantized_modules": len(replaced),
+                      "fallback_copies_bf16_mb": round(2 * copies / 1e6, 1),
                       "quantize_s": round(time.monotonic() - start, 1)}, indent=1))
 
 
-def _bf16_plan(args: argparse.Namespace, config, model, batches) -> dict[str, str]:
+def _fallback_modules(args: argparse.Namespace, config, model, report, precisions: dict[str, str]) -> list[str]:
+    """Quantized linears that keep a float copy: none, those of the ops the report flags, or all."""
+    from ember.quant import target_linears
+
+    quantized = [n for n in target_linears(model, config.modules) if precisions.get(n) != "bf16"]
+    if args.fallback_copies == "none":
+        return []
+    if args.fallback_copies == "all":
+        return quantized
+    flagged = {name for ref in report.flagged() for name in ref.linear_names()}
+    return [n for n in quantized if n in flagged]
+
+
+def _bf16_plan(args: argparse.Namespace, model, report) -> dict[str, str]:
     """Linear name -> "bf16" for the ops the sensitivity report (or budget) keeps in float."""
     if args.keep_bf16 is None and args.bf16_budget is None:
         return {}
     from ember.quant.plan import budget_plan, decoder_ops, linear_precisions, op_shapes
 
-    report = _sensitivity(args, config, model, batches)
     shapes = op_shapes(model, decoder_ops(len(model.model.layers)))
     if args.bf16_budget is None:
         kept = [ref for ref in report.flagged() if ref in shapes]
@@ -108,7 +128,7 @@ def _sensitivity(args: argparse.Namespace, config, model, batches):
     return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=True)
 
 
-def _auto_plan(args: argparse.Namespace, config, model, batches) -> dict[str, str]:
+def _auto_plan(args: argparse.Namespace, config, model, batches, report) -> dict[str, str]:
     """Search each op's precision (int4 g<group>, int8, bf16); write the candidates' CSV and Pareto plot."""
     import math
     import os
@@ -121,7 +141,6 @@ def _auto_plan(args: argparse.Namespace, config, model, batches) -> dict[str, st
 
     if config.bits != 4 or config.method not in ("rtn", "gptq"):
         raise SystemExit("--auto searches from int4: use --bits 4 --group-size G with --method gptq or rtn")
-    report = _sensitivity(args, config, model, batches)
     evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method)
     bar = tqdm(desc="precision search", unit="plan")
     best, candidates = search_precisions(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,

@@ -41,8 +41,9 @@ def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: Quan
              policy: KernelPolicy | None) -> None:
     for name, weight in weights.items():
         linear = model.get_submodule(name)
+        copy = linear.weight if name in config.fallback_modules else None  # as folded/rotated so far
         model.set_submodule(name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits,
-                                                              policy=policy))
+                                                              policy=policy, fallback_weight=copy))
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,

@@ -78,7 +78,8 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
         if scheme is None:
             raise ValueError(f"{name} is listed as quantized but its precision is bf16")
         layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits,
-                            bias=f"{name}.bias" in state, policy=policy)
+                            bias=f"{name}.bias" in state, policy=policy,
+                            has_fallback=f"{name}.fallback_weight" in state)
         model.set_submodule(name, layer)
     if config.rotate and hasattr(model, "lm_head"):
         # rotated checkpoints carry their own lm_head; never re-tie it to the embedding

@@ -41,6 +41,8 @@ class QuantConfig:
         precisions: per-linear exceptions to ``bits``, by full Hugging Face name: ``"bf16"`` keeps the
             linear in float, ``"int8"`` is symmetric per output channel, ``"int4"`` symmetric with
             ``group_size`` (64 when the base is 8-bit). Weight-only configs only.
+        fallback_modules: full names of quantized linears that also keep their float weight in the
+            checkpoint (``fallback_weight``), so a request can run them in high precision.
     Raises:
         ValueError: on any inconsistent combination.
     """
@@ -56,6 +58,7 @@ class QuantConfig:
     calibration: dict[str, Any] | None = None
     method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     precisions: dict[str, str] = dataclasses.field(default_factory=dict)
+    fallback_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +78,7 @@ class QuantConfig:
         if not self.modules:
             raise ValueError("modules must name at least one linear")
         object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "fallback_modules", tuple(self.fallback_modules))
         bad = {name: p for name, p in self.precisions.items() if p not in PRECISIONS}
         if bad:
             raise ValueError(f"precisions must be one of {PRECISIONS}, got {bad}")
@@ -108,6 +112,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["modules"] = list(self.modules)
+        out["fallback_modules"] = list(self.fallback_modules)
         out["format_version"] = FORMAT_VERSION
         return out
 

@@ -16,8 +16,10 @@ class QuantLinear(KernelLinear):
 
     Buffers (the checkpoint layout): ``qweight`` int8 [N, K] (8-bit) or uint8 [N, K // 2] (4-bit,
     two codes per byte); ``scales`` float32 [N, groups]; ``offsets`` float32 [N, groups]
-    (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present. Kernel operands are
-    derived from these on first use per activation dtype and are not part of the state dict.
+    (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present; ``fallback_weight``
+    [N, K] float, if the checkpoint carries a high-precision copy of the op (per-request precision
+    fallback; it follows the model's dtype). Kernel operands are derived from these on first use per
+    activation dtype and are not part of the state dict.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -25,10 +27,12 @@ class QuantLinear(KernelLinear):
             weights (W8A8), per token and weight group with 4-bit ones (W4A8).
         bias: whether the layer has a bias.
         policy: kernel selection policy.
+        has_fallback: whether to hold a float copy of the weight (``fallback_weight``).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, *,
-                 act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None) -> None:
+                 act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None,
+                 has_fallback: bool = False) -> None:
         groups = in_features // scheme.group_len(in_features)
         super().__init__(LinearSpec(in_features, out_features, scheme, act_bits, groups, bias), policy)
         self.scheme, self.act_bits = scheme, act_bits
@@ -42,14 +46,19 @@ class QuantLinear(KernelLinear):
         offsets = None if scheme.symmetric else torch.zeros(out_features, groups)
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("fallback_weight", torch.zeros(out_features, in_features) if has_fallback else None)
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
-                       act_bits: int | None = None, policy: KernelPolicy | None = None) -> "QuantLinear":
-        """Build from a ``QuantizedWeight`` (and the float bias of the replaced linear)."""
+                       act_bits: int | None = None, policy: KernelPolicy | None = None,
+                       fallback_weight: torch.Tensor | None = None) -> "QuantLinear":
+        """Build from a ``QuantizedWeight`` (and the float bias of the replaced linear, and optionally
+        its float weight as the high-precision copy)."""
         out_features = weight.scales.shape[0]
         layer = cls(weight.in_features, out_features, weight.scheme, act_bits=act_bits,
-                    bias=bias is not None, policy=policy)
+                    bias=bias is not None, policy=policy, has_fallback=fallback_weight is not None)
+        if fallback_weight is not None:
+            layer.fallback_weight.copy_(fallback_weight.detach())
         layer.qweight.copy_(weight.qweight)
         layer.scales.copy_(weight.scales)
         if weight.offsets is not None:
@@ -70,8 +79,11 @@ class QuantLinear(KernelLinear):
                for lay in layers):
             raise ValueError("only layers with the same input size, scheme and activation bits can be fused")
         has_bias = [lay.bias is not None for lay in layers]
+        has_fallback = all(lay.fallback_weight is not None for lay in layers)
         fused = cls(first.in_features, sum(lay.out_features for lay in layers), first.scheme,
-                    act_bits=first.act_bits, bias=any(has_bias), policy=first.policy)
+                    act_bits=first.act_bits, bias=any(has_bias), policy=first.policy, has_fallback=has_fallback)
+        if has_fallback:
+            fused.fallback_weight = torch.cat([lay.fallback_weight for lay in layers])
         for name in ("qweight", "scales", "offsets"):
             if getattr(first, name) is not None:
                 getattr(fused, name).copy_(torch.cat([getattr(lay, name) for lay in layers]))
@@ -92,7 +104,7 @@ class QuantLinear(KernelLinear):
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""
-        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None and name != "fallback_weight"}
         super()._apply(fn, recurse)
         for name, old in stored.items():
             new = self._buffers[name]

@@ -1,0 +1,137 @@
+"""Activation drift of each request at a monitored layer against a calibrated reference: the signal of
+per-request precision fallback.
+
+The reference is a 512-bin histogram of the monitored activations over calibration text, with its
+skewness. Each request accumulates the same histogram over a sliding window of its own tokens (the last
+``interval`` tokens) and its moments; every ``interval`` generated tokens the monitor scores the window:
+KL(window || reference) and the window's skewness. Over either threshold: the request drifted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+NUM_BINS = 512
+CHECK_INTERVAL = 64
+_EPS = 1e-6  # added to every bin before normalizing, so an empty reference bin keeps KL finite
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftReference:
+    """Calibrated histogram of the monitored activations: ``num_bins`` equal bins over [low, high]
+    (values outside fall in the end bins), as probabilities, and the calibration skewness."""
+
+    module: str
+    low: float
+    high: float
+    probs: tuple[float, ...]
+    skew: float
+
+    @classmethod
+    def calibrate(cls, module: str, activations: torch.Tensor, num_bins: int = NUM_BINS) -> "DriftReference":
+        """Reference from calibration activations [tokens, hidden]: the range is their 0.1-99.9 percentile."""
+        values = activations.reshape(-1).float()
+        sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1 << 22]]
+        low, high = (float(q) for q in torch.quantile(sample, torch.tensor([0.001, 0.999])))
+        counts = histogram(values, low, high, num_bins)
+        probs = (counts + _EPS) / (counts + _EPS).sum()
+        return cls(module, low, high, tuple(probs.tolist()), moments_skew(moments(values)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"probs": list(self.probs)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DriftReference":
+        return cls(data["module"], data["low"], data["high"], tuple(data["probs"]), data["skew"])
+
+
+def histogram(values: torch.Tensor, low: float, high: float, num_bins: int) -> torch.Tensor:
+    """Counts of ``values`` in ``num_bins`` equal bins over [low, high], clamping outliers to the end bins."""
+    index = ((values.float() - low) * (num_bins / (high - low))).floor().clamp_(0, num_bins - 1).long()
+    return torch.bincount(index.reshape(-1), minlength=num_bins).double()
+
+
+def moments(values: torch.Tensor) -> torch.Tensor:
+    """[count, sum x, sum x^2, sum x^3] in float64, additive over windows."""
+    x = values.reshape(-1).double()
+    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), x.pow(2).sum(), x.pow(3).sum()])
+
+
+def moments_skew(m: torch.Tensor) -> float:
+    """Pearson's skewness from [n, sum x, sum x^2, sum x^3]."""
+    n, s1, s2, s3 = (float(v) for v in m)
+    mean = s1 / n
+    var = max(s2 / n - mean * mean, 1e-30)
+    third = s3 / n - 3 * mean * s2 / n + 2 * mean ** 3
+    return third / var ** 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftCheck:
+    """One window's verdict for one request."""
+
+    kl: float
+    skew: float
+    drifted: bool
+
+
+class DriftMonitor:
+    """Per-request sliding-window histograms and moments of the monitored rows, checked every ``interval``.
+
+    Args:
+        reference: the calibrated histogram.
+        kl_threshold: drift when KL(window || reference) exceeds it.
+        skew_threshold: drift when |skew(window) - skew(reference)| exceeds it.
+        interval: tokens per window (and between checks).
+    """
+
+    def __init__(self, reference: DriftReference, kl_threshold: float = 0.02, skew_threshold: float = 3.0,
+                 interval: int = CHECK_INTERVAL) -> None:
+        self.reference = reference
+        self.log_ref = torch.tensor(reference.probs, dtype=torch.float64).log()
+        self.kl_threshold, self.skew_threshold, self.interval = kl_threshold, skew_threshold, interval
+        self._counts: dict[str, torch.Tensor] = {}
+        self._moments: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+
+    def observe(self, request_ids: list[str], rows: torch.Tensor) -> None:
+        """Add one row [hidden] per request (its newest token's activations; rows aligned with ids)."""
+        if not request_ids:
+            return
+        num_bins = len(self.reference.probs)
+        ref = self.reference
+        index = ((rows.float() - ref.low) * (num_bins / (ref.high - ref.low))).floor().clamp_(0, num_bins - 1).long()
+        offsets = torch.arange(len(request_ids)).unsqueeze(1) * num_bins  # one bincount for the whole batch
+        counts = torch.bincount((index + offsets).reshape(-1), minlength=len(request_ids) * num_bins)
+        counts = counts.view(len(request_ids), num_bins).double()
+        x = rows.double()
+        stats = torch.stack([torch.full((len(request_ids),), float(rows.shape[1]), dtype=torch.float64),
+                             x.sum(1), x.pow(2).sum(1), x.pow(3).sum(1)], dim=1)  # [requests, 4]
+        for row, request_id in enumerate(request_ids):
+            if request_id in self._counts:
+                self._counts[request_id] += counts[row]
+                self._moments[request_id] += stats[row]
+                self._tokens[request_id] += 1
+            else:
+                self._counts[request_id], self._moments[request_id] = counts[row].clone(), stats[row].clone()
+                self._tokens[request_id] = 1
+
+    def check(self, request_id: str) -> DriftCheck | None:
+        """The verdict once the request's window is full (then the window restarts), else None."""
+        if self._tokens.get(request_id, 0) < self.interval:
+            return None
+        counts = self._counts[request_id] + _EPS
+        probs = counts / counts.sum()
+        kl = float((probs * (probs.log() - self.log_ref)).sum())
+        skew = moments_skew(self._moments[request_id])
+        self.release(request_id)
+        drifted = kl > self.kl_threshold or abs(skew - self.reference.skew) > self.skew_threshold
+        return DriftCheck(kl, skew, drifted)
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's window (finished, aborted or already fallen back)."""
+        self._counts.pop(request_id, None)
+        self._moments.pop(request_id, None)
+        self._tokens.pop(request_id, None)
