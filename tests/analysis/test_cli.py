@@ -68,3 +68,27 @@ def test_auto_writes_plan_csv_and_plot(report, tiny_llama_dir, tmp_path):
         main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--auto", "--sensitivity", str(report_path), "--max-ppl-increase", "-50",
               "--output", str(tmp_path / "none"), *CALIB])
+
+
+def test_fallback_copies_and_drift_reference(report, tiny_llama_dir, tmp_path):
+    from ember.engine.drift import DriftReference
+    from ember.quant.checkpoint import load_drift_reference
+
+    report_path = tmp_path / "sens.json"
+    report_path.write_text(json.dumps(report))
+    out = tmp_path / "copies"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--fallback-copies", "all", "--output", str(out), *CALIB])
+    payload = json.loads((out / "quantization_config.json").read_text())
+    assert sorted(payload["fallback_modules"]) == payload["quantized_modules"] and len(payload["quantized_modules"]) == 14
+    reference = DriftReference.from_dict(load_drift_reference(out))
+    assert reference.module == "model.norm" and len(reference.probs) == 512 and reference.low < 0 < reference.high
+    assert len(_generate(out).outputs[0].token_ids) == 4  # loads with the copies
+    sensitive = tmp_path / "sensitive"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--sensitivity", str(report_path), "--bf16-budget", "0.2", "--fallback-copies", "sensitive",
+          "--output", str(sensitive), *CALIB])
+    payload = json.loads((sensitive / "quantization_config.json").read_text())
+    kept = {n for n, p in payload["module_precisions"].items() if p == "bf16"}
+    assert set(payload["fallback_modules"]) == set(payload["quantized_modules"])  # every op flagged at KL 0
+    assert kept and not kept & set(payload["fallback_modules"])

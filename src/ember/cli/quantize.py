@@ -68,17 +68,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model_config, state = load_state(path)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
+    if args.fallback_copies != "none" and args.act_bits is not None:
+        raise SystemExit("--fallback-copies needs a weight-only config")
     uses_report = bool(args.keep_bf16 or args.auto or args.bf16_budget is not None
                        or args.fallback_copies == "sensitive")
     measures_report = uses_report and not (args.sensitivity or args.keep_bf16)
-    batches = load_calibration(args, tokenizer) if config.needs_calibration or measures_report or args.auto else None
+    wants_batches = config.needs_calibration or measures_report or args.auto or args.fallback_copies != "none"
+    batches = load_calibration(args, tokenizer) if wants_batches else None
     start = time.monotonic()
     report = _sensitivity(args, config, model, batches) if uses_report else None
     precisions = _auto_plan(args, config, model, batches, report) if args.auto else _bf16_plan(args, model, report)
     config = dataclasses.replace(config, precisions=precisions,
                                  fallback_modules=_fallback_modules(args, config, model, report, precisions))
+    drift = _drift_reference(model, batches) if config.fallback_modules else None  # of the float model
     replaced = quantize_model(model, config, calib_batches=batches)
-    save_quantized(model, args.output, config)
+    save_quantized(model, args.output, config, drift_reference=drift)
     tokenizer.hf.save_pretrained(args.output)
     copies = sum(model.get_submodule(n).fallback_weight.numel() for n in config.fallback_modules)
     print(json.dumps({"output": args.output, "config": config.to_dict(), "quantized_modules": len(replaced),
@@ -154,3 +158,18 @@ def _auto_plan(args: argparse.Namespace, config, model, batches, report) -> dict
         raise SystemExit(f"no plan within +{args.max_ppl_increase}% calibration perplexity (see precision_search.csv)")
     print(json.dumps({"chosen": best.to_row()}, indent=1))
     return {name: p for name, p in linear_precisions(best.plan).items() if p != "int4"}
+
+
+def _drift_reference(model, batches) -> dict:
+    """Histogram of the float model's final normed hidden states on the calibration batches: what a
+    request's own activations are compared with at run time (``ember.engine.drift``)."""
+    import torch
+
+    from ember.engine.drift import DriftReference
+    from ember.quant.calibration import capture_activations
+
+    with torch.no_grad(), capture_activations(model, ["model.norm"], inputs=False, outputs=True) as capture:
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in capture.outputs["model.norm"]])
+    return DriftReference.calibrate("model.norm", rows).to_dict()

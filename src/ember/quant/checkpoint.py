@@ -17,8 +17,12 @@ WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
 
 
-def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig) -> Path:
+def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig,
+                   drift_reference: dict[str, Any] | None = None) -> Path:
     """Write the model's state (packed codes, scales, float remainder) and its quantization config.
+
+    ``drift_reference`` (the calibrated activation histogram of per-request precision fallback,
+    ``ember.engine.drift.DriftReference.to_dict()``) is stored in the JSON when given.
 
     Tensors sharing storage (tied embeddings) are stored once; ``tied`` in the JSON maps each alias
     to the stored name. A Hugging Face ``model.config`` is written as ``config.json`` when present.
@@ -41,6 +45,8 @@ def save_quantized(model: nn.Module, directory: str | Path, config: QuantConfig)
     precisions = {n: config.precision_of(n) for n in quantized}
     precisions.update({n: p for n, p in config.precisions.items() if p == "bf16"})
     payload = dict(config.to_dict(), quantized_modules=quantized, tied=tied, module_precisions=precisions)
+    if drift_reference is not None:
+        payload["drift_reference"] = drift_reference
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_file"):
@@ -57,6 +63,7 @@ def load_quantized_state(directory: str | Path) -> tuple[QuantConfig, list[str],
     directory = Path(directory)
     payload: dict[str, Any] = json.loads((directory / QUANT_CONFIG_NAME).read_text())
     quantized = list(payload.pop("quantized_modules", []))
+    payload.pop("drift_reference", None)
     tied = dict(payload.pop("tied", {}))
     config = QuantConfig.from_dict(payload)
     state = load_file(str(directory / WEIGHTS_NAME))
@@ -86,3 +93,9 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     model.load_state_dict(state, strict=True)
     return config
+
+
+def load_drift_reference(directory: str | Path) -> dict[str, Any] | None:
+    """The calibrated drift reference a checkpoint carries (for precision fallback), or None."""
+    payload = json.loads((Path(directory) / QUANT_CONFIG_NAME).read_text())
+    return payload.get("drift_reference")
