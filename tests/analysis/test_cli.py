@@ -92,3 +92,17 @@ def test_fallback_copies_and_drift_reference(report, tiny_llama_dir, tmp_path):
     kept = {n for n, p in payload["module_precisions"].items() if p == "bf16"}
     assert set(payload["fallback_modules"]) == set(payload["quantized_modules"])  # every op flagged at KL 0
     assert kept and not kept & set(payload["fallback_modules"])
+
+
+def test_auto_latency_objective_measures_decode_time(report, tiny_llama_dir, tmp_path):
+    report_path = tmp_path / "sens.json"
+    report_path.write_text(json.dumps(report))
+    out = tmp_path / "latency"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--auto",
+          "--objective", "latency", "--dtype", "float32", "--sensitivity", str(report_path),
+          "--max-ppl-increase", "1000", "--output", str(out), *CALIB])
+    import csv
+    rows = list(csv.DictReader((out / "precision_search.csv").open()))
+    timed = [r for r in rows if r["tpot_ms"]]
+    assert timed and all(float(r["tpot_ms"]) > 0 for r in timed)
+    assert json.loads((out / "quantization_config.json").read_text())["module_precisions"]

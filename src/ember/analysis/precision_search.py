@@ -31,13 +31,14 @@ class Candidate:
     ppl: float
     dppl: float  # % of the float model's calibration perplexity
     label: str
+    tpot_ms: float | None = None  # measured single-stream decode time per token (latency objective)
 
     def counts(self) -> dict[str, int]:
         return {p: sum(1 for v in self.plan.values() if v == p) for p in ("int4", "int8", "bf16")}
 
     def to_row(self) -> dict[str, Any]:
         return {"label": self.label, **self.counts(), "weight_bytes": self.weight_bytes, "ppl": self.ppl,
-                "dppl_percent": self.dppl, "bf16_ops": " ".join(r.key() for r, p in self.plan.items() if p == "bf16"),
+                "dppl_percent": self.dppl, "tpot_ms": self.tpot_ms, "bf16_ops": " ".join(r.key() for r, p in self.plan.items() if p == "bf16"),
                 "int8_ops": " ".join(r.key() for r, p in self.plan.items() if p == "int8")}
 
 
@@ -147,6 +148,48 @@ def search_precisions(evaluator: PlanEvaluator, ranking: Sequence[OpRef], max_pp
     return (min(feasible, key=lambda c: c.weight_bytes) if feasible else None), candidates
 
 
+def frontier_candidates(candidates: Sequence[Candidate], max_ppl_increase: float) -> list[Candidate]:
+    """Per bf16 count, the feasible plan with the fewest int8 ops: where the latency objective measures."""
+    best: dict[int, Candidate] = {}
+    for cand in candidates:
+        if cand.dppl <= max_ppl_increase:
+            j = cand.counts()["bf16"]
+            if j not in best or cand.weight_bytes < best[j].weight_bytes:
+                best[j] = cand
+    return [best[j] for j in sorted(best)]
+
+
+def measure_tpot(float_model: nn.Module, plan: dict[OpRef, str], group_size: int, tokenizer, dtype: str,
+                 num_tokens: int = 128) -> float:
+    """Single-stream decode time per token (ms) of ``plan`` in the engine: W2's prompt (the first 128
+    tokens of W1's first prompt), ``num_tokens`` greedy tokens. Kernel time depends on each op's
+    precision, not its values, so the plan is quantized with RTN into a scratch checkpoint."""
+    import copy
+    import random
+    import tempfile
+
+    from ember import LLM, SamplingParams
+    from ember.quant import QuantConfig, quantize_model, save_quantized
+    from ember.quant.plan import linear_precisions
+
+    precisions = {n: p for n, p in linear_precisions(plan).items() if p != "int4"}
+    model = copy.deepcopy(float_model)
+    quantize_model(model, QuantConfig(method="rtn", bits=4, group_size=group_size, precisions=precisions))
+    rng = random.Random(0)  # W1's first request: L, O, then the ids
+    length, _ = rng.randint(64, 512), rng.randint(64, 256)
+    vocab = float_model.config.vocab_size  # W2's ids fit SmolLM2's vocabulary; wrap them for smaller ones
+    prompt = [rng.randint(100, 49052) % vocab for _ in range(length)][:128]
+    with tempfile.TemporaryDirectory() as scratch:
+        save_quantized(model, scratch, QuantConfig(method="rtn", bits=4, group_size=group_size, precisions=precisions))
+        tokenizer.save_pretrained(scratch)
+        llm = LLM(model=scratch, dtype=dtype)
+        params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+        llm.generate({"prompt_token_ids": prompt[:16]}, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    metrics = out.metrics
+    return 1000 * (metrics.finished_time - metrics.first_token_time) / (num_tokens - 1)
+
+
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Candidates no other one beats on both weight bytes and perplexity, by increasing bytes."""
     front, best = [], math.inf
@@ -169,22 +212,29 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str) -> None:
 
 def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate | None, bound: float, base_ppl: float,
                     path: str) -> None:
-    """Calibration perplexity against weight bytes: every candidate, the Pareto front, the bound, the choice."""
+    """Calibration perplexity against weight bytes (every candidate, the Pareto front, the bound, the
+    choice) and, when decode times were measured, against TPOT."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = [c for c in candidates if c.tpot_ms is not None]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     ax.scatter([c.weight_bytes / 1e6 for c in candidates], [c.ppl for c in candidates], s=14, label="candidates")
     front = pareto_front(candidates)
     ax.plot([c.weight_bytes / 1e6 for c in front], [c.ppl for c in front], color="C1", label="Pareto front")
-    ax.axhline(base_ppl * (1 + bound / 100), color="C2", linestyle="--", label=f"+{bound:g}% bound")
-    if chosen is not None:
-        ax.scatter([chosen.weight_bytes / 1e6], [chosen.ppl], s=90, marker="*", color="C3", label="chosen", zorder=3)
     ax.set_xlabel("linear weight bytes (MB)")
-    ax.set_ylabel("calibration perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    if timed:
+        axes[0][1].scatter([c.tpot_ms for c in timed], [c.ppl for c in timed], s=20, label="measured plans")
+        axes[0][1].set_xlabel("W2 TPOT (ms)")
+    for panel, x_of in zip(axes[0], (lambda c: c.weight_bytes / 1e6, lambda c: c.tpot_ms)):
+        panel.axhline(base_ppl * (1 + bound / 100), color="C2", linestyle="--", label=f"+{bound:g}% bound")
+        if chosen is not None and x_of(chosen) is not None:
+            panel.scatter([x_of(chosen)], [chosen.ppl], s=90, marker="*", color="C3", label="chosen", zorder=3)
+        panel.set_ylabel("calibration perplexity")
+        panel.grid(alpha=0.3)
+        panel.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
                        help="search each op's precision among int4, int8 and bf16 (GPTQ/RTN, weight-only)")
     mixed.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
                        help="--auto: the largest calibration perplexity increase allowed, in percent")
+    mixed.add_argument("--objective", default="memory", choices=["memory", "latency"],
+                       help="--auto: among plans within the bound, the fewest weight bytes, or the lowest measured "
+                            "single-stream decode time per token (W2)")
+    mixed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="--auto --objective latency: the engine dtype the decode time is measured in")
     mixed.add_argument("--fallback-copies", default="none", choices=["none", "sensitive", "all"],
                        help="also store float copies of the quantized ops the report flags (sensitive) or of "
                             "every quantized op (all), for per-request precision fallback at run time")
@@ -77,7 +82,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     batches = load_calibration(args, tokenizer) if wants_batches else None
     start = time.monotonic()
     report = _sensitivity(args, config, model, batches) if uses_report else None
-    precisions = _auto_plan(args, config, model, batches, report) if args.auto else _bf16_plan(args, model, report)
+    precisions = _auto_plan(args, config, model, batches, report, tokenizer) if args.auto else _bf16_plan(args, model, report)
     config = dataclasses.replace(config, precisions=precisions,
                                  fallback_modules=_fallback_modules(args, config, model, report, precisions))
     drift = _drift_reference(model, batches) if config.fallback_modules else None  # of the float model
@@ -132,15 +137,15 @@ def _sensitivity(args: argparse.Namespace, config, model, batches):
     return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=True)
 
 
-def _auto_plan(args: argparse.Namespace, config, model, batches, report) -> dict[str, str]:
+def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokenizer) -> dict[str, str]:
     """Search each op's precision (int4 g<group>, int8, bf16); write the candidates' CSV and Pareto plot."""
     import math
     import os
 
     from tqdm import tqdm
 
-    from ember.analysis.precision_search import (PlanEvaluator, plot_candidates, search_precisions,
-                                                 write_candidates_csv)
+    from ember.analysis.precision_search import (PlanEvaluator, frontier_candidates, measure_tpot, plot_candidates,
+                                                 search_precisions, write_candidates_csv)
     from ember.quant.plan import linear_precisions
 
     if config.bits != 4 or config.method not in ("rtn", "gptq"):
@@ -150,6 +155,11 @@ def _auto_plan(args: argparse.Namespace, config, model, batches, report) -> dict
     best, candidates = search_precisions(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,
                                          on_candidate=lambda c: bar.update())
     bar.close()
+    if args.objective == "latency":
+        timed = [dataclasses.replace(c, tpot_ms=measure_tpot(model, c.plan, config.group_size, tokenizer.hf, args.dtype))
+                 for c in tqdm(frontier_candidates(candidates, args.max_ppl_increase), desc="W2 TPOT")]
+        candidates = [c for c in candidates if c.label not in {t.label for t in timed}] + timed
+        best = min(timed, key=lambda c: c.tpot_ms) if timed else None
     os.makedirs(args.output, exist_ok=True)
     write_candidates_csv(candidates, os.path.join(args.output, "precision_search.csv"))
     plot_candidates(candidates, best, args.max_ppl_increase, math.exp(evaluator.base_nll),
