@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--bf16-budget", type=float, default=0.10)
-    parser.add_argument("--rank-by", default="kl")
+    parser.add_argument("--rank-by", action="append", default=None,
+                        help="metric ranking the ops (repeat for several mixes; the first sizes the random controls)")
     parser.add_argument("--seeds", type=int, default=3, help="random controls")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint directories to score")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -90,15 +91,15 @@ def main() -> None:
     ops = decoder_ops(model_config.num_hidden_layers)
     shapes = op_shapes(float_model, ops)
     report = SensitivityReport.load(args.sensitivity)
-    ranking = [ref for ref in report.ranking(args.rank_by) if ref in shapes]
-    chosen = budget_plan(ranking, shapes, args.bf16_budget)
-    chosen_bytes = sum(op_weight_bytes(shapes[r], "bf16") for r in chosen)
+    metrics = args.rank_by or ["kl"]
+    mixes = {m: budget_plan([r for r in report.ranking(m) if r in shapes], shapes, args.bf16_budget) for m in metrics}
+    chosen_bytes = sum(op_weight_bytes(shapes[r], "bf16") for r in mixes[metrics[0]])
 
     def weight_bytes(kept) -> int:
         return sum(op_weight_bytes(shapes[r], "bf16" if r in kept else "int4", args.group_size) for r in ops)
 
     settings = [("uniform", [])]
-    settings.append((f"sensitivity {args.rank_by} top {args.bf16_budget:.0%}", chosen))
+    settings += [(f"sensitivity {m} top {args.bf16_budget:.0%}", kept) for m, kept in mixes.items()]
     settings += [(f"random seed {s}", random_plan(ops, shapes, chosen_bytes, s)) for s in range(args.seeds)]
     rows = []
     base = None if "float" in args.skip else evaluation_ppl(None, args.dtype, args.max_tokens)
@@ -119,7 +120,7 @@ def main() -> None:
     for row in rows:
         row["dppl_percent"] = None if base is None else 100 * (row["ppl"] / base - 1)
     print(json.dumps({"dtype": args.dtype, "float_ppl": base, "method": args.method, "group_size": args.group_size,
-                      "rank_by": args.rank_by, "rows": rows}, indent=1))
+                      "rank_by": metrics, "rows": rows}, indent=1))
 
 
 def _checkpoint_bytes(directory: str, shapes, group_size: int) -> dict:

@@ -51,3 +51,47 @@ def bundled_gguf():
 def bundled_llm_fp32():
     from ember import LLM
     return LLM(dtype="float32", max_model_len=1024, num_kv_blocks=512)
+
+
+class DualPrecisionCheckpoint:
+    """The tiny Llama quantized (RTN int4, groups of 32: enough to change greedy tokens) and saved as a
+    checkpoint, with the float weights of its linears, for the runtime precision mask tests."""
+
+    def __init__(self, path: str, float_weights: dict, hf_quantized) -> None:
+        self.path = path
+        self.float_weights = float_weights  # Hugging Face linear name -> float32 weight
+        self.hf_quantized = hf_quantized  # the HF model holding the same QuantLinears
+
+    def make_engine(self, dtype: str = "float32", ops=None, **config):
+        """An engine on the checkpoint whose linears (all, or the names in `ops`) carry float copies."""
+        from ember.config import EngineConfig
+        from ember.engine.llm_engine import LLMEngine
+        from ember.loader.model_loader import load_model
+        from ember.loader.tokenizer import Tokenizer
+        from ember.models.layers.precision import attach_fallback_copies
+
+        engine_config = EngineConfig(model=self.path, dtype=dtype, **{"max_model_len": 256, **config})
+        model, model_config = load_model(self.path, getattr(torch, dtype))
+        copies = {n: w for n, w in self.float_weights.items() if ops is None or n in ops}
+        attach_fallback_copies(model, copies, getattr(torch, dtype))
+        return LLMEngine(engine_config, model, model_config, Tokenizer.from_path(self.path), "tiny-dual")
+
+
+@pytest.fixture(scope="session")
+def dual_precision_checkpoint(tiny_llama_dir, tmp_path_factory) -> DualPrecisionCheckpoint:
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ember.quant.api import quantize_model
+    from ember.quant.checkpoint import save_quantized
+    from ember.quant.config import QuantConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    float_weights = {name: module.weight.detach().clone() for name, module in hf.named_modules()
+                     if isinstance(module, nn.Linear) and name != "lm_head"}
+    config = QuantConfig(method="rtn", bits=4, group_size=32)
+    quantize_model(hf, config)
+    path = tmp_path_factory.mktemp("tiny-llama-int4")
+    save_quantized(hf, path, config)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return DualPrecisionCheckpoint(str(path), float_weights, hf)

@@ -63,6 +63,13 @@ class EngineConfig:
     force_kernels: str | None = field(default=None, metadata={
         "help": "comma-separated linear kernels to use for every layer of their kind (at most one per kind); "
                 "loading fails if one cannot run here"})
+    precision_fallback: bool = field(default=False, metadata={
+        "help": "switch a request to the high-precision copies of its quantized ops when its activations drift "
+                "from the checkpoint's calibrated reference (checked every 64 tokens)"})
+    fallback_kl: float = field(default=0.02, metadata={
+        "help": "precision fallback: KL of a request's 512-bin activation histogram against the reference"})
+    fallback_skew: float = field(default=3.0, metadata={
+        "help": "precision fallback: largest allowed change of the activations' skewness from the reference"})
     usage_context: UsageContext = field(default=UsageContext.ENGINE, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -85,6 +92,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.fallback_kl <= 0 or self.fallback_skew <= 0:
+            raise ValueError(f"fallback_kl and fallback_skew must be positive, got {self.fallback_kl}, "
+                             f"{self.fallback_skew}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         self.kernel_policy()  # unknown or conflicting kernel names fail here, with the known ones listed

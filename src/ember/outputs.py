@@ -29,6 +29,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that matched
+    # output-token index from which this sample ran on the high-precision path after a mid-flight
+    # switch (`LLMEngine.set_request_precision`); None if it never switched
+    precision_switch_token: int | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -54,4 +57,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    precision_switch_token: int | None = None  # the earliest switch among `outputs`, None if none switched
     extra: dict = field(default_factory=dict)

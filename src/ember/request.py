@@ -51,6 +51,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.first_token_time: float | None = None
+        # The precision mask (see `start_dense_path`): the dual-precision ops this request runs on
+        # their dense path, fixed at admission; rows at positions >= `dense_from_position` use them.
+        self.precision_ops: frozenset[str] = frozenset()
+        self.dense_from_position: int | None = None  # None: every row quantized
+        self.precision_switch_token: int | None = None  # output index of a mid-flight switch
         # A seeded request owns its generator so its samples do not depend on batch neighbours.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
@@ -76,6 +81,35 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def kv_salt(self):
+        """What the prefix cache keys the first block by: the `cache_salt`, plus the dense op set for a
+        request admitted on the dense path (its KV is not the quantized one, and only requests with the
+        same ops may share it)."""
+        if self.dense_from_position == 0 and self.precision_switch_token is None and self.precision_ops:
+            return (self.cache_salt, "dense", self.precision_ops)
+        return self.cache_salt
+
+    @property
+    def num_cacheable_tokens(self) -> int | None:
+        """Leading tokens whose KV the prefix cache may share (None: all). After a mid-flight switch the
+        later tokens were computed on another path than the salt says, so they are never shared."""
+        return self.dense_from_position if self.precision_switch_token is not None else None
+
+    def start_dense_path(self) -> bool:
+        """Switch to the dense path of `precision_ops` from the next token sampled on (False if already on it).
+
+        The switch is a position: the row that yields output token `k = num_output_tokens` (position
+        `num_tokens - 1`) and every later one run dense; earlier positions stay quantized, also when a
+        preempted request recomputes them, so recompute rebuilds exactly the KV it had. A request with
+        no output yet starts dense at the tokens it has not computed (all of them when waiting).
+        """
+        if self.dense_from_position is not None:
+            return False
+        self.dense_from_position = self.num_tokens - 1 if self.output_token_ids else self.num_computed_tokens
+        self.precision_switch_token = self.num_output_tokens
+        return True
 
     def append_output_token_id(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

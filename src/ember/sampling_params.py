@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 _SAMPLING_EPS = 1e-5
 
+# The paths a request may run on: the served quantized weights, or the high-precision ("bf16") copy of
+# every op that has one (the runtime precision mask; in a float32 engine the copies run in float32).
+PRECISIONS = ("quantized", "bf16")
+DENSE_PRECISION = "bf16"
+
 
 @dataclass
 class SamplingParams:
@@ -36,6 +41,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    precision: str | None = None  # ember's: one of PRECISIONS; None = the engine's default
     extra_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +90,8 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
+        _check(self.precision is None or self.precision in PRECISIONS, "precision",
+               f"precision must be one of {list(PRECISIONS)} or None, got {self.precision!r}")
         if self.logit_bias:
             _check(all(math.isfinite(v) for v in self.logit_bias.values()), "logit_bias",
                    "logit_bias values must be finite")

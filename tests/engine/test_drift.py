@@ -64,3 +64,12 @@ def test_batched_observation_equals_single(reference):
     for request_id in "xyz":
         assert batched.check(request_id) == single.check(request_id)
     assert DriftReference.from_dict(reference.to_dict()) == reference
+
+
+def test_several_rows_per_request_equal_one_at_a_time(reference):
+    rows = torch.randn(5, 576, generator=torch.Generator().manual_seed(5))
+    grouped, single = DriftMonitor(reference, interval=3), DriftMonitor(reference, interval=3)
+    grouped.observe(["p", "q"], rows, [3, 2])
+    for index, owner in enumerate("pppqq"):
+        single.observe([owner], rows[index:index + 1])
+    assert grouped.check("p") == single.check("p") and grouped.check("q") is single.check("q") is None

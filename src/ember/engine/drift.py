@@ -96,27 +96,30 @@ class DriftMonitor:
         self._moments: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
 
-    def observe(self, request_ids: list[str], rows: torch.Tensor) -> None:
-        """Add one row [hidden] per request (its newest token's activations; rows aligned with ids)."""
+    def observe(self, request_ids: list[str], rows: torch.Tensor, num_rows: list[int] | None = None) -> None:
+        """Add the activations [rows, hidden] of the requests' newest tokens: request i owns the next
+        ``num_rows[i]`` rows (default one each)."""
         if not request_ids:
             return
-        num_bins = len(self.reference.probs)
-        ref = self.reference
+        num_rows = num_rows or [1] * len(request_ids)
+        num_bins, ref = len(self.reference.probs), self.reference
+        owner = torch.repeat_interleave(torch.arange(len(request_ids)), torch.tensor(num_rows))  # [rows]
         index = ((rows.float() - ref.low) * (num_bins / (ref.high - ref.low))).floor().clamp_(0, num_bins - 1).long()
-        offsets = torch.arange(len(request_ids)).unsqueeze(1) * num_bins  # one bincount for the whole batch
-        counts = torch.bincount((index + offsets).reshape(-1), minlength=len(request_ids) * num_bins)
-        counts = counts.view(len(request_ids), num_bins).double()
+        # one bincount for the whole batch: request i's bins are [i * num_bins, (i + 1) * num_bins)
+        counts = torch.bincount((index + owner.unsqueeze(1) * num_bins).reshape(-1),
+                                minlength=len(request_ids) * num_bins).view(len(request_ids), num_bins).double()
         x = rows.double()
-        stats = torch.stack([torch.full((len(request_ids),), float(rows.shape[1]), dtype=torch.float64),
-                             x.sum(1), x.pow(2).sum(1), x.pow(3).sum(1)], dim=1)  # [requests, 4]
-        for row, request_id in enumerate(request_ids):
+        per_row = torch.stack([torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64),
+                               x.sum(1), x.pow(2).sum(1), x.pow(3).sum(1)], dim=1)  # [rows, 4]
+        stats = torch.zeros(len(request_ids), 4, dtype=torch.float64).index_add_(0, owner, per_row)
+        for i, request_id in enumerate(request_ids):
             if request_id in self._counts:
-                self._counts[request_id] += counts[row]
-                self._moments[request_id] += stats[row]
-                self._tokens[request_id] += 1
+                self._counts[request_id] += counts[i]
+                self._moments[request_id] += stats[i]
+                self._tokens[request_id] += num_rows[i]
             else:
-                self._counts[request_id], self._moments[request_id] = counts[row].clone(), stats[row].clone()
-                self._tokens[request_id] = 1
+                self._counts[request_id], self._moments[request_id] = counts[i].clone(), stats[i].clone()
+                self._tokens[request_id] = num_rows[i]
 
     def check(self, request_id: str) -> DriftCheck | None:
         """The verdict once the request's window is full (then the window restarts), else None."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -10,14 +11,17 @@ from typing import Iterable
 import torch
 
 from ember.config import EngineConfig, default_num_threads
+from ember.engine.drift import DriftMonitor, DriftReference
 from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ember.engine.output_processor import ParentState, check_stop
+from ember.engine.precision import PrecisionManager, PrecisionState, check_precision
 from ember.kv_cache.kv_cache_manager import KVCacheManager
 from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
 from ember.outputs import Logprob, RequestOutput
+from ember.quant.checkpoint import load_drift_reference
 from ember.request import Request, RequestStatus
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import DENSE_PRECISION, SamplingParams
 from ember.scheduler.output import SchedulerOutput
 from ember.scheduler.scheduler import Scheduler
 
@@ -34,6 +38,7 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens served from it
+    num_precision_fallbacks_total: int = 0  # sequences switched to the high-precision path mid-flight
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -44,7 +49,7 @@ class LLMEngine:
     """Owns the scheduler, the KV-cache manager, the model runner and per-request output state."""
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, model_config, tokenizer: Tokenizer,
-                 model_name: str) -> None:
+                 model_name: str, drift_reference: DriftReference | None = None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -59,6 +64,10 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks, config.block_size, dtype)
+        self.precision = PrecisionManager(model)
+        self.num_precision_fallbacks_total = 0
+        self.drift = self._drift_monitor(config, drift_reference)
+        self.runner.keep_hidden = self.drift is not None
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
         self._parents: dict[str, ParentState] = {}
         self._counter = itertools.count()
@@ -74,22 +83,40 @@ class LLMEngine:
         model, model_config = load_model(path, getattr(torch, config.dtype), config.kernel_policy())
         tokenizer = Tokenizer.from_path(path)
         name = config.model or "SmolLM2-135M-Instruct"
-        return cls(config, model, model_config, tokenizer, name)
+        reference = load_drift_reference(path) if config.precision_fallback and os.path.isdir(path) else None
+        return cls(config, model, model_config, tokenizer, name,
+                   DriftReference.from_dict(reference) if reference else None)
+
+    def _drift_monitor(self, config: EngineConfig, reference: DriftReference | None) -> DriftMonitor | None:
+        """The activation monitor of `--precision-fallback`; it needs float copies and a drift reference."""
+        if not config.precision_fallback:
+            return None
+        if not self.precision.has_dual_layers or reference is None:
+            raise ValueError("precision fallback needs a quantized checkpoint with float copies of its ops and a "
+                             "drift reference: write one with `ember quantize ... --fallback-copies sensitive|all`")
+        if reference.module != "model.norm":
+            raise ValueError(f"the drift reference watches {reference.module!r}; this engine watches model.norm")
+        return DriftMonitor(reference, config.fallback_kl, config.fallback_skew)
 
     # ---- requests in -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, cache_salt: str | None = None) -> None:
         """Queue a request (fanned out into `params.n` sequences).
 
+        The request runs at `params.precision` (None: the engine's default, see `set_precision`) and
+        keeps the enabled op set of this moment until it finishes.
+
         Raises:
-            ValueError: empty prompt, token id out of range, a duplicate id, or a prompt that
-                cannot fit (prompt + max_tokens beyond max_model_len or the whole KV cache).
+            ValueError: empty prompt, token id out of range, a duplicate id, a prompt that cannot
+                fit (prompt + max_tokens beyond max_model_len or the whole KV cache), or precision
+                "bf16" on a model without high-precision copies.
         """
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = self._validate(token_ids, params)
+        precision = self.precision.request_precision(params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = [Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params,
                             self.eos_token_id, cache_salt, parent_id=request_id, index=i,
@@ -97,6 +124,7 @@ class LLMEngine:
                     for i in range(params.n)]
         self._parents[request_id] = ParentState(request_id, prompt_text, children, self.tokenizer)
         for child in children:
+            self.precision.admit(child, precision)
             self.scheduler.add_request(child)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
@@ -132,6 +160,48 @@ class LLMEngine:
                 continue
             child_ids = [c.request.request_id for c in parent.children]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            for child_id in child_ids if self.drift is not None else ():
+                self.drift.release(child_id)
+
+    # ---- the precision mask ------------------------------------------------------------------
+    def set_request_precision(self, request_id: str, precision: str = DENSE_PRECISION) -> int:
+        """Switch an in-flight request (a parent id: all its samples; or one sample's id) to the
+        high-precision path of the ops it was admitted with, from its next sampled token on (see
+        `Request.start_dense_path`). Call between steps. Returns how many sequences switched (0 for
+        those already on it).
+
+        Raises:
+            ValueError: unknown or finished request, a precision other than "bf16" (a request does not
+                go back to the quantized path), or a model without dual-precision layers.
+        """
+        check_precision(precision)
+        if precision != DENSE_PRECISION:
+            raise ValueError(f"an in-flight request can only switch to {DENSE_PRECISION!r}, got {precision!r}")
+        self.precision.require_dual_layers()
+        parent = self._parents.get(request_id)
+        if parent is not None:
+            requests = [c.request for c in parent.children if not c.request.is_finished]
+        else:
+            request = self.scheduler.requests.get(request_id)
+            requests = [request] if request is not None else []
+        if not requests:
+            raise ValueError(f"no unfinished request {request_id!r}")
+        num_switched = sum(request.start_dense_path() for request in requests)
+        self.num_precision_fallbacks_total += num_switched
+        return num_switched
+
+    def set_precision(self, ops=None, default_precision: str | None = None) -> PrecisionState:
+        """Change which ops have their high-precision path enabled (names or globs, see
+        `PrecisionManager`) and/or the precision of new requests; requests in flight keep theirs.
+
+        Raises:
+            ValueError: no dual-precision layers, a pattern that matches no op, an unknown precision;
+                nothing changes then.
+        """
+        return self.precision.update(ops, default_precision)
+
+    def get_precision(self) -> PrecisionState:
+        return self.precision.state()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -146,7 +216,32 @@ class LLMEngine:
         if scheduler_output.is_empty:
             return []
         runner_output = self.runner.execute(scheduler_output)
-        return self._postprocess(scheduler_output, runner_output)
+        outputs = self._postprocess(scheduler_output, runner_output)
+        if self.drift is not None:
+            self._watch_drift(runner_output)
+        return outputs
+
+    def _watch_drift(self, runner_output: ModelRunnerOutput) -> None:
+        """Feed each quantized request's newest rows to the drift monitor; a request whose window drifts
+        runs its next tokens on the float copies (`set_request_precision`). Rows are the final normed
+        hidden states, prompt rows included, so the first check comes with the first generated token."""
+        ids, rows, counts = [], [], []
+        for request, start, end in runner_output.row_spans:
+            if request.is_finished or request.dense_from_position is not None:
+                self.drift.release(request.request_id)
+                continue
+            first = max(start, end - self.drift.interval)  # only the newest window's worth of rows
+            ids.append(request.request_id)
+            rows.append(runner_output.hidden[first:end])
+            counts.append(end - first)
+        if not ids:
+            return
+        self.drift.observe(ids, torch.cat(rows), counts)
+        for request_id in ids:
+            check = self.drift.check(request_id)
+            if check is not None and check.drifted:
+                self.set_request_precision(request_id, DENSE_PRECISION)
+                self.drift.release(request_id)
 
     def _postprocess(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         for entry in scheduler_output.scheduled:
@@ -200,4 +295,5 @@ class LLMEngine:
         manager = self.kv_cache_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), manager.usage,
                            self.scheduler.num_preemptions_total, self.prompt_tokens_total,
-                           self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens)
+                           self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens,
+                           self.num_precision_fallbacks_total)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ember.attention.metadata import build_attention_metadata
 from ember.models.config import ModelConfig
+from ember.models.layers.precision import PrecisionMask
 from ember.sampling.metadata import SamplingMetadata
 from ember.sampling.sampler import Sampler, SamplerOutput
 from ember.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -20,6 +21,10 @@ class ModelRunnerOutput:
 
     sampled_requests: list  # list[Request], aligned with the sampler output rows
     sampler_output: SamplerOutput | None
+    # With `keep_hidden`: the step's final hidden states [num_rows, hidden] and which rows each
+    # scheduled request owns, (request, first row, end row), for the precision-fallback monitor.
+    hidden: torch.Tensor | None = None
+    row_spans: list | None = None
 
 
 class ModelRunner:
@@ -32,6 +37,7 @@ class ModelRunner:
         self.dtype = dtype
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_caches()
+        self.keep_hidden = False  # set by the engine when it watches activations (precision fallback)
 
     @staticmethod
     def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -50,12 +56,15 @@ class ModelRunner:
         # backend batches the former and walks the latter.
         entries = sorted(scheduler_output.scheduled, key=lambda s: s.num_new_tokens > 1)
         input_ids, positions, meta, logits_rows, sampled = self._prepare_inputs(entries)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        precision = build_precision_mask(entries)  # None unless some row takes a dense path
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, precision)
+        kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
         if not sampled:
-            return ModelRunnerOutput([], None)
-        logits = self.model.compute_logits(hidden[logits_rows])  # [num_sampled, vocab]
+            return ModelRunnerOutput([], None, *kept)
+        head_precision = precision.select(logits_rows) if precision is not None else None
+        logits = self.model.compute_logits(hidden[logits_rows], head_precision)  # [num_sampled, vocab]
         metadata = SamplingMetadata.from_requests(sampled, self.model_config.vocab_size)
-        return ModelRunnerOutput(sampled, self.sampler(logits, metadata))
+        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept)
 
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
         input_ids: list[int] = []
@@ -77,3 +86,27 @@ class ModelRunner:
         meta = build_attention_metadata([e.block_ids for e in entries], context_lens,
                                         [e.num_new_tokens for e in entries], self.block_size, positions_t)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
+
+
+def _row_spans(entries: list[ScheduledRequest]) -> list:
+    """(request, first row, end row) of each entry, in the order `_prepare_inputs` lays rows out."""
+    spans, offset = [], 0
+    for entry in entries:
+        spans.append((entry.request, offset, offset + entry.num_new_tokens))
+        offset += entry.num_new_tokens
+    return spans
+
+
+def build_precision_mask(entries: list[ScheduledRequest]) -> PrecisionMask | None:
+    """The step's precision mask: the rows of each request at positions >= its `dense_from_position`
+    take the dense path of the ops it was admitted with. Rows are laid out as `_prepare_inputs` lays
+    them (entry after entry); None (no extra cost) when every row is quantized."""
+    spans, offset = [], 0
+    for entry in entries:
+        request, start = entry.request, entry.request.num_computed_tokens
+        dense_from = request.dense_from_position
+        if dense_from is not None and request.precision_ops:
+            first = max(dense_from - start, 0)
+            spans.append((request.precision_ops, offset + first, offset + entry.num_new_tokens))
+        offset += entry.num_new_tokens
+    return PrecisionMask.from_spans(offset, spans) if spans else None

@@ -41,7 +41,8 @@ class SequenceState:
         return CompletionOutput(index=request.index, text=self.visible_text(),
                                 token_ids=list(request.output_token_ids),
                                 cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
-                                finish_reason=reason, stop_reason=request.stop_reason)
+                                finish_reason=reason, stop_reason=request.stop_reason,
+                                precision_switch_token=request.precision_switch_token)
 
 
 class ParentState:
@@ -65,9 +66,10 @@ class ParentState:
         metrics = RequestMetrics(self.arrival_time, self.first_token_time,
                                  time.monotonic() if finished else None, first.num_cached_tokens,
                                  sum(c.request.num_preemptions for c in self.children))
-        return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids,
-                             [c.output() for c in self.children], finished, metrics,
-                             first.num_cached_tokens)
+        outputs = [c.output() for c in self.children]
+        switches = [o.precision_switch_token for o in outputs if o.precision_switch_token is not None]
+        return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outputs, finished, metrics,
+                             first.num_cached_tokens, min(switches, default=None))
 
 
 def check_stop(state: SequenceState, new_token: int, prev_text_len: int, max_model_len: int) -> None:

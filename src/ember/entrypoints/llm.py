@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from ember.config import EngineConfig, UsageContext
 from ember.engine.llm_engine import LLMEngine
+from ember.engine.precision import PrecisionState
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -26,6 +27,13 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         config = EngineConfig(model=model, usage_context=UsageContext.OFFLINE, **kwargs)
         self.engine = LLMEngine.from_config(config)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """Wrap an engine built elsewhere (e.g. a model given high-precision copies after loading)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -56,6 +64,24 @@ class LLM:
     def get_stats(self):
         """Engine counters: running/waiting requests, KV usage, preemptions, prefix-cache hits."""
         return self.engine.get_stats()
+
+    def set_precision(self, ops: str | Sequence[str] | None = None,
+                      default_precision: str | None = None) -> PrecisionState:
+        """Change the runtime precision mask between calls: `ops` names the dual-precision ops whose
+        high-precision path is enabled (module names, globs or dotted suffixes such as
+        `model.layers.*.mlp.down_proj` or `down_proj`), `default_precision` ("quantized" or "bf16") what
+        a request without `SamplingParams.precision` gets. None keeps the current value; requests
+        already submitted keep the ops they were admitted with.
+
+        Raises:
+            ValueError: the model has no dual-precision layers, a pattern matches no op, or an unknown
+                precision; the engine keeps serving with its previous state.
+        """
+        return self.engine.set_precision(ops, default_precision)
+
+    def get_precision(self) -> PrecisionState:
+        """The default precision, the enabled ops and every op that has a high-precision copy."""
+        return self.engine.get_precision()
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

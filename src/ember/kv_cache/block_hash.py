@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+# A first block's salt: the request's `cache_salt` (str), or a tuple that also names the dense op set
+# of a request admitted on the high-precision path (`Request.kv_salt`); None when unsalted.
+Salt = Hashable | None
+
 # hash_fn(parent_hash, token_ids, salt) -> int; parent_hash is None for a sequence's first block.
-HashFn = Callable[[int | None, tuple[int, ...], str | None], int]
+HashFn = Callable[[int | None, tuple[int, ...], Salt], int]
 
 
 def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...],
-                      salt: str | None) -> int:
+                      salt: Salt) -> int:
     """Default block hash, chained over the parent block's hash.
 
     It needs only to be fast and well spread: a hit is served only after the stored token ids,
@@ -31,10 +35,10 @@ class BlockContent:
     block_hash: int
     parent_uid: int | None  # None for a sequence's first block
     token_ids: tuple[int, ...]
-    salt: str | None  # set on first blocks only; later blocks inherit isolation via parent_uid
+    salt: Salt  # set on first blocks only; later blocks inherit isolation via parent_uid
     uid: int
 
-    def holds(self, parent_uid: int | None, token_ids: tuple[int, ...], salt: str | None) -> bool:
+    def holds(self, parent_uid: int | None, token_ids: tuple[int, ...], salt: Salt) -> bool:
         """Whether this block's KV is exactly what the given prefix would compute."""
         return self.parent_uid == parent_uid and self.salt == salt and self.token_ids == token_ids
 
@@ -62,7 +66,7 @@ class BlockHashIndex:
         return self._by_block.get(block_id)
 
     def lookup(self, block_hash: int, parent_uid: int | None, token_ids: tuple[int, ...],
-               salt: str | None) -> int | None:
+               salt: Salt) -> int | None:
         """The cached block holding exactly this content, or None."""
         for block_id in self._by_hash.get(block_hash, ()):
             if self._by_block[block_id].holds(parent_uid, token_ids, salt):
@@ -70,7 +74,7 @@ class BlockHashIndex:
         return None
 
     def insert(self, block_id: int, block_hash: int, parent_uid: int | None,
-               token_ids: tuple[int, ...], salt: str | None) -> BlockContent:
+               token_ids: tuple[int, ...], salt: Salt) -> BlockContent:
         """Record that `block_id` holds this content and give the prefix a fresh uid.
 
         Raises:

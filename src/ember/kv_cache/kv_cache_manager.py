@@ -21,8 +21,11 @@ class KVCacheManager:
         run out (eviction drops its hash entry).
 
     With prefix caching on, a full block is registered under a hash chained over its parent's
-    hash, its token ids and (first block only) the request's `cache_salt`. A hit is served only
-    after the token ids, salt and parent prefix are compared, so a collision never serves wrong KV.
+    hash, its token ids and (first block only) the request's `kv_salt` (its `cache_salt`, plus the
+    dense op set of a request admitted on the high-precision path). A hit is served only after the
+    token ids, salt and parent prefix are compared, so a collision never serves wrong KV. Only the
+    first `request.num_cacheable_tokens` tokens are looked up or registered (a request that switched
+    precision mid-flight shares only the KV from before the switch).
     Blocks are registered once the step that covers them is scheduled: the runner writes a
     step's KV before any attention of that step reads it.
 
@@ -87,13 +90,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         bs = self.block_size
-        max_blocks = max(0, (request.num_tokens - 1) // bs)
+        max_blocks = self._num_cacheable_blocks(request, max(0, (request.num_tokens - 1) // bs))
         hashes = self._hashes_for(request, max_blocks)
         tokens = request.all_token_ids
         block_ids: list[int] = []
         parent_uid = None
         for i in range(max_blocks):
-            salt = request.cache_salt if i == 0 else None
+            salt = request.kv_salt if i == 0 else None
             block_id = self._index.lookup(hashes[i], parent_uid, tuple(tokens[i * bs:(i + 1) * bs]),
                                           salt)
             if block_id is None:
@@ -141,7 +144,7 @@ class KVCacheManager:
         for _ in range(num_to_allocate):
             table.append(self._allocate_block())
         if self.enable_prefix_caching:
-            num_full = min(num_covered, request.num_tokens) // self.block_size
+            num_full = self._num_cacheable_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
             self._register_full_blocks(request, table, num_full)
         return True
 
@@ -182,13 +185,18 @@ class KVCacheManager:
         self._index.clear()
         return True
 
+    def _num_cacheable_blocks(self, request: Request, num_blocks: int) -> int:
+        """`num_blocks` capped to the full blocks the request may share."""
+        limit = request.num_cacheable_tokens
+        return num_blocks if limit is None else min(num_blocks, limit // self.block_size)
+
     def _hashes_for(self, request: Request, num_blocks: int) -> list[int]:
         """The request's chained hashes for its first `num_blocks` full blocks, computed once."""
         hashes = self._block_hashes.setdefault(request.request_id, [])
         bs, tokens = self.block_size, request.all_token_ids
         for i in range(len(hashes), num_blocks):
             parent_hash = hashes[i - 1] if i > 0 else None
-            salt = request.cache_salt if i == 0 else None
+            salt = request.kv_salt if i == 0 else None
             hashes.append(self._hash_fn(parent_hash, tuple(tokens[i * bs:(i + 1) * bs]), salt))
         return hashes
 
@@ -204,7 +212,7 @@ class KVCacheManager:
         parent_uid = None
         for i, block_id in enumerate(computed):
             content = self._index.get(block_id)
-            salt = request.cache_salt if i == 0 else None
+            salt = request.kv_salt if i == 0 else None
             if content is None or not content.holds(parent_uid, tuple(tokens[i * bs:(i + 1) * bs]),
                                                      salt):
                 raise ValueError(f"block {block_id} no longer holds block {i} of request "
@@ -240,7 +248,7 @@ class KVCacheManager:
             content = self._index.get(table[i])  # set for prefix-hit blocks
             if content is None:
                 token_ids = tuple(tokens[i * bs:(i + 1) * bs])
-                salt = request.cache_salt if i == 0 else None
+                salt = request.kv_salt if i == 0 else None
                 twin = self._index.lookup(hashes[i], parent_uid, token_ids, salt)
                 if twin is None:
                     content = self._index.insert(table[i], hashes[i], parent_uid, token_ids, salt)

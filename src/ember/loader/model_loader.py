@@ -14,8 +14,10 @@ from ember.models.config import ModelConfig
 from ember.kernels.linear.registry import KernelPolicy
 from ember.models.layers.linear import should_fuse_projections, use_dense_kernels
 from ember.models.layers.rotary import RotaryEmbedding
+from ember.models.layers.precision import attach_fallback_copies
 from ember.models.llama import LlamaForCausalLM
 from ember.quant.checkpoint import QUANT_CONFIG_NAME, load_quantized  # the name marks a quantized checkpoint
+from ember.quant.linear import QuantLinear
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
 
@@ -107,4 +109,9 @@ def load_quantized_model(path: str, dtype: torch.dtype,
         model.lm_head.weight = model.model.embed_tokens.weight
     load_quantized(model, path, policy)
     model = model.to(dtype).eval().requires_grad_(False)
-    return _finish_for_inference(model, dtype, policy), config
+    model = _finish_for_inference(model, dtype, policy)
+    copies = {name: m.fallback_weight for name, m in model.named_modules()
+              if isinstance(m, QuantLinear) and m.fallback_weight is not None}
+    if copies:  # ops stored with a float copy serve both paths (runtime precision mask)
+        attach_fallback_copies(model, copies, dtype, policy)
+    return model, config

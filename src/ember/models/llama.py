@@ -10,6 +10,7 @@ from ember.models.config import ModelConfig
 from ember.models.layers.attention import SelfAttention
 from ember.models.layers.mlp import GatedMLP
 from ember.models.layers.norm import RMSNorm
+from ember.models.layers.precision import PrecisionMask, apply_linear
 from ember.models.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -25,9 +26,9 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, precision)
+        return x + self.mlp(self.post_attention_layernorm(x), precision)
 
 
 class LlamaModel(nn.Module):
@@ -42,6 +43,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Parameter names follow Hugging Face, so state dicts load by name."""
 
+    # fused module -> the Hugging Face linears it stacks (vLLM's name for the same map)
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -51,17 +55,20 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
+                meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden_size].
+
+        `precision` (the step's row mask, None: every row quantized) reaches every dual-precision linear.
+        """
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, x.dtype)  # shared by every layer
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta, precision)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden_size] -> float32 logits [N, vocab_size]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, precision: PrecisionMask | None = None) -> torch.Tensor:
+        """[N, hidden_size] -> float32 logits [N, vocab_size]; `precision` is the mask of these N rows."""
+        return apply_linear(self.lm_head, hidden, precision).float()
 
     def load_weights(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Adopt a Hugging Face-named state dict (converted to `dtype`); every parameter must be present.

@@ -97,5 +97,8 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
 
 def load_drift_reference(directory: str | Path) -> dict[str, Any] | None:
     """The calibrated drift reference a checkpoint carries (for precision fallback), or None."""
-    payload = json.loads((Path(directory) / QUANT_CONFIG_NAME).read_text())
+    path = Path(directory) / QUANT_CONFIG_NAME
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
     return payload.get("drift_reference")

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes of the OpenAI-compatible API plus health, version and metrics."""
+"""The FastAPI application: routes of the OpenAI-compatible API plus health, version, metrics and the
+admin route of the runtime precision mask."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ember.server.errors import APIError, error_response, install_exception_hand
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   TokenizeRequest)
+                                   PrecisionStateResponse, PrecisionUpdate, TokenizeRequest)
 from ember.server.serving_chat import OpenAIServingChat
 from ember.server.serving_completion import OpenAIServingCompletion
 
@@ -127,5 +128,20 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
         chat.check_token_ids(body.tokens, "tokens")
         text = await chat.run_tokenizer(lambda: chat.tokenizer.decode(body.tokens, skip_special_tokens=False))
         return JSONResponse({"prompt": text})
+
+    @app.get("/admin/precision")
+    async def get_precision() -> JSONResponse:
+        """The runtime precision mask: default precision, enabled ops, every op with a high-precision copy."""
+        served_name()
+        state = await async_engine.call(lambda engine: engine.get_precision())
+        return JSONResponse(PrecisionStateResponse(**state.to_dict()).model_dump())
+
+    @app.post("/admin/precision")
+    async def set_precision(body: PrecisionUpdate) -> JSONResponse:
+        """Change the mask between two engine steps; requests in flight keep the ops they were admitted
+        with. A bad op or precision is a 400 and changes nothing."""
+        served_name()
+        state = await async_engine.call(lambda engine: engine.set_precision(body.ops, body.default_precision))
+        return JSONResponse(PrecisionStateResponse(**state.to_dict()).model_dump())
 
     return app

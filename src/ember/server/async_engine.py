@@ -1,7 +1,7 @@
 """Drives the synchronous engine from one background thread and streams its outputs to asyncio.
 
-All engine calls (add, abort, step) happen on that thread; the event loop talks to it through a
-command list, and outputs come back with `call_soon_threadsafe` into one queue per request.
+All engine calls (add, abort, step, admin calls) happen on that thread; the event loop talks to it
+through a command list, and outputs come back with `call_soon_threadsafe` into one queue per request.
 """
 
 from __future__ import annotations
@@ -137,6 +137,14 @@ class AsyncEngine:
             raise
         return stream
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between steps (admin changes); its result or exception."""
+        if self.state != "ready":
+            raise APIError("the engine is not ready", 503, headers=self._retry_header())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, future))
+        return await asyncio.wrap_future(future)
+
     def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
@@ -270,6 +278,13 @@ class AsyncEngine:
                 return
             active.add(request_id)
             future.set_result(None)
+        elif command[0] == "call":
+            _, fn, future = command
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as exc:
+                    future.set_exception(exc)
         elif command[0] == "abort":
             ids = [i for i in command[1] if i in active]
             active.difference_update(ids)

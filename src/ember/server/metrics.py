@@ -55,6 +55,8 @@ class _EngineStatsCollector:
             ("ember:generation_tokens", "Tokens generated.", "generation_tokens_total"),
             ("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
             ("ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+            ("ember:precision_fallbacks", "Sequences switched to the high-precision path mid-flight.",
+             "num_precision_fallbacks_total"),
         ]
         for name, doc, attr in counters:
             c = CounterMetricFamily(name, doc, labels=["model_name"])

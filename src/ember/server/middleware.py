@@ -1,4 +1,4 @@
-"""ASGI middleware in front of every route: the API key on /v1/* and the request body size limit."""
+"""ASGI middleware in front of every route: the API key on /v1/* and /admin/*, and the request body size limit."""
 
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ async def send_error(send: Send, status_code: int, message: str, headers: dict[s
     await send({"type": "http.response.body", "body": body})
 
 
+_GUARDED = ("/v1", "/admin")  # path prefixes behind the API key
+
+
 class APIKeyMiddleware:
-    """401 on /v1/* unless `Authorization: Bearer <key>` matches (compared in constant time)."""
+    """401 on /v1/* and /admin/* unless `Authorization: Bearer <key>` matches (compared in constant time)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"].startswith(_GUARDED) and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 await send_error(send, 401, "Unauthorized: a valid API key is required",

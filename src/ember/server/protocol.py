@@ -43,6 +43,8 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # ember's: "quantized" or "bf16" (the high-precision copies, see docs/quantization.md); None: the default
+    precision: str | None = None
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -85,3 +87,20 @@ class TokenizeRequest(OpenAIBaseModel):
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+class PrecisionUpdate(BaseModel):
+    """`POST /admin/precision`: None keeps a value. Unknown fields are refused (a typo must not pass
+    silently on an admin route)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ops: list[str] | None = None  # op names, globs or dotted suffixes whose high-precision path is enabled
+    default_precision: str | None = None  # "quantized" or "bf16": what requests without `precision` get
+
+
+class PrecisionStateResponse(BaseModel):
+    """`GET` and `POST /admin/precision`: the precision state after the call."""
+
+    default_precision: str
+    enabled_ops: list[str]
+    available_ops: list[str]

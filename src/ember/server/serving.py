@@ -126,7 +126,7 @@ class OpenAIServing:
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
             stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias=self._logit_bias(req.logit_bias), skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output, **kwargs)
+            include_stop_str_in_output=req.include_stop_str_in_output, precision=req.precision, **kwargs)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         if not bias:

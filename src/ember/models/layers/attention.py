@@ -8,6 +8,7 @@ from torch import nn
 from ember.attention.metadata import AttentionMetadata
 from ember.attention.paged_attention import paged_attention
 from ember.models.layers.linear import fuse_linears
+from ember.models.layers.precision import PrecisionMask, apply_linear
 from ember.models.layers.rotary import apply_rotary_
 
 
@@ -32,16 +33,17 @@ class SelfAttention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                precision: PrecisionMask | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = apply_linear(self.qkv_proj, x, precision).split([q_size, kv_size, kv_size], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (apply_linear(proj, x, precision) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_(q, k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return apply_linear(self.o_proj, out.reshape(num_tokens, self.num_heads * self.head_dim), precision)

@@ -6,6 +6,7 @@ from torch import nn
 
 from ember.kernels.ops import core_ops
 from ember.models.layers.linear import fuse_linears
+from ember.models.layers.precision import PrecisionMask, apply_linear
 
 
 class GatedMLP(nn.Module):
@@ -23,13 +24,13 @@ class GatedMLP(nn.Module):
             self.gate_up_proj = fused
             del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, precision: PrecisionMask | None = None) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
+            gate_up = apply_linear(self.gate_up_proj, x, precision)
             ops = core_ops() if gate_up.dtype == torch.bfloat16 else None
             if ops is not None:  # one fused op instead of chunk + silu + mul
-                return self.down_proj(ops.silu_mul_bf16(gate_up))
+                return apply_linear(self.down_proj, ops.silu_mul_bf16(gate_up), precision)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = apply_linear(self.gate_proj, x, precision), apply_linear(self.up_proj, x, precision)
+        return apply_linear(self.down_proj, F.silu(gate) * up, precision)
