@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fallback-skew", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=16, help="step mode: requests decoding together")
     parser.add_argument("--steps", type=int, default=32, help="step mode: timed decode steps per phase")
+    parser.add_argument("--num-threads", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -56,7 +57,7 @@ def greedy(model: str | None, prompts, args, fallback: bool = False) -> tuple[li
 
     kwargs = dict(precision_fallback=True, fallback_kl=args.fallback_kl, fallback_skew=args.fallback_skew) \
         if fallback else {}
-    llm = LLM(model=model, dtype=args.dtype, **kwargs)
+    llm = LLM(model=model, dtype=args.dtype, num_threads=args.num_threads, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outputs], outputs
@@ -88,7 +89,7 @@ def step_cost(args: argparse.Namespace) -> dict:
     from ember.engine.llm_engine import LLMEngine
     from ember.sampling_params import SamplingParams
 
-    config = EngineConfig(model=args.model[0] if args.model else None, dtype=args.dtype,
+    config = EngineConfig(model=args.model[0] if args.model else None, dtype=args.dtype, num_threads=args.num_threads,
                           usage_context=UsageContext.OFFLINE, enable_prefix_caching=False)
     engine = LLMEngine.from_config(config)
     prompts = [r.prompt_token_ids[:args.prompt_len] for r in wl.build_w1(num_requests=args.batch)]
