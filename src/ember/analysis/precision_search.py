@@ -64,8 +64,8 @@ class PlanEvaluator:
         _, layers = find_decoder_layers(self.model)
         inputs = collect_layer_inputs(self.model, self.batches)
         out: dict[tuple[OpRef, str], list[torch.Tensor]] = {}
+        firsts = [names[0] for names in OP_LINEARS.values()]  # each op's linears share this one's input
         for index, layer in enumerate(layers):
-            firsts = [names[0] for names in OP_LINEARS.values()]
             with capture_activations(layer, firsts) as capture:
                 inputs.hidden = run_layer(layer, inputs)
             for op, names in OP_LINEARS.items():

@@ -49,8 +49,12 @@ class DriftReference:
 
 def histogram(values: torch.Tensor, low: float, high: float, num_bins: int) -> torch.Tensor:
     """Counts of ``values`` in ``num_bins`` equal bins over [low, high], clamping outliers to the end bins."""
-    index = ((values.float() - low) * (num_bins / (high - low))).floor().clamp_(0, num_bins - 1).long()
-    return torch.bincount(index.reshape(-1), minlength=num_bins).double()
+    return torch.bincount(bin_index(values, low, high, num_bins).reshape(-1), minlength=num_bins).double()
+
+
+def bin_index(values: torch.Tensor, low: float, high: float, num_bins: int) -> torch.Tensor:
+    """The bin of each value (same shape, int64): equal bins over [low, high], outliers in the end bins."""
+    return ((values.float() - low) * (num_bins / (high - low))).floor().clamp_(0, num_bins - 1).long()
 
 
 def moments(values: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,7 @@ class DriftMonitor:
         num_rows = num_rows or [1] * len(request_ids)
         num_bins, ref = len(self.reference.probs), self.reference
         owner = torch.repeat_interleave(torch.arange(len(request_ids)), torch.tensor(num_rows))  # [rows]
-        index = ((rows.float() - ref.low) * (num_bins / (ref.high - ref.low))).floor().clamp_(0, num_bins - 1).long()
+        index = bin_index(rows, ref.low, ref.high, num_bins)  # [rows, hidden]
         # one bincount for the whole batch: request i's bins are [i * num_bins, (i + 1) * num_bins)
         counts = torch.bincount((index + owner.unsqueeze(1) * num_bins).reshape(-1),
                                 minlength=len(request_ids) * num_bins).view(len(request_ids), num_bins).double()
