@@ -1,9 +1,10 @@
-"""Run workloads W1 (offline throughput), W2 (single stream) and a 512-token prefill on ember.
+"""Run workloads W1 (offline throughput), W2 (single stream), a 512-token prefill and a long stream on ember.
 
 Prints one JSON object: total and output tokens/s, elapsed, TTFT, TPOT, achieved weight GB/s
 in decode, peak RSS, dtype, threads and the command-line options. Warms up once before timing.
 
     .venv/bin/python benchmarks/throughput.py --workload all --dtype bfloat16
+    .venv/bin/python benchmarks/throughput.py --workload long --max-model-len 4224 --kv-cache-dtype int8
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run W1 this many times and report the median run "
                              "(with --prefix-caching later runs hit the cache)")
+    parser.add_argument("--kv-cache-dtype", default=None, help="auto, int8 or int8-static (ember's flag)")
     wl.add_workload_args(parser)
     return parser.parse_args(argv)
 
@@ -33,7 +35,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     wanted = {"dtype": args.dtype, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "kv_cache_memory_gib": args.kv_cache_gib, "enable_prefix_caching": args.prefix_caching,
-              "num_threads": args.threads}
+              "num_threads": args.threads, "kv_cache_dtype": args.kv_cache_dtype}
     wanted = {key: value for key, value in wanted.items() if value is not None}
     try:
         from ember.config import EngineConfig
@@ -114,6 +116,12 @@ def run(args: argparse.Namespace) -> dict:
     if "prefill" in parts:
         prefill = run_stream(llm, wl.build_prefill(), "prefill")
         result["prefill"] = {"num_prompt_tokens": wl.PREFILL_LEN, "ttft_ms": prefill["ttft_ms"]}
+    if "long" in parts:
+        request = wl.build_long()
+        needed = len(request.prompt_token_ids) + request.max_tokens
+        if args.max_model_len < needed:
+            raise SystemExit(f"--workload long needs --max-model-len >= {needed}")
+        result["long"] = {"num_prompt_tokens": len(request.prompt_token_ids), **run_stream(llm, request, "long")}
     result["peak_rss_mib"] = wl.peak_rss_mib()
     return result
 

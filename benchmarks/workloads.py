@@ -26,6 +26,7 @@ W2_OUTPUT_LEN = 128
 # Prefill probe: one 512-token prompt (its own seed), one new token; its TTFT is the prefill time.
 PREFILL_SEED = 2
 PREFILL_LEN = 512
+LONG_PROMPT_LEN = 4096  # `long`: decode over a long context, where attention reads the whole cache
 # Warm-up prompts come from another seed so a prefix cache cannot serve the timed prompts.
 WARMUP_SEED = 1
 WARMUP_NUM_REQUESTS = 4
@@ -63,6 +64,12 @@ def build_prefill(num_tokens: int = PREFILL_LEN) -> BenchRequest:
     """A `num_tokens` prompt with one new token, to time prefill alone."""
     rng = random.Random(PREFILL_SEED)
     return BenchRequest([rng.randint(*TOKEN_ID_RANGE) for _ in range(num_tokens)], 1)
+
+
+def build_long(num_tokens: int = LONG_PROMPT_LEN) -> BenchRequest:
+    """One long stream: a `num_tokens` random prompt (the prefill seed) and W2's 128 new tokens."""
+    rng = random.Random(PREFILL_SEED)
+    return BenchRequest([rng.randint(*TOKEN_ID_RANGE) for _ in range(num_tokens)], W2_OUTPUT_LEN)
 
 
 def build_warmup() -> list[BenchRequest]:
@@ -121,8 +128,9 @@ def process_peak_rss_mib(pid: int) -> float | None:
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """Flags every engine's runner shares, so one command line drives ember and the peers alike."""
-    parser.add_argument("--workload", choices=("w1", "w2", "prefill", "all"), default="all",
-                        help="prefill: TTFT of one 512-token prompt")
+    parser.add_argument("--workload", choices=("w1", "w2", "prefill", "long", "all"), default="all",
+                        help="prefill: TTFT of one 512-token prompt; long: a 4096-token prompt and 128 new "
+                             "tokens (not in all)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine default when unset")

@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_DTYPES = ("bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "int8", "int8-static")
+KV_EVICTION_POLICIES = ("none", "streaming", "h2o", "snapkv")
 
 
 class UsageContext(enum.Enum):
@@ -52,6 +54,22 @@ class EngineConfig:
     kv_cache_memory_gib: float = field(default=1.0, metadata={"help": "memory for the KV cache in GiB"})
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "number of KV-cache blocks (overrides --kv-cache-memory-gib)"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV-cache storage: auto (the model dtype), int8 (a scale per token and KV head, computed on write) "
+                "or int8-static (per-channel scales calibrated offline: --kv-scales)"})
+    kv_scales: str | None = field(default=None, metadata={
+        "help": "int8-static: kv_scales.safetensors or its directory (`ember calibrate-kv`); default: the model's "
+                "directory"})
+    kv_outlier_residual: bool = field(default=False, metadata={
+        "help": "int8-static: a token whose relative quantization error exceeds --kv-outlier-factor x the running "
+                "mean gets a 4-bit residual"})
+    kv_outlier_factor: float = field(default=3.0, metadata={"help": "outlier threshold over the mean relative error"})
+    kv_eviction: str = field(default="none", metadata={
+        "help": "keep each request's KV within --kv-budget-tokens: none, streaming (sinks + recent window), "
+                "h2o (sinks + recent + heavy hitters by attention) or snapkv (what the latest 32 queries attend "
+                "to); turns prefix caching off"})
+    kv_budget_tokens: int | None = field(default=None, metadata={"help": "KV rows a request keeps with --kv-eviction"})
+    kv_sink_tokens: int = field(default=4, metadata={"help": "first tokens streaming and h2o always keep"})
     max_num_seqs: int | None = field(default=None, metadata={"help": "most requests in one step"})
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget of one step"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
@@ -92,6 +110,13 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_outlier_residual and self.kv_cache_dtype != "int8-static":
+            raise ValueError("kv_outlier_residual needs kv_cache_dtype='int8-static'")
+        if self.kv_outlier_factor <= 0:
+            raise ValueError(f"kv_outlier_factor must be positive, got {self.kv_outlier_factor}")
+        self.eviction_config()  # an unknown policy or a budget too small for it fails here
         if self.fallback_kl <= 0 or self.fallback_skew <= 0:
             raise ValueError(f"fallback_kl and fallback_skew must be positive, got {self.fallback_kl}, "
                              f"{self.fallback_skew}")
@@ -105,6 +130,18 @@ class EngineConfig:
 
         return KernelPolicy(disabled=frozenset(parse_kernel_names(self.disable_kernels)),
                             forced=parse_kernel_names(self.force_kernels))
+
+    def eviction_config(self):
+        """The `EvictionConfig` of --kv-eviction (None when off); its slack is one block."""
+        if self.kv_eviction not in KV_EVICTION_POLICIES:
+            raise ValueError(f"kv_eviction must be one of {KV_EVICTION_POLICIES}, got {self.kv_eviction!r}")
+        if self.kv_eviction == "none":
+            return None
+        if self.kv_budget_tokens is None:
+            raise ValueError(f"kv_eviction={self.kv_eviction!r} needs kv_budget_tokens")
+        from ember.attention.eviction import EvictionConfig
+
+        return EvictionConfig(self.kv_eviction, self.kv_budget_tokens, self.kv_sink_tokens, self.block_size)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -46,6 +46,7 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        self.num_evicted_tokens = 0  # of the computed tokens, those whose KV eviction dropped
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -68,6 +69,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Rows of KV the request holds: its computed tokens less the evicted ones (row i of its block
+        table is the i-th kept token, at its original position)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ember.attention.layer_cache import DenseLayerCache, KVCacheSpec
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.attention.paged_attention import naive_attention, paged_attention
 
@@ -37,7 +38,9 @@ def test_mixed_batch_matches_naive_attention():
         decode_block_tables=torch.tensor([tables["dec"]]), decode_seq_lens=torch.tensor([11]),
         prefills=[PrefillChunk(1, 7, 5, torch.tensor(tables["chunk"]), chunk_mask),
                   PrefillChunk(8, 9, 0, torch.tensor(tables["fresh"]), None)])
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, scale=DIM ** -0.5)
+    cache = DenseLayerCache(num_blocks, KVCacheSpec("auto", torch.float32, 1, KV_HEADS, DIM, BLOCK))
+    cache.key, cache.value = k_cache, v_cache
+    out = paged_attention(q, k, v, cache, meta, scale=DIM ** -0.5)
     expected = torch.cat([naive_attention(*full[n], scale=DIM ** -0.5)[lengths[n][0]:] for n in order])
     assert out.shape == (17, HEADS, DIM)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -66,7 +69,9 @@ def test_native_decode_kernel_matches_reference(dtype, tol):
     q = torch.randn(num_seqs, HEADS, DIM, generator=gen).to(dtype)
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), num_decode_tokens=num_seqs,
                              decode_block_tables=tables, decode_seq_lens=seq_lens, prefills=[])
-    expected = decode_attention_reference(q, k_cache, v_cache, meta, DIM ** -0.5)
+    cache = DenseLayerCache(num_blocks, KVCacheSpec("auto", dtype, 1, KV_HEADS, DIM, BLOCK))
+    cache.key, cache.value = k_cache, v_cache
+    expected = decode_attention_reference(q, cache, meta, DIM ** -0.5)
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, DIM ** -0.5)
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.loader.model_loader import build_model, load_state
 
@@ -10,8 +11,9 @@ def prefill_logits(model, config, token_ids: list[int], block_size: int = 16) ->
     """Run one fresh prompt through the paged model; return logits at every position."""
     num_tokens = len(token_ids)
     num_blocks = -(-num_tokens // block_size)
-    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
+    spec = KVCacheSpec("auto", torch.float32, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                       block_size)
+    caches = create_layer_caches(spec, num_blocks)
     meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decode_tokens=0,
                              decode_block_tables=None, decode_seq_lens=None,
                              prefills=[PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks), None)])

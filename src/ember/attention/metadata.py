@@ -34,6 +34,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     # [num_decode, 1, 1, max_blocks * block_size] bool; only the PyTorch reference path reads it
     decode_mask: torch.Tensor | None = None
+    # An `eviction.AttentionMassRecorder` every layer feeds, when the eviction policy scores tokens.
+    attention_mass: object | None = None
 
 
 def build_attention_metadata(block_tables: list[list[int]], context_lens: list[int],

@@ -11,7 +11,7 @@ from ember.sampling_params import SamplingParams
 
 # Subcommand modules that expose `register(subparsers)`; imported only if present.
 _PLUGINS = ("ember.cli.serve", "ember.cli.bench", "ember.cli.quantize", "ember.cli.eval", "ember.cli.kernels",
-            "ember.cli.analyze")
+            "ember.cli.analyze", "ember.cli.sim", "ember.cli.calibrate_kv")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

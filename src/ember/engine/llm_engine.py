@@ -10,8 +10,10 @@ from typing import Iterable
 
 import torch
 
+from ember.attention.layer_cache import KVCacheSpec
 from ember.config import EngineConfig, default_num_threads
 from ember.engine.drift import DriftMonitor, DriftReference
+from ember.engine.eviction import EvictionManager, max_rows_needed
 from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ember.engine.output_processor import ParentState, check_stop
 from ember.engine.precision import PrecisionManager, PrecisionState, check_precision
@@ -20,6 +22,7 @@ from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
 from ember.outputs import Logprob, RequestOutput
 from ember.quant.checkpoint import load_drift_reference
+from ember.quant.kv_scales import resolve_kv_scales
 from ember.request import Request, RequestStatus
 from ember.sampling_params import DENSE_PRECISION, SamplingParams
 from ember.scheduler.output import SchedulerOutput
@@ -39,6 +42,8 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens served from it
     num_precision_fallbacks_total: int = 0  # sequences switched to the high-precision path mid-flight
+    kv_cache_blocks_used: int = 0  # KV blocks referenced by live requests
+    kv_cache_fragmentation: float = 0.0  # empty slots in those blocks over their slots (0..1)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -49,7 +54,9 @@ class LLMEngine:
     """Owns the scheduler, the KV-cache manager, the model runner and per-request output state."""
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, model_config, tokenizer: Tokenizer,
-                 model_name: str, drift_reference: DriftReference | None = None) -> None:
+                 model_name: str, drift_reference: DriftReference | None = None,
+                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """`kv_scales`: per layer (k_scale, v_scale) [KVH, D], needed by kv_cache_dtype int8-static."""
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -58,12 +65,17 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context length "
                              f"{model_config.max_position_embeddings}")
         self.config = config.replace(max_model_len=max_len)
-        dtype = getattr(torch, config.dtype)
-        num_blocks = config.num_kv_blocks or int(
-            config.kv_cache_memory_gib * 2**30 // ModelRunner.kv_bytes_per_block(model_config, config.block_size, dtype))
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, model_config, num_blocks, config.block_size, dtype)
+        self.kv_spec = KVCacheSpec(config.kv_cache_dtype, getattr(torch, config.dtype), model_config.num_hidden_layers,
+                                   model_config.num_key_value_heads, model_config.head_dim, config.block_size,
+                                   config.kv_outlier_residual, config.kv_outlier_factor)
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // self.kv_spec.bytes_per_block())
+        eviction = config.eviction_config()  # compaction rewrites blocks in place: no prefix sharing then
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
+                                               config.enable_prefix_caching and eviction is None)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   eviction.budget_tokens if eviction else None)
+        self.runner = ModelRunner(model, model_config, num_blocks, self.kv_spec, kv_scales)
+        self.eviction = EvictionManager(eviction, self.kv_cache_manager, self.runner) if eviction else None
         self.precision = PrecisionManager(model)
         self.num_precision_fallbacks_total = 0
         self.drift = self._drift_monitor(config, drift_reference)
@@ -85,7 +97,8 @@ class LLMEngine:
         name = config.model or "SmolLM2-135M-Instruct"
         reference = load_drift_reference(path) if config.precision_fallback and os.path.isdir(path) else None
         return cls(config, model, model_config, tokenizer, name,
-                   DriftReference.from_dict(reference) if reference else None)
+                   DriftReference.from_dict(reference) if reference else None,
+                   resolve_kv_scales(config.kv_cache_dtype, config.kv_scales, path))
 
     def _drift_monitor(self, config: EngineConfig, reference: DriftReference | None) -> DriftMonitor | None:
         """The activation monitor of `--precision-fallback`; it needs float copies and a drift reference."""
@@ -146,7 +159,9 @@ class LLMEngine:
             err = ValueError(f"logit_bias token ids must be in [0, {vocab})")
             err.param = "logit_bias"
             raise err
-        blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.config.block_size)
+        rows = max_rows_needed(self.eviction and self.eviction.config, len(token_ids) + params.max_tokens,
+                               self.scheduler.long_prefill_token_threshold)
+        blocks_needed = -(-rows // self.config.block_size)
         if blocks_needed > self.kv_cache_manager.num_blocks:
             raise ValueError(f"the request needs {blocks_needed} KV-cache blocks but the cache holds "
                              f"only {self.kv_cache_manager.num_blocks}")
@@ -160,8 +175,10 @@ class LLMEngine:
                 continue
             child_ids = [c.request.request_id for c in parent.children]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
-            for child_id in child_ids if self.drift is not None else ():
-                self.drift.release(child_id)
+            for child_id in child_ids:
+                for monitor in (self.drift, self.eviction):
+                    if monitor is not None:
+                        monitor.release(child_id)
 
     # ---- the precision mask ------------------------------------------------------------------
     def set_request_precision(self, request_id: str, precision: str = DENSE_PRECISION) -> int:
@@ -217,6 +234,8 @@ class LLMEngine:
             return []
         runner_output = self.runner.execute(scheduler_output)
         outputs = self._postprocess(scheduler_output, runner_output)
+        if self.eviction is not None:
+            self.eviction.after_step(scheduler_output, runner_output)
         if self.drift is not None:
             self._watch_drift(runner_output)
         return outputs
@@ -296,4 +315,4 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), manager.usage,
                            self.scheduler.num_preemptions_total, self.prompt_tokens_total,
                            self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens,
-                           self.num_precision_fallbacks_total)
+                           self.num_precision_fallbacks_total, manager.num_used_blocks, manager.fragmentation)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ember.attention.eviction import AttentionMassRecorder
+from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
 from ember.attention.metadata import build_attention_metadata
 from ember.models.config import ModelConfig
 from ember.models.layers.precision import PrecisionMask
@@ -25,30 +27,24 @@ class ModelRunnerOutput:
     # scheduled request owns, (request, first row, end row), for the precision-fallback monitor.
     hidden: torch.Tensor | None = None
     row_spans: list | None = None
+    # With `record_attention`: (request, [new tokens, KV rows] attention mass summed over heads and layers).
+    attention_mass: list | None = None
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, kv_spec: KVCacheSpec,
+                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """`kv_spec` sets the cache's dtype and geometry; `kv_scales` are int8-static's per-layer scales."""
         self.model = model
         self.model_config = model_config
-        self.block_size = block_size
+        self.kv_spec = kv_spec
+        self.block_size = kv_spec.block_size
         self.num_blocks = num_blocks
-        self.dtype = dtype
+        self.dtype = kv_spec.model_dtype
         self.sampler = Sampler()
-        self.kv_caches = self._allocate_kv_caches()
+        self.kv_caches = create_layer_caches(kv_spec, num_blocks, kv_scales)
         self.keep_hidden = False  # set by the engine when it watches activations (precision fallback)
-
-    @staticmethod
-    def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * model_config.num_key_value_heads * model_config.head_dim * dtype.itemsize
-        return per_token * block_size * model_config.num_hidden_layers
-
-    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cfg = self.model_config
-        shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-                for _ in range(cfg.num_hidden_layers)]
+        self.record_attention = False  # set by the engine when its eviction policy scores tokens
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -56,35 +52,42 @@ class ModelRunner:
         # backend batches the former and walks the latter.
         entries = sorted(scheduler_output.scheduled, key=lambda s: s.num_new_tokens > 1)
         input_ids, positions, meta, logits_rows, sampled = self._prepare_inputs(entries)
+        if self.record_attention:
+            meta.attention_mass = AttentionMassRecorder(
+                [e.num_new_tokens for e in entries], [e.request.num_kv_tokens + e.num_new_tokens for e in entries])
         precision = build_precision_mask(entries)  # None unless some row takes a dense path
         hidden = self.model(input_ids, positions, self.kv_caches, meta, precision)
         kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
+        mass = list(zip((e.request for e in entries), meta.attention_mass.mass)) if self.record_attention else None
         if not sampled:
-            return ModelRunnerOutput([], None, *kept)
+            return ModelRunnerOutput([], None, *kept, mass)
         head_precision = precision.select(logits_rows) if precision is not None else None
         logits = self.model.compute_logits(hidden[logits_rows], head_precision)  # [num_sampled, vocab]
         metadata = SamplingMetadata.from_requests(sampled, self.model_config.vocab_size)
-        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept)
+        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept, mass)
 
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
         input_ids: list[int] = []
         positions: list[int] = []
-        context_lens: list[int] = []
+        context_lens: list[int] = []  # KV rows already cached (fewer than the position after eviction)
         logits_rows: list[int] = []
         sampled = []
         for entry in entries:
             request, num_new = entry.request, entry.num_new_tokens
             start = request.num_computed_tokens
             end = start + num_new
-            context_lens.append(start)
+            context_lens.append(request.num_kv_tokens)
             input_ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
             if end == request.num_tokens:  # all known tokens computed: sample the next one
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(request)
         positions_t = torch.tensor(positions, dtype=torch.int64)
+        # Slots follow cache rows; positions (RoPE) stay the tokens' own, also after eviction.
+        evicted = any(e.request.num_evicted_tokens for e in entries)
         meta = build_attention_metadata([e.block_ids for e in entries], context_lens,
-                                        [e.num_new_tokens for e in entries], self.block_size, positions_t)
+                                        [e.num_new_tokens for e in entries], self.block_size,
+                                        None if evicted else positions_t)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
 from ember.attention.metadata import build_attention_metadata
 
 
@@ -24,28 +25,53 @@ class PerplexityResult:
                 "window": self.window, "stride": self.stride}
 
 
-def window_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits at every position of one fresh sequence, through the paged model and a scratch cache."""
-    cfg = model.config
+def window_logits(model, token_ids: list[int], caches: list | None = None, chunk_size: int | None = None,
+                  block_size: int = 16) -> torch.Tensor:
+    """Logits at every position of one fresh sequence, through the paged model.
+
+    Args:
+        caches: per-layer caches (`attention.layer_cache`) whose blocks 0, 1, ... hold the sequence;
+            default: scratch caches in the model dtype. Their block size wins over `block_size`.
+        chunk_size: prefill in chunks of this many tokens, so every chunk after the first reads the
+            earlier tokens (and its own) back from the cache, as chunked prefill does; default: one pass.
+    Returns:
+        [num_tokens, vocab] float32
+    """
     num_tokens = len(token_ids)
-    num_blocks = -(-num_tokens // block_size)
-    dtype = model.model.embed_tokens.weight.dtype
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
-    positions = torch.arange(num_tokens)
-    meta = build_attention_metadata([list(range(num_blocks))], [0], [num_tokens], block_size, positions)
-    hidden = model(torch.tensor(token_ids), positions, caches, meta)
-    return model.compute_logits(hidden)  # [num_tokens, vocab] float32
+    if caches is None:
+        caches = create_layer_caches(model_cache_spec(model, "auto", block_size), -(-num_tokens // block_size))
+    block_size = caches[0].block_size
+    table = list(range(-(-num_tokens // block_size)))
+    chunk_size = chunk_size or num_tokens
+    logits = []
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        positions = torch.arange(start, end)
+        meta = build_attention_metadata([table], [start], [end - start], block_size, positions)
+        hidden = model(torch.tensor(token_ids[start:end]), positions, caches, meta)
+        logits.append(model.compute_logits(hidden))
+    return torch.cat(logits)
+
+
+def model_cache_spec(model, cache_dtype: str, block_size: int = 16, outlier_residual: bool = False,
+                     outlier_factor: float = 3.0) -> KVCacheSpec:
+    """The `KVCacheSpec` of an Ember model's KV cache in `cache_dtype`."""
+    cfg = model.config
+    return KVCacheSpec(cache_dtype, model.model.embed_tokens.weight.dtype, cfg.num_hidden_layers,
+                       cfg.num_key_value_heads, cfg.head_dim, block_size, outlier_residual, outlier_factor)
 
 
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256,
-               max_tokens: int | None = None) -> PerplexityResult:
+               max_tokens: int | None = None, caches: list | None = None,
+               chunk_size: int | None = None) -> PerplexityResult:
     """exp(mean NLL) over `token_ids[1:]`.
 
     Windows of `window` tokens start every `stride` tokens; a window scores only the tokens no
     earlier window scored, so every token after the first is predicted once, from at least
-    `window - stride` tokens of context (except near the start).
+    `window - stride` tokens of context (except near the start). `caches` (covering `window`
+    tokens) are reused by every window, so an int8 cache's running statistics span the text;
+    `chunk_size` as in `window_logits`.
     """
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
@@ -57,7 +83,7 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
     for start in range(0, len(token_ids) - 1, stride):
         end = min(start + window, len(token_ids))
         chunk = token_ids[start:end]
-        logits = window_logits(model, chunk)
+        logits = window_logits(model, chunk, caches, chunk_size)
         targets = torch.tensor(chunk[1:])
         losses = F.cross_entropy(logits[:-1], targets, reduction="none")  # loss of chunk[i+1]
         first_new = max(prev_end, start + 1) - (start + 1)  # skip targets already scored

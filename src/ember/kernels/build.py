@@ -42,7 +42,8 @@ class ExtensionSpec:
 
 
 EXTENSIONS: dict[str, ExtensionSpec] = {spec.name: spec for spec in (
-    ExtensionSpec("core", ("core/module.cpp", "core/paged_decode.cpp", "core/fused_ops.cpp", "core/bf16_gemv.cpp",
+    ExtensionSpec("core", ("core/module.cpp", "core/paged_decode.cpp", "core/paged_decode_int8.cpp",
+                           "core/fused_ops.cpp", "core/bf16_gemv.cpp",
                            "core/bf16_amx.cpp"), fast_math=True),
     ExtensionSpec("quant", ("quant/quant_ops.cpp", "quant/woq_amx.cpp", "quant/w8a8_amx.cpp", "quant/int8_gemv.cpp",
                             "quant/w4a8_vnni.cpp"), fast_math=False),

@@ -31,6 +31,10 @@ class KVCacheManager:
 
     The scheduler calls `free` for every request that ends or is preempted; it also drops the
     hashes `get_computed_blocks` kept for the request.
+
+    Internal fragmentation is counted as the scheduler asks for slots: a request's empty slots are
+    its table's slots past the tokens its latest `allocate_slots` covered. Those slots sit in its
+    unshared tail blocks (only full blocks are shared), so the per-request counts add up.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
@@ -59,6 +63,8 @@ class KVCacheManager:
         self._block_tables: dict[str, list[int]] = {}
         self._block_hashes: dict[str, list[int]] = {}  # chained hash per full block, computed once
         self._block_uids: dict[str, list[int]] = {}  # prefix uid per registered table position
+        self._num_covered_tokens: dict[str, int] = {}  # tokens the latest allocate_slots covered
+        self._num_empty_slots = 0  # sum over tables of slots past their covered tokens
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -71,6 +77,23 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by live requests; cached-but-idle blocks count as free."""
         return self._num_used_blocks / self.num_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by live requests (each shared block counted once)."""
+        return self._num_used_blocks
+
+    @property
+    def fragmentation(self) -> float:
+        """Empty slots in used blocks over all their slots, 0.0 when none is used.
+
+        A slot counts as filled once a scheduled step covers its token (its KV is written in
+        that step), so a request's empty slots are those past `num_computed_tokens` plus the
+        tokens of its latest `allocate_slots`.
+        """
+        if self._num_used_blocks == 0:
+            return 0.0
+        return self._num_empty_slots / (self._num_used_blocks * self.block_size)
 
     @property
     def hit_rate(self) -> float:
@@ -130,7 +153,7 @@ class KVCacheManager:
         table = self._block_tables.get(request.request_id, [])
         if computed:
             self._check_computed_blocks(request, table, computed)
-        num_covered = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        num_covered = request.num_kv_tokens + len(computed) * self.block_size + num_new_tokens
         num_to_allocate = -(-num_covered // self.block_size) - len(table) - len(computed)
         if num_to_allocate > 0:
             # Hit blocks sitting in the evictable set are about to be revived, not evicted.
@@ -138,11 +161,14 @@ class KVCacheManager:
             if num_to_allocate > self.num_free_blocks - num_revived:
                 return False
         table = self._block_tables.setdefault(request.request_id, table)
+        self._num_empty_slots -= self._empty_slots(request.request_id)
         for block_id in computed:
             self._take_ref(block_id)
             table.append(block_id)
         for _ in range(num_to_allocate):
             table.append(self._allocate_block())
+        self._num_covered_tokens[request.request_id] = num_covered
+        self._num_empty_slots += self._empty_slots(request.request_id)
         if self.enable_prefix_caching:
             num_full = self._num_cacheable_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
             self._register_full_blocks(request, table, num_full)
@@ -156,6 +182,8 @@ class KVCacheManager:
         """
         self._block_hashes.pop(request.request_id, None)
         self._block_uids.pop(request.request_id, None)
+        self._num_empty_slots -= self._empty_slots(request.request_id)
+        self._num_covered_tokens.pop(request.request_id, None)
         table = self._block_tables.pop(request.request_id, None)
         for block_id in reversed(table or ()):
             self._ref_counts[block_id] -= 1
@@ -166,6 +194,30 @@ class KVCacheManager:
                 self._evictable[block_id] = None  # most recently used end
             else:
                 self._allocator.free(block_id)
+
+    def truncate(self, request: Request, num_rows: int) -> None:
+        """Keep only the blocks holding the request's first `num_rows` rows (KV eviction compacted its
+        kept tokens there) and free the rest. Eviction runs with prefix caching off, so those blocks
+        are the request's own.
+
+        Raises:
+            ValueError: `num_rows` beyond what the table holds, or a block that is shared or cached.
+        """
+        table = self._block_tables[request.request_id]
+        num_kept = -(-num_rows // self.block_size)
+        if num_rows < 0 or num_kept > len(table):
+            raise ValueError(f"cannot keep {num_rows} rows of a {len(table)}-block table")
+        dropped = table[num_kept:]
+        if any(self._ref_counts[b] != 1 or b in self._index for b in dropped):
+            raise ValueError("eviction may only free blocks its request alone holds")
+        self._num_empty_slots -= self._empty_slots(request.request_id)
+        del table[num_kept:]
+        for block_id in dropped:
+            self._ref_counts[block_id] = 0
+            self._num_used_blocks -= 1
+            self._allocator.free(block_id)
+        self._num_covered_tokens[request.request_id] = num_rows
+        self._num_empty_slots += self._empty_slots(request.request_id)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table ([] if it holds none)."""
@@ -218,6 +270,13 @@ class KVCacheManager:
                 raise ValueError(f"block {block_id} no longer holds block {i} of request "
                                  f"{request.request_id!r}")
             parent_uid = content.uid
+
+    def _empty_slots(self, request_id: str) -> int:
+        """Slots of the request's table past the tokens it last covered (0 before it has any)."""
+        num_covered = self._num_covered_tokens.get(request_id)
+        if num_covered is None:
+            return 0
+        return len(self._block_tables[request_id]) * self.block_size - num_covered
 
     def _take_ref(self, block_id: int) -> None:
         if self._ref_counts[block_id] == 0:
@@ -276,6 +335,11 @@ class KVCacheManager:
                 assert content is None or content.uid == uid, (
                     f"request {request_id!r}: block {block_id} uid {content.uid} != {uid}")
         assert set(self._block_uids) <= set(self._block_tables), "uids kept for a freed request"
+        assert set(self._num_covered_tokens) <= set(self._block_tables), "tokens kept for a freed request"
+        empty = [self._empty_slots(request_id) for request_id in self._num_covered_tokens]
+        assert min(empty, default=0) >= 0, "a table covers fewer slots than its tokens"
+        assert sum(empty) == self._num_empty_slots, (
+            f"{sum(empty)} empty slots in the tables but {self._num_empty_slots} counted")
         self._check_block_states(expected_refs)
 
     def _check_block_states(self, expected_refs: list[int]) -> None:

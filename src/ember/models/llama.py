@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.attention.layer_cache import LayerCache
 from ember.attention.metadata import AttentionMetadata
 from ember.models.config import ModelConfig
 from ember.models.layers.attention import SelfAttention
@@ -12,9 +13,6 @@ from ember.models.layers.mlp import GatedMLP
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.precision import PrecisionMask, apply_linear
 from ember.models.layers.rotary import RotaryEmbedding
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -25,7 +23,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: LayerCache,
                 meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, precision)
         return x + self.mlp(self.post_attention_layernorm(x), precision)
@@ -54,7 +52,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerCache],
                 meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size].
 

@@ -21,10 +21,12 @@ class Scheduler:
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, long_prefill_token_threshold: int | None = None) -> None:
+        """`long_prefill_token_threshold` (vLLM's name) caps the tokens one request computes in a step."""
         self.kv_cache_manager = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -50,7 +52,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.long_prefill_token_threshold)
             while not manager.allocate_slots(request, num_new):
                 victim = self.running.pop()  # most recently admitted
                 self._preempt(victim)
@@ -67,7 +69,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             cached_blocks, num_cached = manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = min(request.num_tokens - num_cached, budget, self.long_prefill_token_threshold)
             if not manager.allocate_slots(request, num_new, cached_blocks):
                 break  # FCFS: nobody jumps the head of the queue
             self.waiting.popleft()
@@ -82,6 +84,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
+        request.num_evicted_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1

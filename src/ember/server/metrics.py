@@ -37,6 +37,9 @@ class _EngineStatsCollector:
             ("ember:num_requests_running", "Requests in the engine's running batch.", "num_running"),
             ("ember:num_requests_waiting", "Requests waiting in the engine's queue.", "num_waiting"),
             ("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", "kv_cache_usage"),
+            ("ember:kv_cache_blocks_used", "KV-cache blocks referenced by live requests.", "kv_cache_blocks_used"),
+            ("ember:kv_cache_fragmentation_perc",
+             "Empty token slots in the used KV-cache blocks over their slots (0..1).", "kv_cache_fragmentation"),
         ]
         for name, doc, attr in gauges:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.attention.layer_cache import LayerCache
 from ember.attention.metadata import AttentionMetadata
 from ember.attention.paged_attention import paged_attention
 from ember.models.layers.linear import fuse_linears
@@ -33,7 +34,7 @@ class SelfAttention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                kv_cache: LayerCache, meta: AttentionMetadata,
                 precision: PrecisionMask | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
@@ -45,5 +46,5 @@ class SelfAttention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_(q, k, rope)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return apply_linear(self.o_proj, out.reshape(num_tokens, self.num_heads * self.head_dim), precision)

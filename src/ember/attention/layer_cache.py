@@ -1,0 +1,231 @@
+"""One layer's KV-cache tensors in the paged layout: in the model dtype, or as int8 codes with per-token
+or per-channel scales and an optional side pool of 4-bit residuals for outlier tokens.
+
+Every cache writes the step's new K/V at their slots (quantizing on write), reads a sequence's blocks
+back as floats (prefill over cached blocks, the reference decode path) and runs decode attention
+straight over its blocks with the native kernel when one is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.attention.kv_quant import dequantize, quantize_per_channel, quantize_per_token
+from ember.attention.residuals import RESIDUAL_POOL_FRACTION, ResidualPool
+from ember.attention.metadata import AttentionMetadata
+from ember.config import KV_CACHE_DTYPES
+from ember.kernels.ops import core_ops
+
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How the KV cache stores a token: dtype, geometry and outlier residuals.
+
+    `cache_dtype` follows vLLM's `--kv-cache-dtype`: "auto" keeps the model dtype; "int8" ("C8-D")
+    quantizes each token and KV head with its own scale when written; "int8-static" ("C8-S") uses
+    per-channel scales calibrated offline. `outlier_residual` (int8-static only) gives a token whose
+    relative error exceeds `outlier_factor` x the running mean a 4-bit residual.
+    """
+
+    cache_dtype: str
+    model_dtype: torch.dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    outlier_residual: bool = False
+    outlier_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.outlier_residual and self.cache_dtype != "int8-static":
+            raise ValueError("kv_outlier_residual needs kv_cache_dtype='int8-static'")
+        if self.outlier_factor <= 0:
+            raise ValueError(f"kv_outlier_factor must be positive, got {self.outlier_factor}")
+        if self.outlier_residual and self.head_dim % 2:
+            raise ValueError(f"4-bit residuals need an even head_dim, got {self.head_dim}")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.cache_dtype != "auto"
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes one token takes over every layer, K and V, scales and reserved residual rows
+        included (static per-channel scales are per layer, not per token, and left out)."""
+        width = self.num_kv_heads * self.head_dim
+        if self.cache_dtype == "auto":
+            row = width * self.model_dtype.itemsize
+        else:
+            row = width + (4 * self.num_kv_heads if self.cache_dtype == "int8" else 0)
+        if self.outlier_residual:  # slot index + the reserved share of residual rows
+            row += 4 + RESIDUAL_POOL_FRACTION * (width // 2 + 4 * self.num_kv_heads)
+        return 2 * self.num_layers * row
+
+    def bytes_per_block(self) -> int:
+        return int(-(-self.bytes_per_token() * self.block_size // 1))
+
+
+class DenseLayerCache:
+    """K and V blocks in the model dtype: [num_blocks, block_size, KVH, D] each."""
+
+    is_quantized = False
+
+    def __init__(self, num_blocks: int, spec: KVCacheSpec) -> None:
+        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.block_size = spec.block_size
+        self.key = torch.zeros(shape, dtype=spec.model_dtype)
+        self.value = torch.zeros(shape, dtype=spec.model_dtype)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the step's new keys/values k, v [T, KVH, D] at their slots."""
+        kvh, dim = k.shape[1], k.shape[2]
+        self.key.view(-1, kvh, dim).index_copy_(0, slot_mapping, k)
+        self.value.view(-1, kvh, dim).index_copy_(0, slot_mapping, v)
+
+    def read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the blocks in `block_tables` [..., n]: [..., n * block_size, KVH, D]."""
+        return self.key[block_tables].flatten(-4, -3), self.value[block_tables].flatten(-4, -3)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Copy the K/V at slots `src` to slots `dst` (eviction's compaction); `dropped` slots are let go."""
+        for tensor in (self.key, self.value):
+            flat = tensor.view(-1, *tensor.shape[2:])
+            flat[dst] = flat[src]  # the right side is gathered first: overlapping moves are safe
+
+    def decode(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor | None:
+        """Native decode attention of q [N, H, D] over the decode rows' blocks, or None without a build."""
+        ops = core_ops()
+        if ops is None:
+            return None
+        return ops.paged_decode_attention(q, self.key, self.value, meta.decode_block_tables,
+                                          meta.decode_seq_lens, scale)
+
+
+class QuantizedRows:
+    """K or V of one layer as int8 codes [num_blocks, block_size, KVH, D] with per-token scales
+    [num_blocks, block_size, KVH] or fixed per-channel scales [KVH, D], and optional residuals."""
+
+    def __init__(self, num_blocks: int, spec: KVCacheSpec, static_scales: torch.Tensor | None) -> None:
+        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.codes = torch.zeros(shape, dtype=torch.int8)
+        self.per_token = static_scales is None
+        if self.per_token:
+            self.scales = torch.zeros(shape[:3], dtype=torch.float32)
+        else:
+            if tuple(static_scales.shape) != shape[2:]:
+                raise ValueError(f"static KV scales must be [{shape[2]}, {shape[3]}], got {tuple(static_scales.shape)}")
+            self.scales = static_scales.float().contiguous()
+        self.residuals = (ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim,
+                                       spec.outlier_factor) if spec.outlier_residual else None)
+
+    def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        kvh, dim = x.shape[1], x.shape[2]
+        if self.per_token:
+            codes, scales = quantize_per_token(x)
+            self.scales.view(-1, kvh).index_copy_(0, slot_mapping, scales)
+        else:
+            codes = quantize_per_channel(x, self.scales)
+        self.codes.view(-1, kvh, dim).index_copy_(0, slot_mapping, codes)
+        if self.residuals is not None:
+            self.residuals.record(x, dequantize(codes, self.scales, per_token=False), slot_mapping)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, dropped: torch.Tensor) -> None:
+        kvh, dim = self.codes.shape[2], self.codes.shape[3]
+        codes = self.codes.view(-1, kvh, dim)
+        codes[dst] = codes[src]
+        if self.per_token:
+            scales = self.scales.view(-1, kvh)
+            scales[dst] = scales[src]
+        if self.residuals is not None:
+            self.residuals.move(src, dst, dropped)
+
+    def read(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows of `block_tables` [..., n]: [..., n * block_size, KVH, D] float32."""
+        codes = self.codes[block_tables].flatten(-4, -3)
+        scales = self.scales[block_tables].flatten(-3, -2) if self.per_token else self.scales
+        values = dequantize(codes, scales, self.per_token)
+        if self.residuals is None:
+            return values
+        block_size = self.codes.shape[1]
+        slots = (block_tables[..., None] * block_size + torch.arange(block_size)).flatten(-2)  # [..., n * bs]
+        return self.residuals.add_to(values, slots)
+
+    def kernel_args(self) -> list[torch.Tensor]:
+        """codes, scales, residual index, residual codes, residual scales (empty: no residuals)."""
+        pool = self.residuals
+        if pool is None:
+            empty = torch.empty(0)
+            return [self.codes, self.scales, empty.int(), empty.to(torch.uint8), empty]
+        return [self.codes, self.scales, pool.index, pool.codes, pool.scales]
+
+
+class Int8LayerCache:
+    """K and V as `QuantizedRows`; reads come back in the model dtype."""
+
+    is_quantized = True
+
+    def __init__(self, num_blocks: int, spec: KVCacheSpec,
+                 static_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if (spec.cache_dtype == "int8-static") != (static_scales is not None):
+            raise ValueError("int8-static needs calibrated per-channel scales; int8 takes none")
+        self.dtype = spec.model_dtype
+        self.block_size = spec.block_size
+        self.key = QuantizedRows(num_blocks, spec, static_scales[0] if static_scales else None)
+        self.value = QuantizedRows(num_blocks, spec, static_scales[1] if static_scales else None)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.key.write(k, slot_mapping)
+        self.value.write(v, slot_mapping)
+
+    def read(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key.read(block_tables).to(self.dtype), self.value.read(block_tables).to(self.dtype)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, dropped: torch.Tensor) -> None:
+        self.key.move(src, dst, dropped)
+        self.value.move(src, dst, dropped)
+
+    def decode(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor | None:
+        ops = core_ops()
+        if ops is None:
+            return None
+        return ops.paged_decode_attention_int8(q, *self.key.kernel_args(), *self.value.kernel_args(),
+                                               meta.decode_block_tables, meta.decode_seq_lens, scale)
+
+
+LayerCache = DenseLayerCache | Int8LayerCache
+
+
+def create_layer_caches(spec: KVCacheSpec, num_blocks: int,
+                        static_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LayerCache]:
+    """One cache per layer. `static_scales`: per layer (k_scale, v_scale), each [KVH, D], for int8-static."""
+    if spec.cache_dtype == "auto":
+        return [DenseLayerCache(num_blocks, spec) for _ in range(spec.num_layers)]
+    if spec.cache_dtype == "int8-static":
+        if static_scales is None or len(static_scales) != spec.num_layers:
+            raise ValueError(f"int8-static needs calibrated KV scales for each of the {spec.num_layers} layers "
+                             "(`ember calibrate-kv --output DIR`, then --kv-scales DIR)")
+        return [Int8LayerCache(num_blocks, spec, scales) for scales in static_scales]
+    return [Int8LayerCache(num_blocks, spec) for _ in range(spec.num_layers)]
+
+
+def cache_statistics(spec: KVCacheSpec, caches: list[LayerCache]) -> dict:
+    """What the cache costs per token, and (with residuals) how many written tokens were outliers
+    and the bytes their residual rows take, over every layer's K and V."""
+    stats = {"kv_cache_dtype": spec.cache_dtype, "bytes_per_token": spec.bytes_per_token()}
+    pools = [rows.residuals for cache in caches if isinstance(cache, Int8LayerCache)
+             for rows in (cache.key, cache.value) if rows.residuals is not None]
+    if pools:
+        written = sum(pool.num_tokens for pool in pools)
+        outliers = sum(pool.num_outliers for pool in pools)
+        # Residual bytes per written token: each outlier's row (codes + scales) and its slot index.
+        residual_bytes = sum(pool.num_outliers * pool.row_bytes for pool in pools) / max(written, 1) * len(pools)
+        stats.update({"outlier_share": outliers / max(written, 1),
+                      "outliers_dropped": sum(pool.num_dropped for pool in pools),
+                      "residual_bytes_per_token": residual_bytes,
+                      "bytes_per_token_used": spec.bytes_per_token() - len(pools) * RESIDUAL_POOL_FRACTION * pools[0].row_bytes
+                      + residual_bytes})
+    return stats

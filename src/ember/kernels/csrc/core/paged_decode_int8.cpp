@@ -1,0 +1,204 @@
+// Decode attention over an int8 paged KV cache: codes are read block by block through the block table
+// and never widened into a float copy. A per-token scale multiplies a whole score (K) or probability
+// (V); per-channel scales are folded into the query (K) and into the output (V). Outlier tokens add
+// a 4-bit residual, found through a slot -> residual-row index. Online softmax in float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// K or V of one layer: codes [num_blocks * block_size, KVH, D]; scales per slot and KV head
+// ([slots, KVH]) or per channel ([KVH, D]); residual rows [R, KVH, D / 2] (two 4-bit codes a byte,
+// offset by 8) with scales [R, KVH], found by res_index [slots] (-1: none). res_index is null when
+// the cache keeps no residuals.
+struct Int8Rows {
+  const int8_t* codes;
+  const float* scales;
+  bool per_token;
+  const int32_t* res_index;
+  const uint8_t* res_codes;
+  const float* res_scales;
+};
+
+Int8Rows rows_of(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& res_index,
+                 const torch::Tensor& res_codes, const torch::Tensor& res_scales) {
+  const bool has_res = res_index.numel() > 0;
+  return {codes.data_ptr<int8_t>(), scales.data_ptr<float>(), scales.dim() == 3,
+          has_res ? res_index.data_ptr<int32_t>() : nullptr, has_res ? res_codes.data_ptr<uint8_t>() : nullptr,
+          has_res ? res_scales.data_ptr<float>() : nullptr};
+}
+
+inline float dot_codes(const float* q, const int8_t* codes, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += q[d] * static_cast<float>(codes[d]);
+  return s;
+}
+
+inline float dot_nibbles(const float* q, const uint8_t* packed, int64_t half) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < half; ++i) {
+    s += q[2 * i] * static_cast<float>((packed[i] & 15) - 8) + q[2 * i + 1] * static_cast<float>((packed[i] >> 4) - 8);
+  }
+  return s;
+}
+
+inline void add_nibbles(float w, const uint8_t* packed, int64_t half, float* acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    acc[2 * i] += w * static_cast<float>((packed[i] & 15) - 8);
+    acc[2 * i + 1] += w * static_cast<float>((packed[i] >> 4) - 8);
+  }
+}
+
+template <typename T>
+void decode_int8_kernel(const torch::Tensor& q, const Int8Rows& k, const Int8Rows& v, int64_t block_size,
+                        int64_t num_kv_heads, const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                        double scale, torch::Tensor& out) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1), half = head_dim / 2;
+  const T* q_ptr = q.data_ptr<T>();
+  const int64_t* table_ptr = block_tables.data_ptr<int64_t>();
+  const int64_t* len_ptr = seq_lens.data_ptr<int64_t>();
+  T* out_ptr = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t width = num_heads * head_dim;
+    // qf: the scaled query; qk: qf times K's channel scales (static), so a score is one int8 dot.
+    std::vector<float> qf(width), qk(width), acc(width), acc_res(width), probs(block_size);
+    std::vector<float> row_max(num_heads), row_sum(num_heads);
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const int64_t seq_len = std::min(len_ptr[seq], max_blocks * block_size);
+      const T* qs = q_ptr + seq * width;
+      for (int64_t i = 0; i < width; ++i) qf[i] = static_cast<float>(qs[i]) * fscale;
+      for (int64_t h = 0; h < num_heads; ++h) {  // head h reads KV head h / group
+        const float* ks = k.per_token ? nullptr : k.scales + (h / group) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) qk[h * head_dim + d] = qf[h * head_dim + d] * (ks != nullptr ? ks[d] : 1.f);
+      }
+      std::fill(row_max.begin(), row_max.end(), -1e30f);  // finite: built with -ffast-math
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc_res.begin(), acc_res.end(), 0.f);
+      const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t first_slot = table_ptr[seq * max_blocks + b] * block_size;
+        const int64_t n = std::min(block_size, seq_len - b * block_size);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const int64_t kv = h / group;
+          const float* qh = qf.data() + h * head_dim;
+          float block_max = row_max[h];
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t row = (first_slot + t) * num_kv_heads + kv;  // [slot, kv head]
+            float s = dot_codes(qk.data() + h * head_dim, k.codes + row * head_dim, head_dim);
+            if (k.per_token) s *= k.scales[row];
+            if (k.res_index != nullptr) {
+              const int32_t r = k.res_index[first_slot + t];
+              if (r >= 0) s += k.res_scales[r * num_kv_heads + kv] * dot_nibbles(qh, k.res_codes + (r * num_kv_heads + kv) * half, half);
+            }
+            probs[t] = s;
+            block_max = std::max(block_max, s);
+          }
+          // Rescale what was accumulated under the old maximum (online softmax).
+          const float correction = std::exp(row_max[h] - block_max);
+          float* ah = acc.data() + h * head_dim;
+          float* rh = acc_res.data() + h * head_dim;
+          row_sum[h] *= correction;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) ah[d] *= correction;
+          if (v.res_index != nullptr) {
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) rh[d] *= correction;
+          }
+          float block_sum = 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            probs[t] = std::exp(probs[t] - block_max);
+            block_sum += probs[t];
+          }
+          row_sum[h] += block_sum;
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t row = (first_slot + t) * num_kv_heads + kv;
+            const float w = v.per_token ? probs[t] * v.scales[row] : probs[t];
+            const int8_t* vt = v.codes + row * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * static_cast<float>(vt[d]);
+            if (v.res_index != nullptr) {
+              const int32_t r = v.res_index[first_slot + t];
+              if (r >= 0) add_nibbles(probs[t] * v.res_scales[r * num_kv_heads + kv], v.res_codes + (r * num_kv_heads + kv) * half, half, rh);
+            }
+          }
+          row_max[h] = block_max;
+        }
+      }
+      T* dst = out_ptr + seq * width;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+        const float* vs = v.per_token ? nullptr : v.scales + (h / group) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          const float a = vs != nullptr ? acc[h * head_dim + d] * vs[d] : acc[h * head_dim + d];
+          dst[h * head_dim + d] = static_cast<T>((a + acc_res[h * head_dim + d]) * inv);
+        }
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& res_index,
+                const torch::Tensor& res_codes, const torch::Tensor& res_scales, const char* name) {
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
+              name, " codes must be contiguous int8 [B, bs, KVH, D]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous(), name, " scales must be contiguous float32");
+  const bool per_token = scales.dim() == 3 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) &&
+                         scales.size(2) == codes.size(2);
+  const bool per_channel = scales.dim() == 2 && scales.size(0) == codes.size(2) && scales.size(1) == codes.size(3);
+  TORCH_CHECK(per_token || per_channel, name, " scales must be [B, bs, KVH] or [KVH, D]");
+  if (res_index.numel() > 0) {
+    TORCH_CHECK(res_index.scalar_type() == torch::kInt32 && res_index.numel() == codes.size(0) * codes.size(1),
+                name, " residual index must be int32 [B * bs]");
+    TORCH_CHECK(res_codes.scalar_type() == torch::kUInt8 && res_codes.dim() == 3 && res_codes.size(1) == codes.size(2) &&
+                res_codes.size(2) * 2 == codes.size(3) && res_codes.is_contiguous(), name, " residual codes must be uint8 [R, KVH, D / 2]");
+    TORCH_CHECK(res_scales.scalar_type() == torch::kFloat32 && res_scales.is_contiguous() &&
+                res_scales.numel() == res_codes.size(0) * res_codes.size(1), name, " residual scales must be float32 [R, KVH]");
+  }
+}
+
+}  // namespace
+
+// q: [N, H, D] float32 or bfloat16; {k,v}_codes: [B, bs, KVH, D] int8 with {k,v}_scales [B, bs, KVH]
+// (per token) or [KVH, D] (per channel); residuals as in Int8Rows (empty tensors: none); block_tables:
+// [N, max_blocks]; seq_lens: [N] (the new token included). Returns [N, H, D] in q's dtype.
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales,
+                                          torch::Tensor k_res_index, torch::Tensor k_res_codes, torch::Tensor k_res_scales,
+                                          torch::Tensor v_codes, torch::Tensor v_scales, torch::Tensor v_res_index,
+                                          torch::Tensor v_res_codes, torch::Tensor v_res_scales, torch::Tensor block_tables,
+                                          torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q must be [N, H, D]");
+  check_rows(k_codes, k_scales, k_res_index, k_res_codes, k_res_scales, "key");
+  check_rows(v_codes, v_scales, v_res_index, v_res_codes, v_res_scales, "value");
+  TORCH_CHECK(k_codes.sizes() == v_codes.sizes(), "key and value codes must have one shape");
+  TORCH_CHECK(q.size(2) == k_codes.size(3) && q.size(1) % k_codes.size(2) == 0,
+              "q must have the cache's head_dim and a multiple of its KV heads");
+  q = q.contiguous();
+  block_tables = block_tables.to(torch::kInt64).contiguous();
+  seq_lens = seq_lens.to(torch::kInt64).contiguous();
+  auto out = torch::empty_like(q);
+  const Int8Rows k = rows_of(k_codes, k_scales, k_res_index, k_res_codes, k_res_scales);
+  const Int8Rows v = rows_of(v_codes, v_scales, v_res_index, v_res_codes, v_res_scales);
+  const int64_t block_size = k_codes.size(1), num_kv_heads = k_codes.size(2);
+  if (q.scalar_type() == torch::kFloat32) {
+    decode_int8_kernel<float>(q, k, v, block_size, num_kv_heads, block_tables, seq_lens, scale, out);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    decode_int8_kernel<at::BFloat16>(q, k, v, block_size, num_kv_heads, block_tables, seq_lens, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention_int8 supports float32 and bfloat16 queries");
+  }
+  return out;
+}
+
+void register_paged_decode_int8(pybind11::module& m) {
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "decode attention over an int8 paged KV cache");
+}
