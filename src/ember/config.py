@@ -72,6 +72,9 @@ class EngineConfig:
     kv_sink_tokens: int = field(default=4, metadata={"help": "first tokens streaming and h2o always keep"})
     max_num_seqs: int | None = field(default=None, metadata={"help": "most requests in one step"})
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget of one step"})
+    long_prefill_token_threshold: int | None = field(default=None, metadata={
+        "help": "most tokens one request computes in a step (a long prompt's chunk); with --kv-eviction at most, "
+                "and by default, the budget"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "seed of the default random generator"})
     num_threads: int | None = field(default=None, metadata={
@@ -110,6 +113,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be positive, got {self.long_prefill_token_threshold}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_outlier_residual and self.kv_cache_dtype != "int8-static":

@@ -80,6 +80,30 @@ def test_blocks_stay_within_the_budget_while_long_requests_keep_generating(tiny_
     assert not engine.kv_cache_manager.enable_prefix_caching  # compaction rewrites blocks in place
 
 
+def test_smaller_chunks_tighten_the_bound(tiny_llama_dir):
+    """With `long_prefill_token_threshold` under the budget, a request holds its kept rows plus at most
+    that many new ones; without eviction the threshold alone caps each request's step."""
+    for eviction in ({"kv_eviction": "streaming", "kv_budget_tokens": BUDGET}, {}):
+        llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=40,
+                  long_prefill_token_threshold=16, **eviction)
+        engine = llm.engine
+        seen = []  # (new tokens, blocks) of every scheduled entry
+        schedule = engine.scheduler.schedule
+
+        def recording():
+            output = schedule()
+            seen.extend((entry.num_new_tokens, len(entry.block_ids)) for entry in output.scheduled)
+            return output
+
+        engine.scheduler.schedule = recording
+        out = llm.generate({"prompt_token_ids": list(range(10, 150))},
+                           SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 40
+        assert max(tokens for tokens, _ in seen) == 16
+        most_blocks = max(blocks for _, blocks in seen)
+        assert most_blocks == (-(-(BUDGET + 16) // BLOCK) if eviction else -(-179 // BLOCK))
+
+
 def test_eviction_through_preemption_and_abort(tiny_llama_dir):
     llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=9, kv_eviction="h2o",
               kv_budget_tokens=BUDGET)

@@ -72,8 +72,10 @@ class LLMEngine:
         eviction = config.eviction_config()  # compaction rewrites blocks in place: no prefix sharing then
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching and eviction is None)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   eviction.budget_tokens if eviction else None)
+        chunk = config.long_prefill_token_threshold  # a request holds its kept rows plus one step's tokens
+        if eviction is not None:
+            chunk = min(chunk or eviction.budget_tokens, eviction.budget_tokens)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, chunk)
         self.runner = ModelRunner(model, model_config, num_blocks, self.kv_spec, kv_scales)
         self.eviction = EvictionManager(eviction, self.kv_cache_manager, self.runner) if eviction else None
         self.precision = PrecisionManager(model)
