@@ -115,12 +115,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
             raise ValueError(f"long_prefill_token_threshold must be positive, got {self.long_prefill_token_threshold}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.kv_outlier_residual and self.kv_cache_dtype != "int8-static":
-            raise ValueError("kv_outlier_residual needs kv_cache_dtype='int8-static'")
-        if self.kv_outlier_factor <= 0:
-            raise ValueError(f"kv_outlier_factor must be positive, got {self.kv_outlier_factor}")
+        check_kv_cache_options(self.kv_cache_dtype, self.kv_outlier_residual, self.kv_outlier_factor)
         self.eviction_config()  # an unknown policy or a budget too small for it fails here
         if self.fallback_kl <= 0 or self.fallback_skew <= 0:
             raise ValueError(f"fallback_kl and fallback_skew must be positive, got {self.fallback_kl}, "
@@ -150,6 +145,16 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_kv_cache_options(cache_dtype: str, outlier_residual: bool, outlier_factor: float) -> None:
+    """Raise ValueError for an unknown KV-cache dtype, residuals without static scales or a bad factor."""
+    if cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {cache_dtype!r}")
+    if outlier_residual and cache_dtype != "int8-static":
+        raise ValueError("kv_outlier_residual needs kv_cache_dtype='int8-static'")
+    if outlier_factor <= 0:
+        raise ValueError(f"kv_outlier_factor must be positive, got {outlier_factor}")
 
 
 def default_num_threads() -> int:

@@ -15,7 +15,7 @@ import torch
 from ember.attention.kv_quant import dequantize, quantize_per_channel, quantize_per_token
 from ember.attention.residuals import RESIDUAL_POOL_FRACTION, ResidualPool
 from ember.attention.metadata import AttentionMetadata
-from ember.config import KV_CACHE_DTYPES
+from ember.config import check_kv_cache_options
 from ember.kernels.ops import core_ops
 
 
@@ -40,14 +40,16 @@ class KVCacheSpec:
     outlier_factor: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.cache_dtype!r}")
-        if self.outlier_residual and self.cache_dtype != "int8-static":
-            raise ValueError("kv_outlier_residual needs kv_cache_dtype='int8-static'")
-        if self.outlier_factor <= 0:
-            raise ValueError(f"kv_outlier_factor must be positive, got {self.outlier_factor}")
+        check_kv_cache_options(self.cache_dtype, self.outlier_residual, self.outlier_factor)
         if self.outlier_residual and self.head_dim % 2:
             raise ValueError(f"4-bit residuals need an even head_dim, got {self.head_dim}")
+
+    @classmethod
+    def for_model(cls, model_config, model_dtype: torch.dtype, cache_dtype: str = "auto", block_size: int = 16,
+                  outlier_residual: bool = False, outlier_factor: float = 3.0) -> "KVCacheSpec":
+        """The spec of a model's cache: layers and KV geometry from its `ModelConfig`."""
+        return cls(cache_dtype, model_dtype, model_config.num_hidden_layers, model_config.num_key_value_heads,
+                   model_config.head_dim, block_size, outlier_residual, outlier_factor)
 
     @property
     def is_quantized(self) -> bool:
@@ -121,6 +123,7 @@ class QuantizedRows:
             self.scales = static_scales.float().contiguous()
         self.residuals = (ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim,
                                        spec.outlier_factor) if spec.outlier_residual else None)
+        self.kernel_args = self._make_kernel_args()
 
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kvh, dim = x.shape[1], x.shape[2]
@@ -154,13 +157,14 @@ class QuantizedRows:
         slots = (block_tables[..., None] * block_size + torch.arange(block_size)).flatten(-2)  # [..., n * bs]
         return self.residuals.add_to(values, slots)
 
-    def kernel_args(self) -> list[torch.Tensor]:
-        """codes, scales, residual index, residual codes, residual scales (empty: no residuals)."""
+    def _make_kernel_args(self) -> tuple[torch.Tensor, ...]:
+        """codes, scales, residual index, residual codes, residual scales (empty: no residuals). Every
+        tensor is allocated once and updated in place, so the tuple is built once."""
         pool = self.residuals
         if pool is None:
             empty = torch.empty(0)
-            return [self.codes, self.scales, empty.int(), empty.to(torch.uint8), empty]
-        return [self.codes, self.scales, pool.index, pool.codes, pool.scales]
+            return self.codes, self.scales, empty.int(), empty.to(torch.uint8), empty
+        return self.codes, self.scales, pool.index, pool.codes, pool.scales
 
 
 class Int8LayerCache:
@@ -192,7 +196,7 @@ class Int8LayerCache:
         ops = core_ops()
         if ops is None:
             return None
-        return ops.paged_decode_attention_int8(q, *self.key.kernel_args(), *self.value.kernel_args(),
+        return ops.paged_decode_attention_int8(q, *self.key.kernel_args, *self.value.kernel_args,
                                                meta.decode_block_tables, meta.decode_seq_lens, scale)
 
 

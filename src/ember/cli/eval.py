@@ -66,7 +66,6 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     import math
     print(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,
                       "perplexity": math.exp(nll / count), "num_tokens": count, "window": args.window,
-                      "stride": args.stride, "prefill_chunk": args.prefill_chunk, "kv_cache": cache_statistics(spec, caches),
-                      "files": files,
+                      "stride": args.stride, "prefill_chunk": args.prefill_chunk,
+                      "kv_cache": cache_statistics(spec, caches), "files": files,
                       "elapsed_s": round(time.monotonic() - start, 2)}, indent=1))
-

@@ -26,7 +26,7 @@ class EvictionManager:
         requests' `num_computed_tokens` count the step's tokens."""
         for request in scheduler_output.preempted:  # recompute starts over, statistics too
             self._states.pop(request.request_id, None)
-        mass = dict((id(r), m) for r, m in runner_output.attention_mass or ())
+        mass = {id(r): m for r, m in runner_output.attention_mass or ()}
         for entry in scheduler_output.scheduled:
             request = entry.request
             if request.is_finished:
@@ -56,4 +56,3 @@ def max_rows_needed(config: EvictionConfig | None, num_tokens: int, max_chunk: i
     if config is None:
         return num_tokens
     return min(num_tokens, config.budget_tokens + max_chunk)
-

@@ -65,9 +65,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context length "
                              f"{model_config.max_position_embeddings}")
         self.config = config.replace(max_model_len=max_len)
-        self.kv_spec = KVCacheSpec(config.kv_cache_dtype, getattr(torch, config.dtype), model_config.num_hidden_layers,
-                                   model_config.num_key_value_heads, model_config.head_dim, config.block_size,
-                                   config.kv_outlier_residual, config.kv_outlier_factor)
+        self.kv_spec = KVCacheSpec.for_model(model_config, getattr(torch, config.dtype), config.kv_cache_dtype,
+                                             config.block_size, config.kv_outlier_residual, config.kv_outlier_factor)
         num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // self.kv_spec.bytes_per_block())
         eviction = config.eviction_config()  # compaction rewrites blocks in place: no prefix sharing then
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,

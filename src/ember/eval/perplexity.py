@@ -56,9 +56,8 @@ def window_logits(model, token_ids: list[int], caches: list | None = None, chunk
 def model_cache_spec(model, cache_dtype: str, block_size: int = 16, outlier_residual: bool = False,
                      outlier_factor: float = 3.0) -> KVCacheSpec:
     """The `KVCacheSpec` of an Ember model's KV cache in `cache_dtype`."""
-    cfg = model.config
-    return KVCacheSpec(cache_dtype, model.model.embed_tokens.weight.dtype, cfg.num_hidden_layers,
-                       cfg.num_key_value_heads, cfg.head_dim, block_size, outlier_residual, outlier_factor)
+    return KVCacheSpec.for_model(model.config, model.model.embed_tokens.weight.dtype, cache_dtype, block_size,
+                                 outlier_residual, outlier_factor)
 
 
 @torch.inference_mode()

@@ -40,13 +40,11 @@ def calibrate_kv_scales(model, batches: list[torch.Tensor], block_size: int = 16
         model: an Ember causal LM (`models/`), run through its paged forward.
         batches: [1, seq_len] token ids each (calibration text, never the evaluation split).
     """
-    from ember.eval.perplexity import window_logits
+    from ember.eval.perplexity import model_cache_spec, window_logits
 
-    cfg = model.config
     longest = max(batch.shape[-1] for batch in batches)
-    spec = KVCacheSpec("auto", model.model.embed_tokens.weight.dtype, cfg.num_hidden_layers,
-                       cfg.num_key_value_heads, cfg.head_dim, block_size)
-    recorders = [AbsmaxRecorder(-(-longest // block_size), spec) for _ in range(cfg.num_hidden_layers)]
+    spec = model_cache_spec(model, "auto", block_size)
+    recorders = [AbsmaxRecorder(-(-longest // block_size), spec) for _ in range(spec.num_layers)]
     for batch in batches:
         window_logits(model, batch.flatten().tolist(), caches=recorders)
     return [(r.key_absmax.clamp_min(1e-6) / INT8_MAX, r.value_absmax.clamp_min(1e-6) / INT8_MAX) for r in recorders]
