@@ -1,7 +1,7 @@
 """Ember: a CPU-first LLM inference engine and quantization workbench."""
 
 from ember.outputs import CompletionOutput, RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -12,4 +12,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]

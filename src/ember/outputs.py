@@ -16,6 +16,8 @@ class Logprob:
 
 # One dict per generated position: token id -> Logprob (the sampled token plus the top alternatives).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing precedes it), else the actual token plus the top k.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -58,4 +60,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     precision_switch_token: int | None = None  # the earliest switch among `outputs`, None if none switched
+    # With `SamplingParams.prompt_logprobs`: set on every output once the whole prompt is scored.
+    prompt_logprobs: PromptLogprobs | None = None
     extra: dict = field(default_factory=dict)

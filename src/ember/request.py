@@ -57,6 +57,8 @@ class Request:
         self.precision_ops: frozenset[str] = frozenset()
         self.dense_from_position: int | None = None  # None: every row quantized
         self.precision_switch_token: int | None = None  # output index of a mid-flight switch
+        # Structured output: the sequence's grammar state (a StructuredOutputRequest), None if unconstrained.
+        self.structured_output = None
         # A seeded request owns its generator so its samples do not depend on batch neighbours.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
@@ -84,6 +86,11 @@ class Request:
     def max_num_tokens(self) -> int:
         """Prompt plus the most tokens this request may generate."""
         return self.num_prompt_tokens + (self.sampling_params.max_tokens or 0)
+
+    @property
+    def is_schedulable(self) -> bool:
+        """False while the request's grammar is still compiling (it waits without blocking the queue)."""
+        return self.structured_output is None or self.structured_output.is_ready
 
     @property
     def is_finished(self) -> bool:

@@ -14,6 +14,40 @@ DENSE_PRECISION = "bf16"
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's `StructuredOutputsParams`); exactly one is set.
+
+    json: a JSON schema (dict or JSON text); json_object: any JSON object; regex: a regular expression;
+    choice: one of these strings; grammar: an EBNF grammar (xgrammar's dialect, GBNF-like).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        _check(len(given) == 1, "structured_outputs",
+               "structured outputs need exactly one of json, regex, choice, grammar, json_object; "
+               f"got {given or 'none'}")
+        if self.choice is not None:
+            _check(bool(self.choice) and all(isinstance(c, str) for c in self.choice), "structured_outputs",
+                   "choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return "json_object" if self.json_object else next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+
+
+@dataclass
 class SamplingParams:
     """How to sample the continuation of one prompt.
 
@@ -42,6 +76,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     precision: str | None = None  # ember's: one of PRECISIONS; None = the engine's default
+    structured_outputs: StructuredOutputsParams | None = None
     extra_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

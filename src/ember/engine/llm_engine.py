@@ -27,6 +27,7 @@ from ember.request import Request, RequestStatus
 from ember.sampling_params import DENSE_PRECISION, SamplingParams
 from ember.scheduler.output import SchedulerOutput
 from ember.scheduler.scheduler import Scheduler
+from ember.structured_output.manager import StructuredOutputManager
 
 MAX_DEFAULT_MODEL_LEN = 8192
 
@@ -81,6 +82,9 @@ class LLMEngine:
         self.num_precision_fallbacks_total = 0
         self.drift = self._drift_monitor(config, drift_reference)
         self.runner.keep_hidden = self.drift is not None
+        # Grammars compile on the manager's own thread; xgrammar loads on the first constrained request.
+        self.structured_output = StructuredOutputManager(tokenizer.hf, model_config.vocab_size)
+        self.runner.structured_output = self.structured_output
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
         self._parents: dict[str, ParentState] = {}
         self._counter = itertools.count()
@@ -138,6 +142,8 @@ class LLMEngine:
                     for i in range(params.n)]
         self._parents[request_id] = ParentState(request_id, prompt_text, children, self.tokenizer)
         for child in children:
+            if params.structured_outputs is not None:
+                child.structured_output = self.structured_output.new_request(params.structured_outputs)
             self.precision.admit(child, precision)
             self.scheduler.add_request(child)
 
@@ -230,15 +236,35 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that progressed."""
+        failed = self._fail_bad_grammars()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            return []
+            if not failed and self.scheduler.waiting:
+                time.sleep(0.001)  # only grammars still compiling: let their thread run
+            return failed
         runner_output = self.runner.execute(scheduler_output)
-        outputs = self._postprocess(scheduler_output, runner_output)
+        outputs = failed + self._postprocess(scheduler_output, runner_output)
         if self.eviction is not None:
             self.eviction.after_step(scheduler_output, runner_output)
         if self.drift is not None:
             self._watch_drift(runner_output)
+        return outputs
+
+    def _fail_bad_grammars(self) -> list[RequestOutput]:
+        """Finish (as aborted) the waiting requests whose grammar failed to compile; the reason goes in
+        `RequestOutput.extra["error"]`. Servers compile before admitting, so this is the offline path."""
+        bad = [r for r in self.scheduler.waiting if r.structured_output is not None and r.structured_output.error]
+        outputs = []
+        for parent_id in dict.fromkeys(r.parent_id for r in bad):
+            parent = self._parents.pop(parent_id, None)
+            if parent is None:
+                continue
+            error = next(r.structured_output.error for r in bad if r.parent_id == parent_id)
+            self.scheduler.finish_requests([c.request.request_id for c in parent.children],
+                                           RequestStatus.FINISHED_ABORTED)
+            output = parent.make_output()
+            output.extra["error"] = str(error)
+            outputs.append(output)
         return outputs
 
     def _watch_drift(self, runner_output: ModelRunnerOutput) -> None:
@@ -266,6 +292,8 @@ class LLMEngine:
     def _postprocess(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         for entry in scheduler_output.scheduled:
             entry.request.num_computed_tokens += entry.num_new_tokens
+        for chunk in runner_output.prompt_logprobs or ():  # scored prompt rows, kept until the prompt is whole
+            self._parents[chunk.request.parent_id].add_prompt_logprobs(chunk)
         touched: dict[str, ParentState] = {}
         finished_ids: list[str] = []
         sampler_output = runner_output.sampler_output
@@ -276,6 +304,8 @@ class LLMEngine:
                 parent = self._parents[request.parent_id]
                 state = parent.children[request.index]
                 request.append_output_token_id(token)
+                if request.structured_output is not None:
+                    request.structured_output.accept(request.output_token_ids)
                 self.generation_tokens_total += 1
                 if request.num_output_tokens == 1:
                     self.prompt_tokens_total += request.num_prompt_tokens

@@ -10,6 +10,7 @@ from torch import nn
 from ember.attention.eviction import AttentionMassRecorder
 from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
 from ember.attention.metadata import build_attention_metadata
+from ember.engine.prompt_logprobs import PromptLogprobsChunk, compute_prompt_logprobs
 from ember.models.config import ModelConfig
 from ember.models.layers.precision import PrecisionMask
 from ember.sampling.metadata import SamplingMetadata
@@ -29,6 +30,8 @@ class ModelRunnerOutput:
     row_spans: list | None = None
     # With `record_attention`: (request, [new tokens, KV rows] attention mass summed over heads and layers).
     attention_mass: list | None = None
+    # The prompt logprobs of this step's prompt rows, for requests with `prompt_logprobs` (None: none asked).
+    prompt_logprobs: list[PromptLogprobsChunk] | None = None
 
 
 class ModelRunner:
@@ -45,6 +48,7 @@ class ModelRunner:
         self.kv_caches = create_layer_caches(kv_spec, num_blocks, kv_scales)
         self.keep_hidden = False  # set by the engine when it watches activations (precision fallback)
         self.record_attention = False  # set by the engine when its eviction policy scores tokens
+        self.structured_output = None  # the engine's StructuredOutputManager: fills grammar bitmasks
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -59,12 +63,16 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta, precision)
         kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
         mass = list(zip((e.request for e in entries), meta.attention_mass.mass)) if self.record_attention else None
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, entries, precision)
         if not sampled:
-            return ModelRunnerOutput([], None, *kept, mass)
+            return ModelRunnerOutput([], None, *kept, mass, prompt_logprobs)
         head_precision = precision.select(logits_rows) if precision is not None else None
         logits = self.model.compute_logits(hidden[logits_rows], head_precision)  # [num_sampled, vocab]
+        if self.structured_output is not None and any(r.structured_output is not None for r in sampled):
+            # As vLLM: the grammar masks the logits in place before sampling, so logprobs are the masked ones.
+            self.structured_output.apply_bitmask(logits, [r.structured_output for r in sampled])
         metadata = SamplingMetadata.from_requests(sampled, self.model_config.vocab_size)
-        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept, mass)
+        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept, mass, prompt_logprobs)
 
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
         input_ids: list[int] = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.prompt_logprobs import PromptLogprobsChunk
 from ember.loader.tokenizer import Tokenizer
-from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ember.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from ember.request import Request, RequestStatus
 
 
@@ -55,10 +56,22 @@ class ParentState:
         self.children = [SequenceState(child, tokenizer) for child in children]
         self.arrival_time = children[0].arrival_time
         self.first_token_time: float | None = None
+        params = children[0].sampling_params
+        self.prompt_logprobs: PromptLogprobs | None = [None] if params.prompt_logprobs is not None else None
+        self._decode_token = (lambda token_id: tokenizer.decode([token_id], False)) if params.detokenize else None
 
     @property
     def finished(self) -> bool:
         return all(c.request.is_finished for c in self.children)
+
+    def add_prompt_logprobs(self, chunk: PromptLogprobsChunk) -> None:
+        """Append one step's prompt logprobs. Chunks arrive in prompt order; the rows a preempted
+        request recomputes are already here and are dropped, so no position appears twice."""
+        num_known = len(self.prompt_logprobs)
+        if chunk.start > num_known:
+            raise RuntimeError(f"prompt logprobs of {self.request_id!r} skip positions {num_known}..{chunk.start - 1}")
+        if chunk.start + len(chunk.ranks) > num_known:
+            self.prompt_logprobs.extend(chunk.to_dicts(self._decode_token)[num_known - chunk.start:])
 
     def make_output(self) -> RequestOutput:
         first = self.children[0].request
@@ -68,8 +81,10 @@ class ParentState:
                                  sum(c.request.num_preemptions for c in self.children))
         outputs = [c.output() for c in self.children]
         switches = [o.precision_switch_token for o in outputs if o.precision_switch_token is not None]
+        scored = self.prompt_logprobs is not None and len(self.prompt_logprobs) == first.num_prompt_tokens
         return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outputs, finished, metrics,
-                             first.num_cached_tokens, min(switches, default=None))
+                             first.num_cached_tokens, min(switches, default=None),
+                             self.prompt_logprobs if scored else None)
 
 
 def check_stop(state: SequenceState, new_token: int, prev_text_len: int, max_model_len: int) -> None:

@@ -49,6 +49,9 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = _broadcast_params(sampling_params, len(prompts))
+        for params in params_list:  # a bad schema, regex or grammar raises here, before anything runs
+            if params.structured_outputs is not None:
+                self.engine.structured_output.compile(params.structured_outputs).result()
         request_ids = []
         try:
             for prompt, params in zip(prompts, params_list):

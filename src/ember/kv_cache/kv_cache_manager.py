@@ -107,10 +107,14 @@ class KVCacheManager:
         `(num_tokens - 1) // block_size` blocks are returned. No reference is taken: pass the
         blocks to `allocate_slots` before anything else allocates.
 
+        A request asking for prompt logprobs reads no cached blocks (as in vLLM): cached rows are not
+        recomputed, so their logprobs would be missing. Its own full blocks are still registered.
+
         Returns:
-            (block_ids, num_computed_tokens); ([], 0) when prefix caching is off.
+            (block_ids, num_computed_tokens); ([], 0) when prefix caching is off or the request wants
+            prompt logprobs.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         bs = self.block_size
         max_blocks = self._num_cacheable_blocks(request, max(0, (request.num_tokens - 1) // bs))

@@ -66,13 +66,17 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         manager = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        index = 0  # requests still compiling their grammar are passed over, in place
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[index]
+            if not request.is_schedulable:
+                index += 1
+                continue
             cached_blocks, num_cached = manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget, self.long_prefill_token_threshold)
             if not manager.allocate_slots(request, num_new, cached_blocks):
                 break  # FCFS: nobody jumps the head of the queue
-            self.waiting.popleft()
+            del self.waiting[index]
             if request.status is RequestStatus.WAITING:  # first admission, not a resume
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached

@@ -1,0 +1,1 @@
+"""Structured output: grammars compiled by xgrammar, one matcher per sequence, token bitmasks for the sampler."""
