@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -12,6 +17,7 @@ API_KEY = "test-key"
 MAX_MODEL_LEN = 256
 MAX_QUEUED_REQUESTS = 2
 MAX_BODY_BYTES = 1 << 20
+STARTUP_TIMEOUT_S = 240.0
 
 
 @dataclass
@@ -49,3 +55,49 @@ def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.2) -> b
         if time.monotonic() > deadline:
             return False
         time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(flags: list[str], log_dir: Path):
+    """`ember serve` on a free loopback port with the API key and `flags`; yields a `Server` once /health
+    answers 200 and stops the process on exit (its log is in `log_dir`)."""
+    port = free_port()
+    log_path = log_dir / "serve.log"
+    command = [sys.executable, "-m", "ember.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--api-key", API_KEY, "--log-level", "warning", *flags]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(proc, base_url, log_path)
+            models = httpx.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+            yield Server(base_url, models["data"][0]["id"], proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ember serve exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ember serve not ready after {STARTUP_TIMEOUT_S}s: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)

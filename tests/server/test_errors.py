@@ -67,7 +67,8 @@ CASES = [
     # unknown model, unknown route, unsupported features
     ("unknown-model", CHAT, _chat(model="gpt-17"), 404),
     ("unknown-route", "/v1/embeddings-nope", {"input": "x"}, 404),
-    ("tools", CHAT, _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 501),
+    ("tool-without-name", CHAT, _chat(tools=[{"type": "function", "function": {}}]), 400),
+    ("tool-choice-required-without-tools", CHAT, _chat(tool_choice="required"), 400),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 501),
     ("suffix", CMPL, _cmpl(suffix="end"), 501),

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ember.engine.llm_engine import LLMEngine
+    from ember.reasoning import create_reasoning_parser
     from ember.server.app import build_app
 
     try:
@@ -40,7 +41,14 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"ember serve: {exc}") from None
     logging.basicConfig(level=server_config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = build_app(lambda: LLMEngine.from_config(engine_config), server_config)
+    def make_engine() -> LLMEngine:
+        engine = LLMEngine.from_config(engine_config)
+        if server_config.reasoning_parser is not None:  # structured output starts after the reasoning
+            parser = create_reasoning_parser(server_config.reasoning_parser, engine.tokenizer)
+            engine.structured_output.is_reasoning_end = parser.is_reasoning_end
+        return engine
+
+    app = build_app(make_engine, server_config)
     server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                            log_level=server_config.log_level, timeout_graceful_shutdown=5))
     async_engine = app.state.async_engine

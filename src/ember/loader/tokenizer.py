@@ -47,10 +47,16 @@ class Tokenizer:
     def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(token_ids)
 
+    @property
+    def chat_template(self) -> str | dict | None:
+        """The model's own chat template (None when it has none)."""
+        return getattr(self.hf, "chat_template", None)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:
-        """Render `messages` with the model's chat template into prompt text."""
-        if not getattr(self.hf, "chat_template", None):
+        """Render `messages` with the model's chat template (or `chat_template=` text) into prompt text;
+        other keywords (`tools`, ...) reach the template as variables."""
+        if not kwargs.get("chat_template") and not self.chat_template:
             raise ValueError("this model has no chat template; use completions with a plain prompt")
         return self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt, **kwargs)

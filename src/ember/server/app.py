@@ -20,6 +20,7 @@ from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, Det
                                    PrecisionStateResponse, PrecisionUpdate, TokenizeRequest)
 from ember.server.serving_chat import OpenAIServingChat
 from ember.server.serving_completion import OpenAIServingCompletion
+from ember.server.tool_calling import prepare_tools
 
 
 def ember_version() -> str:
@@ -113,7 +114,8 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of prompt or messages", 400, "prompt")
         if body.messages is not None:
-            text = await chat.render_chat(body.messages, body.add_generation_prompt)
+            tools = prepare_tools(body.tools, None, None).template_tools  # a bad tool is a 400 here too
+            text = await chat.render_chat(body.messages, body.add_generation_prompt, tools)
             add_special = bool(body.add_special_tokens)
         else:
             text = body.prompt

@@ -1,8 +1,13 @@
-"""Server options (network, auth, admission limits): one frozen dataclass whose fields are CLI flags."""
+"""Server options (network, auth, admission limits, chat template and output parsers): one frozen dataclass
+whose fields are CLI flags."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+from ember.reasoning import REASONING_PARSER_REGISTRY
+from ember.server.tool_parsers import TOOL_PARSER_REGISTRY
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,13 @@ class ServerConfig:
     max_logprobs: int = field(default=20, metadata={"help": "largest logprobs / top_logprobs a request may ask for"})
     retry_after_s: int = field(default=1, metadata={"help": "Retry-After seconds sent with 429 and 503"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Jinja chat template file for every chat request (default: the model's; tool requests on a "
+                "model whose template has no tool section use ember's Hermes template)"})
+    tool_call_parser: str = field(default="hermes", metadata={
+        "help": "how tool_choice=auto finds calls in the output: hermes, llama3_json or mistral"})
+    reasoning_parser: str | None = field(default=None, metadata={
+        "help": "split <think> reasoning into reasoning_content: deepseek_r1 or qwen3 (default: none)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -42,3 +54,14 @@ class ServerConfig:
             raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        self._check_chat_options()
+
+    def _check_chat_options(self) -> None:
+        if self.tool_call_parser not in TOOL_PARSER_REGISTRY:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSER_REGISTRY)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSER_REGISTRY:
+            raise ValueError(f"reasoning_parser must be one of {sorted(REASONING_PARSER_REGISTRY)}, "
+                             f"got {self.reasoning_parser!r}")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ValueError(f"chat_template {self.chat_template!r} is not a file")

@@ -43,14 +43,25 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # each prompt token's logprob plus its k best alternatives (0: none)
     # ember's: "quantized" or "bf16" (the high-precision copies, see docs/quantization.md); None: the default
     precision: str | None = None
+    # Structured output: vLLM's `structured_outputs` (json, regex, choice, grammar, json_object) or its
+    # older guided_* names; chat also reads OpenAI's `response_format`.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # role "tool": the call this message answers
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -60,10 +71,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    # Accepted so their use can be answered with 501 rather than silently ignored.
+    # Tool calling (see ember.server.tool_calling): OpenAI's function tools.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -82,6 +93,7 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template with `messages`
 
 
 class DetokenizeRequest(OpenAIBaseModel):

@@ -13,11 +13,14 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ember.outputs import Logprob, RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.server.async_engine import AsyncEngine, RequestStream
+from ember.server.chat_templates import ChatTemplates
 from ember.server.config import ServerConfig
 from ember.server.errors import APIError
 from ember.server.protocol import ChatMessage, SamplingRequest
+from ember.server.structured_outputs import structured_outputs_from_request
+from ember.server.tool_calling import template_tool_calls
 
 _END = object()
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
@@ -33,6 +36,7 @@ class OpenAIServing:
         self.async_engine = async_engine
         self.config = config
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-tokenize")
+        self.chat_templates = ChatTemplates(config.chat_template)
 
     @property
     def engine(self) -> Any:
@@ -64,14 +68,18 @@ class OpenAIServing:
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return await self.run_tokenizer(lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-        """Apply the model's chat template; a template that refuses the messages is a 400."""
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> str:
+        """Apply the chat template (`ChatTemplates.select` picks it) with the tools it should show; a
+        template that refuses the messages is a 400."""
         if not messages:
             raise APIError("messages must contain at least one message", 400, "messages")
         dicts = [chat_message_dict(m) for m in messages]
+        kwargs = self.chat_templates.render_kwargs(getattr(self.tokenizer, "chat_template", None), dicts, tools)
         try:
             return await self.run_tokenizer(
-                lambda: self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt))
+                lambda: self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                                           **kwargs))
         except APIError:
             raise
         except Exception as exc:  # jinja raises TemplateError (e.g. roles out of order)
@@ -103,7 +111,23 @@ class OpenAIServing:
                            "messages or completion.", 400, "max_tokens")
         return requested
 
-    def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    async def structured_outputs(self, req: SamplingRequest) -> StructuredOutputsParams | None:
+        """The request's output constraint, its grammar compiled (or found in the cache) off the event loop
+        and off the engine's step loop; an invalid schema, regex or grammar is a 400 naming the reason."""
+        params = structured_outputs_from_request(req)
+        if params is not None:
+            await self.check_grammar(params)
+        return params
+
+    async def check_grammar(self, params: StructuredOutputsParams) -> None:
+        future = self.engine.structured_output.compile(params)
+        try:
+            await asyncio.wrap_future(future)
+        except ValueError as exc:
+            raise APIError(str(exc), 400, getattr(exc, "param", "structured_outputs")) from None
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """Build and validate `SamplingParams`; its ValueError carries the offending field."""
         cfg, vocab_size = self.config, self.tokenizer.vocab_size
         if not 1 <= req.n <= cfg.max_n:
@@ -112,6 +136,7 @@ class OpenAIServing:
             raise APIError(f"logprobs must be in [0, {cfg.max_logprobs}], got {logprobs}", 400, "logprobs")
         if req.stream_options is not None and not req.stream:
             raise APIError("Stream options can only be defined when `stream=True`.", 400, "stream_options")
+        check_prompt_logprobs(req, cfg.max_logprobs)
         kwargs: dict[str, Any] = {}
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
@@ -126,7 +151,8 @@ class OpenAIServing:
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
             stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias=self._logit_bias(req.logit_bias), skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output, precision=req.precision, **kwargs)
+            include_stop_str_in_output=req.include_stop_str_in_output, precision=req.precision,
+            structured_outputs=structured_outputs, prompt_logprobs=req.prompt_logprobs, **kwargs)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         if not bias:
@@ -192,6 +218,10 @@ def chat_message_dict(message: ChatMessage) -> dict:
     out = {"role": message.role, "content": content if content is not None else ""}
     if message.name is not None:
         out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
     return out
 
 
@@ -267,6 +297,26 @@ def token_text(tokenizer: Any, token_id: int, logprob: Logprob | None) -> str:
 
 def clamp_logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR) if not math.isnan(value) else LOGPROB_FLOOR
+
+
+def check_prompt_logprobs(req: SamplingRequest, max_logprobs: int) -> None:
+    """vLLM's rules for `prompt_logprobs`: within the server's logprobs limit, and not with `stream`."""
+    value = req.prompt_logprobs
+    if value is not None and not 0 <= value <= max_logprobs:
+        raise APIError(f"prompt_logprobs must be in [0, {max_logprobs}], got {value}", 400, "prompt_logprobs")
+    if value and req.stream:
+        raise APIError("`prompt_logprobs` are not available when `stream=True`.", 400, "prompt_logprobs")
+
+
+def prompt_logprobs_body(prompt_logprobs: list[dict[int, Logprob] | None] | None) -> list | None:
+    """`RequestOutput.prompt_logprobs` as vLLM writes it in JSON: null for the first prompt token, then
+    {token id: {"logprob", "rank", "decoded_token"}} per token (the actual token first, then the top k)."""
+    if prompt_logprobs is None:
+        return None
+    return [None if step is None else
+            {str(token_id): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for token_id, lp in step.items()}
+            for step in prompt_logprobs]
 
 
 def top_entries(step: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from ember.outputs import CompletionOutput, Logprob
+from ember.reasoning import create_reasoning_parser
+from ember.sampling_params import StructuredOutputsParams
 from ember.server.async_engine import RequestStream
+from ember.server.chat_output import ChatOutputParser
 from ember.server.errors import APIError, sse_error
 from ember.server.protocol import ChatCompletionRequest
-from ember.server.serving import (OpenAIServing, SSEResponse, clamp_logprob, merge_streams, now_s, sse,
-                                  token_text, top_entries, usage)
+from ember.server.serving import (OpenAIServing, SSEResponse, clamp_logprob, merge_streams, now_s,
+                                  prompt_logprobs_body, sse, token_text, top_entries, usage)
+from ember.server.tool_calling import ToolRequest, prepare_tools
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -21,8 +26,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, req: ChatCompletionRequest, receive: Receive) -> Response:
         self.check_model(req.model)
-        _check_supported(req)
-        prompt = await self.render_chat(req.messages, req.add_generation_prompt)
+        tools = prepare_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        prompt = await self.render_chat(req.messages, req.add_generation_prompt, tools.template_tools)
         # The template already carries any BOS token, so none is added again (as vLLM does).
         prompt_ids = await self.encode(prompt, add_special_tokens=False)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -30,33 +35,60 @@ class OpenAIServingChat(OpenAIServing):
         num_top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
             raise APIError("top_logprobs requires logprobs=true", 400, "top_logprobs")
-        params = self.sampling_params(req, max_tokens, num_top)
+        params = self.sampling_params(req, max_tokens, num_top, await self._constraint(req, tools))
+        tool_parser = tools.create_parser(self.config.tool_call_parser, self.tokenizer)
+        if tool_parser is not None and tool_parser.skip_special_tokens is False:
+            params = params.clone(skip_special_tokens=False)  # the format's markers are special tokens
+        new_parser = functools.partial(ChatOutputParser, self.reasoning_parser, tool_parser,
+                                       tools.max_tool_calls, tools.finishes_with_tool_calls)
         [stream] = await self.submit("chatcmpl", [prompt_ids], params)
         meta = {"id": stream.request_id, "created": now_s(), "model": self.model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._stream(stream, meta, req.n, num_top, include_usage))
+            return SSEResponse(self._stream(stream, meta, req.n, num_top, include_usage, new_parser))
         finals = await self.collect(receive, [stream])
         if finals is None:
             return Response(status_code=499)  # nobody is listening any more
-        return JSONResponse(self._full_body(finals[0], meta, num_top))
+        return JSONResponse(self._full_body(finals[0], meta, num_top, new_parser))
 
-    def _full_body(self, output: Any, meta: dict, num_top: int | None) -> dict:
+    @functools.cached_property
+    def reasoning_parser(self) -> Any:
+        """`--reasoning-parser`'s parser (stateless, shared by all requests), or None."""
+        name = self.config.reasoning_parser
+        return create_reasoning_parser(name, self.tokenizer) if name is not None else None
+
+    async def _constraint(self, req: ChatCompletionRequest, tools: ToolRequest) -> StructuredOutputsParams | None:
+        """The request's structured-output constraint, or the grammar that forces its tool calls."""
+        requested = await self.structured_outputs(req)
+        if tools.structured_outputs is None:
+            return requested
+        if requested is not None:
+            raise APIError("tool_choice 'required' or a named function cannot be combined with "
+                           "response_format or structured_outputs", 400, "tool_choice")
+        await self.check_grammar(tools.structured_outputs)
+        return tools.structured_outputs
+
+    def _full_body(self, output: Any, meta: dict, num_top: int | None,
+                   new_parser: Callable[[], ChatOutputParser]) -> dict:
         choices = []
         for c in sorted(output.outputs, key=lambda c: c.index):
+            parser = new_parser()
             choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": parser.message(c.text),
                 "logprobs": self._logprobs(c, 0, num_top),
-                "finish_reason": c.finish_reason,
+                "finish_reason": parser.finish_reason(c.finish_reason),
                 "stop_reason": c.stop_reason,
             })
         num_generated = sum(len(c.token_ids) for c in output.outputs)
-        return {**meta, "object": "chat.completion", "choices": choices,
+        body = {**meta, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(output.prompt_token_ids), num_generated)}
+        if output.prompt_logprobs is not None:  # vLLM's extra field, when the request set `prompt_logprobs`
+            body["prompt_logprobs"] = prompt_logprobs_body(output.prompt_logprobs)
+        return body
 
     async def _stream(self, stream: RequestStream, meta: dict, n: int, num_top: int | None,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, new_parser: Callable[[], ChatOutputParser]) -> AsyncIterator[str]:
         head = {**meta, "object": "chat.completion.chunk"}
 
         def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None) -> str:
@@ -65,7 +97,7 @@ class OpenAIServingChat(OpenAIServing):
                 choice["stop_reason"] = stop
             return sse(json.dumps({**head, "choices": [choice]}))
 
-        sent_text, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        parsers, sent_tokens, done = [new_parser() for _ in range(n)], [0] * n, [False] * n
         num_prompt_tokens = num_generated = 0
         try:
             async for _, output in merge_streams([stream]):
@@ -77,12 +109,12 @@ class OpenAIServingChat(OpenAIServing):
                     i = c.index
                     if done[i]:
                         continue
-                    text, n_tokens = c.text[sent_text[i]:], len(c.token_ids)
-                    if text or n_tokens > sent_tokens[i] or c.finish_reason:
-                        yield chunk(i, {"content": text} if text else {},
-                                    self._logprobs(c, sent_tokens[i], num_top), c.finish_reason,
-                                    c.stop_reason)
-                    sent_text[i], sent_tokens[i] = len(c.text), n_tokens
+                    delta = parsers[i].delta(c.text, is_final=c.finish_reason is not None)
+                    n_tokens = len(c.token_ids)
+                    if delta or n_tokens > sent_tokens[i] or c.finish_reason:
+                        yield chunk(i, delta, self._logprobs(c, sent_tokens[i], num_top),
+                                    parsers[i].finish_reason(c.finish_reason), c.stop_reason)
+                    sent_tokens[i] = n_tokens
                     done[i] = c.finish_reason is not None
                 num_generated = sum(len(c.token_ids) for c in output.outputs)
             if include_usage:
@@ -114,11 +146,3 @@ class OpenAIServingChat(OpenAIServing):
         value = clamp_logprob(logprob.logprob) if logprob is not None else None
         return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
-
-def _check_supported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise APIError("tools are not supported", 501, "tools")
-    if req.tool_choice not in (None, "none"):
-        raise APIError("tool_choice is not supported", 501, "tool_choice")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise APIError("response_format other than text is not supported", 501, "response_format")
