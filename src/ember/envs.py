@@ -24,6 +24,10 @@ def _flag(value: str | None) -> bool:
     return value == "1"
 
 
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
 def _path_or(default: Callable[[], str]) -> Callable[[str | None], str]:
     return lambda value: os.path.expanduser(value) if value else default()
 
@@ -48,6 +52,9 @@ ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {var.name: var for var in (
            "folder of the Shakespeare plays used for calibration and evaluation; default: "
            "data/shakespeare of the current directory.",
            _path_or(lambda: os.path.join(os.getcwd(), "data", "shakespeare"))),
+    EnvVar("EMBER_TEST_FAULT_TOKEN",
+           "tests only: a request whose prompt holds this token id raises inside the engine step, to check "
+           "that it fails alone (read when an engine starts).", _int_or_none),
 )}
 
 

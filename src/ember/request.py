@@ -59,6 +59,8 @@ class Request:
         self.precision_switch_token: int | None = None  # output index of a mid-flight switch
         # Structured output: the sequence's grammar state (a StructuredOutputRequest), None if unconstrained.
         self.structured_output = None
+        # `sampling_params.bad_words` as token sequences (the engine tokenizes them once per request).
+        self.bad_words_token_ids: list[list[int]] = []
         # A seeded request owns its generator so its samples do not depend on batch neighbours.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:

@@ -72,6 +72,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled; checked against the vocab by the engine
+    bad_words: list[str] | None = None  # banned words, tokenized by the engine (see ember.sampling.bad_words)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1 = max_model_len
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
@@ -88,6 +91,9 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.bad_words = list(dict.fromkeys(self.bad_words or []))  # as vLLM: duplicates dropped, order kept
         self._validate()
 
     def _validate(self) -> None:
@@ -130,6 +136,21 @@ class SamplingParams:
         if self.logit_bias:
             _check(all(math.isfinite(v) for v in self.logit_bias.values()), "logit_bias",
                    "logit_bias values must be finite")
+        self._validate_vocab_fields()
+
+    def _validate_vocab_fields(self) -> None:
+        """allowed_token_ids, bad_words, truncate_prompt_tokens with vLLM's rules (the vocabulary and
+        max_model_len bounds need the engine, which checks them on `add_request`)."""
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            _check(len(allowed) > 0, "allowed_token_ids", "allowed_token_ids is not None and empty")
+            _check(all(_is_int(t) and t >= 0 for t in allowed), "allowed_token_ids",
+                   "allowed_token_ids contains out-of-vocab token id")
+        _check(all(isinstance(w, str) and w for w in self.bad_words), "bad_words",
+               f"bad_words cannot contain an empty string, got {self.bad_words!r}")
+        k = self.truncate_prompt_tokens
+        _check(k is None or (_is_int(k) and (k >= 1 or k == -1)), "truncate_prompt_tokens",
+               f"truncate_prompt_tokens must be an integer >= 1 or -1, got {k!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -139,6 +160,10 @@ class SamplingParams:
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
         values.update(changes)
         return SamplingParams(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, param: str, message: str) -> None:

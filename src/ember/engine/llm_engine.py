@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from ember import envs
 from ember.attention.layer_cache import KVCacheSpec
 from ember.config import EngineConfig, default_num_threads
 from ember.engine.drift import DriftMonitor, DriftReference
@@ -17,6 +19,7 @@ from ember.engine.eviction import EvictionManager, max_rows_needed
 from ember.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ember.engine.output_processor import ParentState, check_stop
 from ember.engine.precision import PrecisionManager, PrecisionState, check_precision
+from ember.engine.prompt_truncation import encode_prompt, resolve_truncation
 from ember.kv_cache.kv_cache_manager import KVCacheManager
 from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
@@ -24,12 +27,14 @@ from ember.outputs import Logprob, RequestOutput
 from ember.quant.checkpoint import load_drift_reference
 from ember.quant.kv_scales import resolve_kv_scales
 from ember.request import Request, RequestStatus
+from ember.sampling.bad_words import tokenize_bad_words
 from ember.sampling_params import DENSE_PRECISION, SamplingParams
 from ember.scheduler.output import SchedulerOutput
 from ember.scheduler.scheduler import Scheduler
 from ember.structured_output.manager import StructuredOutputManager
 
 MAX_DEFAULT_MODEL_LEN = 8192
+logger = logging.getLogger("ember.engine")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class LLMEngine:
         self.runner.structured_output = self.structured_output
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
         self._parents: dict[str, ParentState] = {}
+        self._fault_token = envs.EMBER_TEST_FAULT_TOKEN  # tests only: a prompt holding it fails in the step
         self._counter = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -124,16 +130,22 @@ class LLMEngine:
         The request runs at `params.precision` (None: the engine's default, see `set_precision`) and
         keeps the enabled op set of this moment until it finishes.
 
+        `params.truncate_prompt_tokens` cuts the prompt to its last k tokens before any length check
+        (`prompt_token_ids` of the outputs are the kept ones); `params.bad_words` are tokenized here, once.
+
         Raises:
-            ValueError: empty prompt, token id out of range, a duplicate id, a prompt that cannot
-                fit (prompt + max_tokens beyond max_model_len or the whole KV cache), or precision
-                "bf16" on a model without high-precision copies.
+            ValueError: empty prompt, token id out of range (prompt, allowed_token_ids, bad words), a
+                duplicate id, a prompt that cannot fit (prompt + max_tokens beyond max_model_len or the
+                whole KV cache), truncate_prompt_tokens above max_model_len, or precision "bf16" on a
+                model without high-precision copies.
         """
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        keep = resolve_truncation(params.truncate_prompt_tokens, self.config.max_model_len)
+        token_ids = encode_prompt(self.tokenizer, prompt, keep)
         params = self._validate(token_ids, params)
+        bad_words = tokenize_bad_words(params.bad_words, self.tokenizer, self.model_config.vocab_size)
         precision = self.precision.request_precision(params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = [Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params,
@@ -142,6 +154,7 @@ class LLMEngine:
                     for i in range(params.n)]
         self._parents[request_id] = ParentState(request_id, prompt_text, children, self.tokenizer)
         for child in children:
+            child.bad_words_token_ids = bad_words  # shared, never modified
             if params.structured_outputs is not None:
                 child.structured_output = self.structured_output.new_request(params.structured_outputs)
             self.precision.admit(child, precision)
@@ -166,6 +179,10 @@ class LLMEngine:
             err = ValueError(f"logit_bias token ids must be in [0, {vocab})")
             err.param = "logit_bias"
             raise err
+        if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
+            err = ValueError(f"allowed_token_ids contains out-of-vocab token id (vocabulary size {vocab})")
+            err.param = "allowed_token_ids"
+            raise err
         rows = max_rows_needed(self.eviction and self.eviction.config, len(token_ids) + params.max_tokens,
                                self.scheduler.long_prefill_token_threshold)
         blocks_needed = -(-rows // self.config.block_size)
@@ -178,14 +195,17 @@ class LLMEngine:
         """Drop requests at once and free their KV blocks; unknown ids are ignored."""
         for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
             parent = self._parents.pop(request_id, None)
-            if parent is None:
-                continue
-            child_ids = [c.request.request_id for c in parent.children]
-            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
-            for child_id in child_ids:
-                for monitor in (self.drift, self.eviction):
-                    if monitor is not None:
-                        monitor.release(child_id)
+            if parent is not None:
+                self._end_children(parent)
+
+    def _end_children(self, parent: ParentState) -> None:
+        """Abort every sample of `parent`: blocks freed, the monitors' state released."""
+        child_ids = [c.request.request_id for c in parent.children]
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        for child_id in child_ids:
+            for monitor in (self.drift, self.eviction):
+                if monitor is not None:
+                    monitor.release(child_id)
 
     # ---- the precision mask ------------------------------------------------------------------
     def set_request_precision(self, request_id: str, precision: str = DENSE_PRECISION) -> int:
@@ -254,17 +274,12 @@ class LLMEngine:
         """Finish (as aborted) the waiting requests whose grammar failed to compile; the reason goes in
         `RequestOutput.extra["error"]`. Servers compile before admitting, so this is the offline path."""
         bad = [r for r in self.scheduler.waiting if r.structured_output is not None and r.structured_output.error]
-        outputs = []
+        outputs: list[RequestOutput] = []
         for parent_id in dict.fromkeys(r.parent_id for r in bad):
-            parent = self._parents.pop(parent_id, None)
-            if parent is None:
-                continue
-            error = next(r.structured_output.error for r in bad if r.parent_id == parent_id)
-            self.scheduler.finish_requests([c.request.request_id for c in parent.children],
-                                           RequestStatus.FINISHED_ABORTED)
-            output = parent.make_output()
-            output.extra["error"] = str(error)
-            outputs.append(output)
+            parent = self._parents.get(parent_id)
+            if parent is not None:
+                error = next(r.structured_output.error for r in bad if r.parent_id == parent_id)
+                outputs.append(self._fail_request(parent, str(error)))
         return outputs
 
     def _watch_drift(self, runner_output: ModelRunnerOutput) -> None:
@@ -296,39 +311,69 @@ class LLMEngine:
             self._parents[chunk.request.parent_id].add_prompt_logprobs(chunk)
         touched: dict[str, ParentState] = {}
         finished_ids: list[str] = []
+        failed: dict[str, ParentState] = {}
         sampler_output = runner_output.sampler_output
         if sampler_output is not None:
             token_ids = sampler_output.sampled_token_ids.tolist()
             now = time.monotonic()
             for row, (request, token) in enumerate(zip(runner_output.sampled_requests, token_ids)):
                 parent = self._parents[request.parent_id]
-                state = parent.children[request.index]
-                request.append_output_token_id(token)
-                if request.structured_output is not None:
-                    request.structured_output.accept(request.output_token_ids)
-                self.generation_tokens_total += 1
-                if request.num_output_tokens == 1:
-                    self.prompt_tokens_total += request.num_prompt_tokens
-                if parent.first_token_time is None:
-                    parent.first_token_time = now
-                if state.logprobs is not None:
-                    self._append_logprobs(state, sampler_output, row)
-                prev_len = 0
-                if state.detokenizer is not None:
-                    prev_len = len(state.detokenizer.text)
-                    state.detokenizer.add_tokens([token])
-                check_stop(state, token, prev_len, self.config.max_model_len)
+                if parent.request_id in failed:
+                    continue
+                try:
+                    self._process_token(parent, request, token, sampler_output, row, now)
+                except Exception:  # this request's own processing: it alone fails, the step goes on
+                    logger.exception("request %s failed while processing its token", parent.request_id)
+                    failed[parent.request_id] = parent
+                    continue
                 if request.is_finished:
                     finished_ids.append(request.request_id)
                 touched[parent.request_id] = parent
         for request_id in finished_ids:
-            request = self.scheduler.requests[request_id]
-            self.scheduler.finish_requests([request_id], request.status)
-        outputs = [parent.make_output() for parent in touched.values()]
+            request = self.scheduler.requests.get(request_id)
+            if request is not None and request.parent_id not in failed:
+                self.scheduler.finish_requests([request_id], request.status)
+        outputs = [parent.make_output() for parent in touched.values() if parent.request_id not in failed]
         for output in outputs:
             if output.finished:
                 del self._parents[output.request_id]
-        return outputs
+        return outputs + [self._fail_request(parent, "the request failed inside the engine", internal=True)
+                          for parent in failed.values()]
+
+    def _process_token(self, parent: ParentState, request: Request, token: int, sampler_output, row: int,
+                       now: float) -> None:
+        """Append one sampled token to its sequence: grammar, counters, logprobs, text, stop checks."""
+        if self._fault_token is not None and self._fault_token in request.prompt_token_ids:
+            raise RuntimeError(f"injected fault: the prompt holds EMBER_TEST_FAULT_TOKEN {self._fault_token}")
+        state = parent.children[request.index]
+        request.append_output_token_id(token)
+        if request.structured_output is not None:
+            request.structured_output.accept(request.output_token_ids)
+        self.generation_tokens_total += 1
+        if request.num_output_tokens == 1:
+            self.prompt_tokens_total += request.num_prompt_tokens
+        if parent.first_token_time is None:
+            parent.first_token_time = now
+        if state.logprobs is not None:
+            self._append_logprobs(state, sampler_output, row)
+        prev_len = 0
+        if state.detokenizer is not None:
+            prev_len = len(state.detokenizer.text)
+            state.detokenizer.add_tokens([token])
+        check_stop(state, token, prev_len, self.config.max_model_len)
+
+    def _fail_request(self, parent: ParentState, error: str, internal: bool = False) -> RequestOutput:
+        """End every sample of a failed request: blocks freed, monitors released, and a finished output
+        (finish_reason "abort") with `extra["error"]`; `extra["internal"]` marks a fault of ours rather than
+        of the request's input (a server answers 500 for it)."""
+        self._end_children(parent)
+        for child in parent.children:  # a sample that had finished before the failure is aborted with the rest
+            child.request.status = RequestStatus.FINISHED_ABORTED
+        self._parents.pop(parent.request_id, None)
+        output = parent.make_output()
+        output.extra["error"] = error
+        output.extra["internal"] = internal
+        return output
 
     def _append_logprobs(self, state, sampler_output, row: int) -> None:
         k = state.request.sampling_params.logprobs

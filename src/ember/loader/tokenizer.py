@@ -25,6 +25,8 @@ class Tokenizer:
     """A thin wrapper over a `transformers` fast tokenizer with the calls the engine makes."""
 
     def __init__(self, hf_tokenizer) -> None:
+        # As vLLM's tokenizer for generation: truncation (`encode(max_length=)`) keeps a prompt's end.
+        hf_tokenizer.truncation_side = "left"
         self.hf = hf_tokenizer
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.bos_token_id: int | None = hf_tokenizer.bos_token_id
@@ -38,8 +40,11 @@ class Tokenizer:
             return cls(_load_gguf_tokenizer(path))
         return cls(AutoTokenizer.from_pretrained(path))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """Token ids of `text`; with `max_length`, at most that many, cut on the left (special tokens kept)."""
+        if max_length is None:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return self.hf.encode(text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

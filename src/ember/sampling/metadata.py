@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.request import Request
+from ember.sampling.bad_words import banned_token_ids
 
 # A sparse set of (row, token id) positions in the [B, V] logits, optionally with values.
 IndexPair = tuple[torch.Tensor, torch.Tensor]
@@ -45,6 +46,10 @@ class SamplingMetadata:
     min_tokens_block: IndexPair | None = None
     # (rows, token ids, bias values) added to the logits.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # [B, V] bool, True where a row with allowed_token_ids may not sample (vLLM's mask convention).
+    allowed_token_ids_mask: torch.Tensor | None = None
+    # (rows, token ids) that bad words ban at this step.
+    bad_words_block: IndexPair | None = None
     max_num_logprobs: int | None = None
 
     @property
@@ -54,8 +59,10 @@ class SamplingMetadata:
 
     @property
     def needs_processing(self) -> bool:
-        """True when the logits change before argmax / sampling (bias, min_tokens, penalties)."""
-        return self.has_penalties or self.logit_bias is not None or self.min_tokens_block is not None
+        """True when the logits change before argmax / sampling (allowed ids, bad words, bias,
+        min_tokens, penalties)."""
+        return (self.has_penalties or self.logit_bias is not None or self.min_tokens_block is not None
+                or self.allowed_token_ids_mask is not None or self.bad_words_block is not None)
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int,
@@ -67,7 +74,7 @@ class SamplingMetadata:
             vocab_size: V, the width of those logits.
             device: where the tensors live (the logits' device).
         Raises:
-            ValueError: a logit_bias token id lies outside [0, vocab_size).
+            ValueError: a logit_bias or allowed_token_ids token id lies outside [0, vocab_size).
         """
         params = [req.sampling_params for req in requests]
         num_reqs = len(params)
@@ -79,6 +86,8 @@ class SamplingMetadata:
         _fill_penalties(md, requests, vocab_size, device)
         _fill_min_tokens(md, requests, vocab_size, device)
         _fill_logit_bias(md, requests, vocab_size, device)
+        _fill_allowed_token_ids(md, requests, vocab_size, device)
+        _fill_bad_words(md, requests, device)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         if asked:
             md.max_num_logprobs = min(max(asked), vocab_size)
@@ -174,6 +183,37 @@ def _fill_logit_bias(md: SamplingMetadata, requests: list[Request], vocab_size: 
         md.logit_bias = (torch.tensor(rows, dtype=torch.int64, device=device),
                          torch.tensor(token_ids, dtype=torch.int64, device=device),
                          torch.tensor(values, dtype=torch.float32, device=device))
+
+
+def _fill_allowed_token_ids(md: SamplingMetadata, requests: list[Request], vocab_size: int,
+                            device: torch.device | str) -> None:
+    """Mask every token but the allowed ones in rows that set allowed_token_ids."""
+    rows = [row for row, req in enumerate(requests) if req.sampling_params.allowed_token_ids]
+    if not rows:
+        return
+    mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)  # [B, V]
+    for row in rows:
+        ids = torch.tensor(requests[row].sampling_params.allowed_token_ids, dtype=torch.int64)
+        if bool(((ids < 0) | (ids >= vocab_size)).any()):
+            raise ValueError(f"allowed_token_ids contains out-of-vocab token id (vocabulary size {vocab_size}) "
+                             f"in request {requests[row].request_id!r}")
+        mask[row] = True
+        mask[row, ids] = False
+    md.allowed_token_ids_mask = mask.to(device)
+
+
+def _fill_bad_words(md: SamplingMetadata, requests: list[Request], device: torch.device | str) -> None:
+    """The tokens each row's bad words ban given its output so far (see ember.sampling.bad_words)."""
+    rows: list[int] = []
+    banned: list[list[int]] = []
+    for row, req in enumerate(requests):
+        if req.bad_words_token_ids:
+            ids = banned_token_ids(req.bad_words_token_ids, req.output_token_ids)
+            if ids:
+                rows.append(row)
+                banned.append(ids)
+    if rows:
+        md.bad_words_block = _flatten(rows, banned, device)
 
 
 def _flatten(rows: list[int], token_lists: list[list[int]], device: torch.device | str) -> IndexPair:

@@ -1,8 +1,8 @@
 """The vectorized sampler: one batch of logits in, one token per row (plus logprobs) out.
 
-Processing order follows vLLM v1: logit bias and min_tokens bans, then penalties, then
-argmax for greedy rows; random rows get temperature, min-p, top-k, top-p and the
-exponential race. Logprobs are the "raw" ones: log-softmax of the unprocessed logits.
+Processing order follows vLLM v1: the allowed_token_ids mask, bad-word bans, logit bias and
+min_tokens bans, then penalties, then argmax for greedy rows; random rows get temperature,
+min-p, top-k, top-p and the exponential race. Logprobs are the "raw" ones: log-softmax of the unprocessed logits.
 """
 
 from __future__ import annotations
@@ -64,9 +64,14 @@ class Sampler:
         return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
 
     def apply_processors(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """Logit bias, min_tokens bans and penalties: everything greedy rows also see."""
+        """Allowed ids, bad words, logit bias, min_tokens bans and penalties: everything greedy rows
+        also see, in vLLM v1's order (`Sampler.apply_logits_processors`)."""
         if not md.needs_processing:
             return logits
+        if md.allowed_token_ids_mask is not None:
+            logits = logits.masked_fill(md.allowed_token_ids_mask, _NEG_INF)
+        if md.bad_words_block is not None:
+            logits = logits.index_put(md.bad_words_block, logits.new_tensor(_NEG_INF))
         if md.logit_bias is not None:
             rows, token_ids, values = md.logit_bias
             logits = logits.index_put((rows, token_ids), values, accumulate=True)
