@@ -64,16 +64,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(flags: list[str], log_dir: Path):
-    """`ember serve` on a free loopback port with the API key and `flags`; yields a `Server` once /health
-    answers 200 and stops the process on exit (its log is in `log_dir`)."""
+def running_server(flags: list[str], log_dir: Path, env: dict[str, str] | None = None):
+    """`ember serve` on a free loopback port with the API key and `flags` (and extra environment `env`);
+    yields a `Server` once /health answers 200 and stops the process on exit (its log is in `log_dir`)."""
     port = free_port()
     log_path = log_dir / "serve.log"
     command = [sys.executable, "-m", "ember.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--api-key", API_KEY, "--log-level", "warning", *flags]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         base_url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(proc, base_url, log_path)

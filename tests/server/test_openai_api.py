@@ -11,7 +11,7 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 def _tokenize(server, **body) -> int:
-    return httpx.post(server.base_url + "/tokenize", json=body, timeout=30).json()["count"]
+    return server.http().post("/tokenize", json=body, timeout=30).json()["count"]
 
 
 def test_models_version_health(server):
@@ -22,9 +22,10 @@ def test_models_version_health(server):
 
 
 def test_tokenize_detokenize_round_trip(server):
-    tokens = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT}).json()
+    http = server.http()  # /tokenize and /detokenize need the API key too
+    tokens = http.post("/tokenize", json={"prompt": PROMPT}).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
-    text = httpx.post(server.base_url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    text = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
     assert text.endswith(PROMPT)
 
 
@@ -135,7 +136,7 @@ def test_batch_of_prompts(server):
 
 
 def test_token_id_prompt(server):
-    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    ids = server.http().post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
     by_ids = server.client().completions.create(model=server.model, prompt=ids, max_tokens=4, temperature=0)
     by_text = server.client().completions.create(model=server.model, prompt=PROMPT, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> None:
     from ember.engine.llm_engine import LLMEngine
     from ember.reasoning import create_reasoning_parser
     from ember.server.app import build_app
+    from ember.server.draining import DrainingServer
 
     try:
         server_config = config_from_cli_args(args, ServerConfig)
@@ -49,9 +50,10 @@ def run(args: argparse.Namespace) -> None:
         return engine
 
     app = build_app(make_engine, server_config)
-    server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
-                                           log_level=server_config.log_level, timeout_graceful_shutdown=5))
     async_engine = app.state.async_engine
+    server = DrainingServer(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                           log_level=server_config.log_level, timeout_graceful_shutdown=5),
+                            async_engine, server_config.shutdown_timeout_s)
 
     def stop_if_load_fails() -> None:
         if not async_engine.wait_ready() and async_engine.state == "dead":

@@ -11,9 +11,11 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ember.server.api_schema import install_openapi
 from ember.server.async_engine import AsyncEngine
 from ember.server.config import ServerConfig
 from ember.server.errors import APIError, error_response, install_exception_handlers
+from ember.server.field_policy import check_request_fields
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -56,6 +58,7 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     install_exception_handlers(app)
+    install_openapi(app, has_api_key=bool(config.api_key))
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
@@ -77,7 +80,7 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
 
     @app.get("/health")
     async def health() -> Response:
-        if async_engine.is_ready:
+        if async_engine.is_accepting:
             served_name()
             return Response(status_code=200)
         return error_response(APIError(f"the engine is {async_engine.state}", 503,
@@ -115,19 +118,23 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
             raise APIError("give exactly one of prompt or messages", 400, "prompt")
         if body.messages is not None:
             tools = prepare_tools(body.tools, None, None).template_tools  # a bad tool is a 400 here too
-            text = await chat.render_chat(body.messages, body.add_generation_prompt, tools)
+            text = await chat.render_chat(body, tools)
             add_special = bool(body.add_special_tokens)
         else:
             text = body.prompt
             add_special = body.add_special_tokens is not False
         tokens = await chat.encode(text, add_special)
-        return JSONResponse({"count": len(tokens), "max_model_len": chat.max_model_len, "tokens": tokens})
+        check_request_fields(body, "tokenize")
+        strs = chat.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return JSONResponse({"count": len(tokens), "max_model_len": chat.max_model_len, "tokens": tokens,
+                             "token_strs": strs})
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         served_name()
         chat.check_model(body.model)
         chat.check_token_ids(body.tokens, "tokens")
+        check_request_fields(body, "detokenize")
         text = await chat.run_tokenizer(lambda: chat.tokenizer.decode(body.tokens, skip_special_tokens=False))
         return JSONResponse({"prompt": text})
 

@@ -93,6 +93,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready_event = threading.Event()
+        self.is_draining = False  # set by `drain`: no new requests
 
     # ---- lifecycle (event loop) ----
     def start(self) -> None:
@@ -118,7 +119,28 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
+        """The engine is loaded and serving (also while draining: requests in flight still need it)."""
         return self.state == "ready"
+
+    @property
+    def is_accepting(self) -> bool:
+        """New requests are admitted: ready and not draining (what /health reports)."""
+        return self.is_ready and not self.is_draining
+
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful stop (SIGTERM): admit nothing new (503), let the requests in flight finish for up to
+        `timeout_s`, then end the rest with a 503 error (streams get an error event, then [DONE]).
+        Returns how many were ended that way."""
+        self.is_draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftover = list(self._streams)
+        if leftover:
+            logger.warning("shutting down: %d requests did not finish within %.0f s", len(leftover), timeout_s)
+            self._fail(leftover, APIError("the server is shutting down; the request did not finish in time", 503))
+            self._submit(("abort", leftover))
+        return len(leftover)
 
     # ---- requests (event loop) ----
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> RequestStream:
@@ -155,6 +177,8 @@ class AsyncEngine:
         self._submit(("abort", [request_id]))
 
     def _admit(self, num_prompt_tokens: int) -> None:
+        if self.is_draining:
+            raise APIError("the server is shutting down", 503)
         if self.state != "ready":
             raise APIError("the engine is not ready", 503, headers=self._retry_header())
         if self.num_queued_requests + 1 > self.max_queued_requests:
@@ -198,7 +222,12 @@ class AsyncEngine:
                 if stream.is_queued:
                     stream.is_queued = False
                     self._count_queued(stream, -1)
-            stream.put(output)
+            error = output.extra.get("error") if output.finished else None
+            if error is not None:  # the engine failed this request alone
+                stream.put(APIError("Internal server error", 500) if output.extra.get("internal")
+                           else APIError(error, 400))
+            else:
+                stream.put(output)
             if output.finished:
                 self._forget(stream)
                 if self.on_finished is not None:

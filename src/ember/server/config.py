@@ -34,6 +34,9 @@ class ServerConfig:
     max_logprobs: int = field(default=20, metadata={"help": "largest logprobs / top_logprobs a request may ask for"})
     retry_after_s: int = field(default=1, metadata={"help": "Retry-After seconds sent with 429 and 503"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+    shutdown_timeout_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM: admit nothing new, let requests in flight finish for up to this many seconds, "
+                "then end the rest with a 503 error"})
     chat_template: str | None = field(default=None, metadata={
         "help": "Jinja chat template file for every chat request (default: the model's; tool requests on a "
                 "model whose template has no tool section use ember's Hermes template)"})
@@ -52,6 +55,8 @@ class ServerConfig:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ValueError(f"shutdown_timeout_s must be non-negative, got {self.shutdown_timeout_s}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         self._check_chat_options()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -76,13 +77,26 @@ def sse_error(exc: BaseException) -> str:
     return f"data: {json.dumps(to_api_error(exc).body())}\n\n"
 
 
+# pydantic names the member of a union it tried ("str", "list[constrained-int]", ...) in an error's location;
+# those are types, not fields, and are left out of the message.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list|dict)$|[\[\-]")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
+    """One message for up to five validation errors, and the top-level field at fault (vLLM's `param`).
+
+    Errors raised by model validators have no location; they carry their field in `ctx["param"]`."""
+    parts: list[str] = []
+    param = None
     for err in exc.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = param or (loc[0] if loc else None)
-        where = ".".join(loc) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+        loc = [str(p)[:64] for p in err.get("loc", ()) if p != "body"]
+        loc = [p for p in loc if not _UNION_MEMBER.search(p)]
+        ctx = err.get("ctx") or {}
+        param = param or (loc[0] if loc else ctx.get("param") if isinstance(ctx, dict) else None)
+        message = err.get("msg", "invalid value")
+        part = f"{'.'.join(loc)}: {message}" if loc else message
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts) or "invalid request", param
 
 

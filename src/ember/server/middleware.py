@@ -1,4 +1,5 @@
-"""ASGI middleware in front of every route: the API key on /v1/* and /admin/*, and the request body size limit."""
+"""ASGI middleware in front of every route: the API key on /v1/*, /admin/*, /tokenize and /detokenize, and the
+request body size limit."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ async def send_error(send: Send, status_code: int, message: str, headers: dict[s
     await send({"type": "http.response.body", "body": body})
 
 
-_GUARDED = ("/v1", "/admin")  # path prefixes behind the API key
+# Path prefixes behind the API key: all but /health, /version and /metrics (what probes and scrapers read).
+_GUARDED = ("/v1", "/admin", "/tokenize", "/detokenize")
 
 
 class APIKeyMiddleware:
-    """401 on /v1/* and /admin/* unless `Authorization: Bearer <key>` matches (compared in constant time)."""
+    """401 on the `_GUARDED` routes unless `Authorization: Bearer <key>` matches (compared in constant time)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app

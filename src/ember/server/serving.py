@@ -12,13 +12,14 @@ from typing import Any, AsyncIterator
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ember.engine.prompt_truncation import resolve_truncation, truncate_token_ids
 from ember.outputs import Logprob, RequestOutput
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.server.async_engine import AsyncEngine, RequestStream
 from ember.server.chat_templates import ChatTemplates
 from ember.server.config import ServerConfig
 from ember.server.errors import APIError
-from ember.server.protocol import ChatMessage, SamplingRequest
+from ember.server.protocol import ChatMessage, ChatTemplateFields, SamplingRequest
 from ember.server.structured_outputs import structured_outputs_from_request
 from ember.server.tool_calling import template_tool_calls
 
@@ -65,20 +66,35 @@ class OpenAIServing:
     async def run_tokenizer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return await self.run_tokenizer(lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    async def encode(self, text: str, add_special_tokens: bool, max_length: int | None = None) -> list[int]:
+        """Token ids of `text`; with `max_length`, its last ones (see ember.engine.prompt_truncation)."""
+        kwargs = {} if max_length is None else {"max_length": max_length}
+        return await self.run_tokenizer(
+            lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens, **kwargs))
 
-    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                          tools: list[dict] | None = None) -> str:
-        """Apply the chat template (`ChatTemplates.select` picks it) with the tools it should show; a
-        template that refuses the messages is a 400."""
+    def prompt_truncation(self, req: SamplingRequest) -> int | None:
+        """How many prompt tokens `truncate_prompt_tokens` keeps (None: all); a bad value is a 400."""
+        return resolve_truncation(req.truncate_prompt_tokens, self.max_model_len)
+
+    async def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool, keep: int | None) -> list[int]:
+        """A prompt's token ids, cut to its last `keep` tokens (vLLM: before any length check)."""
+        if isinstance(prompt, str):
+            return await self.encode(prompt, add_special_tokens, keep)
+        return truncate_token_ids(prompt, keep)
+
+    async def render_chat(self, req: ChatTemplateFields, tools: list[dict] | None = None) -> str:
+        """Apply the chat template (`ChatTemplates.select` picks it) to `req.messages` with the tools it should
+        show and the request's template options (as vLLM: `chat_template_kwargs`, `documents`,
+        `reasoning_effort`, `continue_final_message`); a template that refuses the messages is a 400."""
+        messages = getattr(req, "messages", None)
         if not messages:
             raise APIError("messages must contain at least one message", 400, "messages")
         dicts = [chat_message_dict(m) for m in messages]
-        kwargs = self.chat_templates.render_kwargs(getattr(self.tokenizer, "chat_template", None), dicts, tools)
+        kwargs = {**template_variables(req),
+                  **self.chat_templates.render_kwargs(getattr(self.tokenizer, "chat_template", None), dicts, tools)}
         try:
             return await self.run_tokenizer(
-                lambda: self.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                lambda: self.tokenizer.apply_chat_template(dicts, add_generation_prompt=req.add_generation_prompt,
                                                            **kwargs))
         except APIError:
             raise
@@ -147,12 +163,29 @@ class OpenAIServing:
             kwargs["top_k"] = 0  # a top-k over the whole vocabulary is no top-k
         stop_token_ids = req.stop_token_ids or []
         self.check_token_ids(stop_token_ids, "stop_token_ids")
+        self._check_allowed_token_ids(req.allowed_token_ids)
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
             stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias=self._logit_bias(req.logit_bias), skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, precision=req.precision,
-            structured_outputs=structured_outputs, prompt_logprobs=req.prompt_logprobs, **kwargs)
+            structured_outputs=structured_outputs, prompt_logprobs=req.prompt_logprobs,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+            truncate_prompt_tokens=req.truncate_prompt_tokens, **kwargs)
+
+    def _check_allowed_token_ids(self, allowed: list[int] | None) -> None:
+        """vLLM's rules (non-empty, in the vocabulary) plus a length bound: the vocabulary size."""
+        if allowed is None:
+            return
+        vocab_size = self.tokenizer.vocab_size
+        if not allowed:
+            raise APIError("allowed_token_ids is not None and empty", 400, "allowed_token_ids")
+        if len(allowed) > vocab_size:
+            raise APIError(f"allowed_token_ids has {len(allowed)} entries, more than the vocabulary size "
+                           f"{vocab_size}", 400, "allowed_token_ids")
+        if any(not 0 <= t < vocab_size for t in allowed):
+            raise APIError(f"allowed_token_ids contains out-of-vocab token id (vocabulary size {vocab_size})",
+                           400, "allowed_token_ids")
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         if not bias:
@@ -205,16 +238,26 @@ class OpenAIServing:
                 stream.abort()
 
 
+def template_variables(req: ChatTemplateFields) -> dict[str, Any]:
+    """The request's own variables for the chat template (the server's choices are added on top)."""
+    variables = dict(req.chat_template_kwargs or {})
+    effort = getattr(req, "reasoning_effort", None)
+    if effort is not None:  # as vLLM: thinking templates (Qwen3, ...) read enable_thinking
+        variables.setdefault("enable_thinking", effort != "none")
+        variables["reasoning_effort"] = effort
+    if req.documents is not None:
+        variables["documents"] = req.documents
+    if req.continue_final_message:
+        variables["continue_final_message"] = True
+    return variables
+
+
 def chat_message_dict(message: ChatMessage) -> dict:
-    """A message as the chat template expects it; text parts are joined, others are unsupported."""
+    """A message as the chat template expects it; text parts are joined. Media parts are left out here:
+    `field_policy.check_request_fields` refuses them (501) before anything is generated."""
     content = message.content
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(f"content part of type {part.get('type')!r} is not supported", 501, "messages")
-            texts.append(part["text"])
-        content = "\n".join(texts)
+        content = "\n".join(part.text for part in content if part.type == "text")
     out = {"role": message.role, "content": content if content is not None else ""}
     if message.name is not None:
         out["name"] = message.name
@@ -324,6 +367,19 @@ def top_entries(step: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     ranked = sorted(step.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30,
                                                     -kv[1].logprob))
     return ranked[:k]
+
+
+def reply_id(prefix: str, req: SamplingRequest, stream: RequestStream) -> str:
+    """The reply's `id`: vLLM's "<prefix>-<request_id>" when the request names one, else the engine's id
+    (which stays unique either way)."""
+    return f"{prefix}-{req.request_id}" if req.request_id else stream.request_id
+
+
+def stream_usage(req: SamplingRequest) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a streamed request; as vLLM, per-chunk usage needs both."""
+    options = req.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and bool(options.continuous_usage_stats)
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:

@@ -15,9 +15,11 @@ from ember.sampling_params import StructuredOutputsParams
 from ember.server.async_engine import RequestStream
 from ember.server.chat_output import ChatOutputParser
 from ember.server.errors import APIError, sse_error
+from ember.server.field_policy import check_request_fields
 from ember.server.protocol import ChatCompletionRequest
 from ember.server.serving import (OpenAIServing, SSEResponse, clamp_logprob, merge_streams, now_s,
-                                  prompt_logprobs_body, sse, token_text, top_entries, usage)
+                                  prompt_logprobs_body, reply_id, sse, stream_usage, token_text, top_entries,
+                                  usage)
 from ember.server.tool_calling import ToolRequest, prepare_tools
 
 
@@ -27,9 +29,11 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, req: ChatCompletionRequest, receive: Receive) -> Response:
         self.check_model(req.model)
         tools = prepare_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-        prompt = await self.render_chat(req.messages, req.add_generation_prompt, tools.template_tools)
-        # The template already carries any BOS token, so none is added again (as vLLM does).
-        prompt_ids = await self.encode(prompt, add_special_tokens=False)
+        prompt = await self.render_chat(req, tools.template_tools)
+        # The template already carries any BOS token, so none is added again unless asked (as vLLM does);
+        # truncation keeps the rendered prompt's last tokens.
+        prompt_ids = await self.encode(prompt, add_special_tokens=req.add_special_tokens,
+                                       max_length=self.prompt_truncation(req))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.resolve_max_tokens(len(prompt_ids), requested)
         num_top = (req.top_logprobs or 0) if req.logprobs else None
@@ -41,11 +45,11 @@ class OpenAIServingChat(OpenAIServing):
             params = params.clone(skip_special_tokens=False)  # the format's markers are special tokens
         new_parser = functools.partial(ChatOutputParser, self.reasoning_parser, tool_parser,
                                        tools.max_tool_calls, tools.finishes_with_tool_calls)
+        check_request_fields(req, "chat")  # last: a 501 only for an otherwise valid request
         [stream] = await self.submit("chatcmpl", [prompt_ids], params)
-        meta = {"id": stream.request_id, "created": now_s(), "model": self.model_name}
+        meta = {"id": reply_id("chatcmpl", req, stream), "created": now_s(), "model": self.model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._stream(stream, meta, req.n, num_top, include_usage, new_parser))
+            return SSEResponse(self._stream(stream, meta, req.n, num_top, stream_usage(req), new_parser))
         finals = await self.collect(receive, [stream])
         if finals is None:
             return Response(status_code=499)  # nobody is listening any more
@@ -88,23 +92,32 @@ class OpenAIServingChat(OpenAIServing):
         return body
 
     async def _stream(self, stream: RequestStream, meta: dict, n: int, num_top: int | None,
-                      include_usage: bool, new_parser: Callable[[], ChatOutputParser]) -> AsyncIterator[str]:
+                      usage_options: tuple[bool, bool],
+                      new_parser: Callable[[], ChatOutputParser]) -> AsyncIterator[str]:
+        """The chunks; `usage_options` is (include_usage, continuous_usage_stats): a last chunk with the
+        usage, and in every chunk its choice's usage so far (as vLLM)."""
         head = {**meta, "object": "chat.completion.chunk"}
+        include_usage, continuous_usage = usage_options
 
-        def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None) -> str:
+        def chunk(index: int, delta: dict, logprobs: Any = None, finish: Any = None, stop: Any = None,
+                  num_tokens: int = 0) -> str:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             if finish is not None:
                 choice["stop_reason"] = stop
-            return sse(json.dumps({**head, "choices": [choice]}))
+            body = {**head, "choices": [choice]}
+            if continuous_usage:
+                body["usage"] = usage(num_prompt_tokens, num_tokens)
+            return sse(json.dumps(body))
 
         parsers, sent_tokens, done = [new_parser() for _ in range(n)], [0] * n, [False] * n
         num_prompt_tokens = num_generated = 0
         try:
             async for _, output in merge_streams([stream]):
-                if num_prompt_tokens == 0:  # the role goes first, once the engine has begun (as vLLM)
+                is_first = num_prompt_tokens == 0
+                num_prompt_tokens = len(output.prompt_token_ids)
+                if is_first:  # the role goes first, once the engine has begun (as vLLM)
                     for i in range(n):
                         yield chunk(i, {"role": "assistant", "content": ""})
-                num_prompt_tokens = len(output.prompt_token_ids)
                 for c in output.outputs:
                     i = c.index
                     if done[i]:
@@ -113,7 +126,7 @@ class OpenAIServingChat(OpenAIServing):
                     n_tokens = len(c.token_ids)
                     if delta or n_tokens > sent_tokens[i] or c.finish_reason:
                         yield chunk(i, delta, self._logprobs(c, sent_tokens[i], num_top),
-                                    parsers[i].finish_reason(c.finish_reason), c.stop_reason)
+                                    parsers[i].finish_reason(c.finish_reason), c.stop_reason, n_tokens)
                     sent_tokens[i] = n_tokens
                     done[i] = c.finish_reason is not None
                 num_generated = sum(len(c.token_ids) for c in output.outputs)

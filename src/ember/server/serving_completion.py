@@ -13,9 +13,11 @@ from ember.outputs import CompletionOutput
 from ember.sampling_params import StructuredOutputsParams
 from ember.server.async_engine import RequestStream
 from ember.server.errors import APIError, sse_error
+from ember.server.field_policy import check_request_fields
 from ember.server.protocol import CompletionRequest
 from ember.server.serving import (OpenAIServing, SSEResponse, clamp_logprob, merge_streams, now_s,
-                                  prompt_logprobs_body, sse, token_text, top_entries, usage)
+                                  prompt_logprobs_body, reply_id, sse, stream_usage, token_text, top_entries,
+                                  usage)
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -28,17 +30,12 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, req: CompletionRequest, receive: Receive) -> Response:
         self.check_model(req.model)
-        if req.suffix:
-            raise APIError("suffix is not supported", 501, "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError("best_of other than n is not supported", 501, "best_of")
         prompts = await self._prompt_token_ids(req)
         streams = await self._submit_each(prompts, req, await self.structured_outputs(req))
         echoes = [await self._echo_text(p) if req.echo else "" for p in prompts]
-        meta = {"id": streams[0].request_id, "created": now_s(), "model": self.model_name}
+        meta = {"id": reply_id("cmpl", req, streams[0]), "created": now_s(), "model": self.model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._stream(streams, meta, req, echoes, include_usage))
+            return SSEResponse(self._stream(streams, meta, req, echoes, stream_usage(req)))
         finals = await self.collect(receive, streams)
         if finals is None:
             return Response(status_code=499)
@@ -52,9 +49,9 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError("prompt must not be empty", 400, "prompt")
         if isinstance(prompt[0], int):
             prompt = [prompt]
-        out = []
+        out, keep = [], self.prompt_truncation(req)
         for p in prompt:
-            ids = await self.encode(p, req.add_special_tokens) if isinstance(p, str) else list(p)
+            ids = await self.encode_prompt(p if isinstance(p, str) else list(p), req.add_special_tokens, keep)
             self.check_token_ids(ids)
             out.append(ids)
         return out
@@ -68,6 +65,7 @@ class OpenAIServingCompletion(OpenAIServing):
                   for ids in prompts]
         if req.echo and req.logprobs is not None and req.prompt_logprobs is None:  # vLLM scores the echoed prompt
             params = [p.clone(prompt_logprobs=req.logprobs) for p in params]
+        check_request_fields(req, "completions")  # last: a 501 only for an otherwise valid request
         streams: list[RequestStream] = []
         try:
             for token_ids, p in zip(prompts, params):
@@ -102,8 +100,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 "usage": usage(num_prompt, num_generated)}
 
     async def _stream(self, streams: list[RequestStream], meta: dict, req: CompletionRequest,
-                      echoes: list[str], include_usage: bool) -> AsyncIterator[str]:
+                      echoes: list[str], usage_options: tuple[bool, bool]) -> AsyncIterator[str]:
+        """The chunks; `usage_options` is (include_usage, continuous_usage_stats): a last chunk with the
+        usage, and in every chunk its choice's usage so far (its prompt, its tokens; as vLLM)."""
         head = {**meta, "object": "text_completion"}
+        include_usage, continuous_usage = usage_options
         n = req.n
         sent_text, sent_tokens = [[0] * n for _ in streams], [[0] * n for _ in streams]
         offsets = [[len(e)] * n for e in echoes]
@@ -125,7 +126,10 @@ class OpenAIServingCompletion(OpenAIServing):
                         logprobs = self._logprobs(output, c, sent_tokens[p][i], req, offsets[p][i], first)
                         choice = {"index": p * n + i, "text": text, "logprobs": logprobs,
                                   "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                        yield sse(json.dumps({**head, "choices": [choice]}))
+                        body = {**head, "choices": [choice]}
+                        if continuous_usage:
+                            body["usage"] = usage(num_prompt[p], n_tokens)
+                        yield sse(json.dumps(body))
                         echoed[p][i] = True
                     offsets[p][i] += len(c.text) - sent_text[p][i]
                     sent_text[p][i], sent_tokens[p][i] = len(c.text), n_tokens
