@@ -256,7 +256,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that progressed."""
-        failed = self._fail_bad_grammars()
+        failed = self._fail_bad_grammars() if self.structured_output.num_failed_compiles else []
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             if not failed and self.scheduler.waiting:

@@ -43,6 +43,7 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-grammar")
         self.compile_seconds: dict[tuple, float] = {}  # per grammar key, for benchmarks
+        self.num_failed_compiles = 0
 
     @property
     def backend(self) -> XgrammarBackend:
@@ -71,7 +72,11 @@ class StructuredOutputManager:
 
     def _timed_compile(self, key: tuple, params: StructuredOutputsParams):
         start = time.perf_counter()
-        grammar = self.backend.compile(params)
+        try:
+            grammar = self.backend.compile(params)
+        except Exception:
+            self.num_failed_compiles += 1  # lets the engine skip looking for failed requests until one exists
+            raise
         self.compile_seconds[key] = time.perf_counter() - start
         return grammar
 
