@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ember.kernels.linear.dense import AMX_MAX_TOKENS, onednn_bf16_available
-from ember.kernels.linear.registry import KERNEL_REGISTRY
+from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy
 from ember.kernels.linear.tiles import tile_bf16_weight
 from ember.kernels.ops import core_ops
 from ember.models.layers.linear import DenseLinear, use_dense_kernels
@@ -19,9 +19,23 @@ def test_float32_reference_equals_nn_linear(rows):
     torch.manual_seed(rows)
     linear = nn.Linear(96, 40, bias=False)
     x = torch.randn(2, rows, 96)
-    layer = DenseLinear(linear)
+    layer = DenseLinear(linear, KernelPolicy(disabled=frozenset({"onednn_f32"})))
     assert layer.select_kernel(rows, torch.float32).name == "dense_reference"
     assert torch.equal(layer(x), linear(x))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 300])
+def test_float32_onednn_matches_a_float64_matmul(rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(576, 1536, bias=False)
+    x = torch.randn(rows, 576)
+    layer = DenseLinear(linear)
+    assert layer.select_kernel(rows, torch.float32).name == "onednn_f32"
+    exact = x.double() @ linear.weight.double().T
+    # float32 sums in some order: within 1e-5 of sum |x||w| (a few ulps of the terms' scale)
+    bound = 1e-5 * (x.double().abs() @ linear.weight.double().abs().T)
+    assert bool(((layer(x).double() - exact).abs() <= bound).all())
 
 
 @needs_onednn

@@ -1,5 +1,5 @@
 """Kernels for float (dense) weights: AMX tiles and the AVX512-BF16 GEMV for short bfloat16 calls,
-oneDNN on a prepacked weight, and torch's F.linear as the reference.
+oneDNN on a prepacked weight (bfloat16 and float32), and torch's F.linear as the reference.
 
 Where each one wins is measured in docs/performance.md ("Dense bfloat16 linears").
 """
@@ -56,6 +56,20 @@ ONEDNN_BF16 = LinearKernel(
     lambda x, spec, packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
 
 
+def _onednn_f32_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((dtype == torch.float32, "float32 activations only"),
+                   (torch.backends.mkldnn.is_available(), "torch was built without oneDNN"))
+
+
+# float32 through oneDNN on a prepacked weight: F.linear packs the weight inside every call with more
+# than one row (2-4x slower from 2 to 16 rows, the rows a verification step has), and its single-row path
+# reads the LM head at half the speed (docs/performance.md, "Float32 linears")
+ONEDNN_F32 = LinearKernel(
+    "onednn_f32", DENSE_KINDS, _onednn_f32_check,
+    lambda spec, w, dtype: torch.ops.mkldnn._reorder_linear_weight(w.weight.float().contiguous(), PACK_BATCH_HINT),
+    lambda x, spec, packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+
+
 def _amx_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
     return require((dtype == torch.bfloat16, "bfloat16 activations only"),
                    (spec.out_features % TILE_N == 0 and spec.in_features % TILE_K_BF16 == 0,
@@ -82,4 +96,4 @@ BF16_GEMV = LinearKernel(
     lambda x, spec, rows: core_ops().bf16_gemv(x, rows),
     max_tokens=lambda spec: core_ops().max_gemv_tokens)
 
-DENSE_KERNELS = (AMX_BF16, BF16_GEMV, ONEDNN_BF16, DENSE_REFERENCE)
+DENSE_KERNELS = (AMX_BF16, BF16_GEMV, ONEDNN_BF16, ONEDNN_F32, DENSE_REFERENCE)
