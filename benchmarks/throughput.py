@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run W1 this many times and report the median run "
                              "(with --prefix-caching later runs hit the cache)")
     parser.add_argument("--kv-cache-dtype", default=None, help="auto, int8 or int8-static (ember's flag)")
+    parser.add_argument("--disable-kernels", default=None, help="ember's flag: linear kernels never to use")
+    parser.add_argument("--speculative-config", default=None, help="ember's flag: speculative decoding as JSON")
     wl.add_workload_args(parser)
     return parser.parse_args(argv)
 
@@ -35,7 +37,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     wanted = {"dtype": args.dtype, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "kv_cache_memory_gib": args.kv_cache_gib, "enable_prefix_caching": args.prefix_caching,
-              "num_threads": args.threads, "kv_cache_dtype": args.kv_cache_dtype}
+              "num_threads": args.threads, "kv_cache_dtype": args.kv_cache_dtype,
+              "disable_kernels": args.disable_kernels, "speculative_config": args.speculative_config}
     wanted = {key: value for key, value in wanted.items() if value is not None}
     try:
         from ember.config import EngineConfig

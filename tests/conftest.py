@@ -20,6 +20,24 @@ def tiny_llama_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tiny_llama_dir):
+    """The tiny Llama in `transformers`, float32: the numeric reference."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(tiny_llama_hf):
+    """`hf_greedy(prompt_ids, max_new_tokens)`: the reference's greedy continuation (EOS not special)."""
+    def generate(prompt: list[int], max_new_tokens: int) -> list[int]:
+        with torch.inference_mode():
+            out = tiny_llama_hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    return generate
+
+
 def _train_tiny_tokenizer(vocab_size: int):
     """A byte-level BPE trained here on a little text, with a ChatML-style template."""
     import this  # noqa: F401  (the Zen of Python, as training text)

@@ -91,6 +91,10 @@ class EngineConfig:
         "help": "precision fallback: KL of a request's 512-bin activation histogram against the reference"})
     fallback_skew: float = field(default=3.0, metadata={
         "help": "precision fallback: largest allowed change of the activations' skewness from the reference"})
+    speculative_config: str | dict | None = field(default=None, metadata={
+        "help": 'speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 4, '
+                '"prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, '
+                '"num_speculative_tokens": 4} (docs/speculative_decoding.md)'})
     usage_context: UsageContext = field(default=UsageContext.ENGINE, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -123,6 +127,12 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         self.kernel_policy()  # unknown or conflicting kernel names fail here, with the known ones listed
+        from ember.spec_decode.config import SpeculativeConfig
+
+        # Held parsed (a SpeculativeConfig) from here on, whether it came as JSON, a dict or an instance.
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        if self.speculative_config is not None and (self.kv_eviction != "none" or self.precision_fallback):
+            raise ValueError("speculative decoding cannot be combined with --kv-eviction or --precision-fallback")
 
     def kernel_policy(self):
         """The `KernelPolicy` every linear of the model gets (disabled and forced kernels)."""

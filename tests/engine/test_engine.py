@@ -6,20 +6,7 @@ import torch
 from ember import LLM, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-def hf_greedy(model, prompt, max_new_tokens):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def test_stress_five_times_the_cache_completes_through_preemption(tiny_llama_dir, reference):
+def test_stress_five_times_the_cache_completes_through_preemption(tiny_llama_dir, hf_greedy):
     # 16 blocks of 16 tokens = 256 tokens of KV; 20 requests of 64 tokens each need 1280.
     llm = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=16, max_num_seqs=16,
               max_num_batched_tokens=64, max_model_len=256)
@@ -30,7 +17,7 @@ def test_stress_five_times_the_cache_completes_through_preemption(tiny_llama_dir
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions_total > 0
     for prompt, param, output in zip(prompts, params, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(reference, prompt, param.max_tokens)
+        assert output.outputs[0].token_ids == hf_greedy(prompt, param.max_tokens)
         assert output.outputs[0].finish_reason == "length"
     llm.engine.scheduler.check_invariants()
     assert llm.engine.kv_cache_manager.usage == 0.0
@@ -68,14 +55,14 @@ def test_n_samples_seeded_and_reproducible(tiny_llama_dir):
     assert len({tuple(o.token_ids) for o in first.outputs}) > 1  # the samples differ
 
 
-def test_logprobs_match_reference_log_softmax(tiny_llama_dir, reference):
+def test_logprobs_match_reference_log_softmax(tiny_llama_dir, tiny_llama_hf):
     llm = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=64, max_model_len=256)
     prompt = list(range(20, 50))
     out = llm.generate({"prompt_token_ids": prompt},
                        SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     with torch.inference_mode():
-        logits = reference(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+        logits = tiny_llama_hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
     expected = torch.log_softmax(logits, -1)
     for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         assert entry[token].rank == 1

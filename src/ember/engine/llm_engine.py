@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ from ember.sampling.bad_words import tokenize_bad_words
 from ember.sampling_params import DENSE_PRECISION, SamplingParams
 from ember.scheduler.output import SchedulerOutput
 from ember.scheduler.scheduler import Scheduler
+from ember.spec_decode.speculator import SpecDecodingStats, build_speculator
 from ember.structured_output.manager import StructuredOutputManager
 
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -50,6 +52,7 @@ class EngineStats:
     num_precision_fallbacks_total: int = 0  # sequences switched to the high-precision path mid-flight
     kv_cache_blocks_used: int = 0  # KV blocks referenced by live requests
     kv_cache_fragmentation: float = 0.0  # empty slots in those blocks over their slots (0..1)
+    spec_decoding: SpecDecodingStats | None = None  # drafted / accepted totals, with speculative decoding
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -91,6 +94,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(tokenizer.hf, model_config.vocab_size)
         self.runner.structured_output = self.structured_output
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_config.eos_token_id
+        self.speculator = build_speculator(self.config, model_config, tokenizer, self.kv_spec, num_blocks)
         self._parents: dict[str, ParentState] = {}
         self._fault_token = envs.EMBER_TEST_FAULT_TOKEN  # tests only: a prompt holding it fails in the step
         self._counter = itertools.count()
@@ -268,6 +272,8 @@ class LLMEngine:
             self.eviction.after_step(scheduler_output, runner_output)
         if self.drift is not None:
             self._watch_drift(runner_output)
+        if self.speculator is not None:  # drafts for the next step, which verifies them
+            self.speculator.propose(self.scheduler.running)
         return outputs
 
     def _fail_bad_grammars(self) -> list[RequestOutput]:
@@ -315,13 +321,23 @@ class LLMEngine:
         sampler_output = runner_output.sampler_output
         if sampler_output is not None:
             token_ids = sampler_output.sampled_token_ids.tolist()
+            num_emitted = runner_output.num_emitted or [1] * len(token_ids)
+            drafted = {e.request.request_id: len(e.spec_token_ids) for e in scheduler_output.scheduled
+                       if e.spec_token_ids}
             now = time.monotonic()
-            for row, (request, token) in enumerate(zip(runner_output.sampled_requests, token_ids)):
+            end = 0
+            for request, count in zip(runner_output.sampled_requests, num_emitted):
+                start, end = end, end + count
                 parent = self._parents[request.parent_id]
                 if parent.request_id in failed:
                     continue
                 try:
-                    self._process_token(parent, request, token, sampler_output, row, now)
+                    if request.request_id in drafted:
+                        self._settle_drafts(request, drafted[request.request_id], count - 1)
+                    for row in range(start, end):  # the accepted drafts, then the target's own token
+                        self._process_token(parent, request, token_ids[row], sampler_output, row, now)
+                        if request.is_finished:
+                            break
                 except Exception:  # this request's own processing: it alone fails, the step goes on
                     logger.exception("request %s failed while processing its token", parent.request_id)
                     failed[parent.request_id] = parent
@@ -339,6 +355,15 @@ class LLMEngine:
                 del self._parents[output.request_id]
         return outputs + [self._fail_request(parent, "the request failed inside the engine", internal=True)
                           for parent in failed.values()]
+
+    def _settle_drafts(self, request: Request, num_drafted: int, num_accepted: int) -> None:
+        """After verification: the rejected drafts' KV rows are no longer the request's (their slots are
+        overwritten next step and blocks holding only them are freed); the round goes into the stats."""
+        num_rejected = num_drafted - num_accepted
+        if num_rejected:
+            request.num_computed_tokens -= num_rejected
+            self.kv_cache_manager.truncate(request, request.num_kv_tokens)
+        self.speculator.record(request, num_drafted, num_accepted)
 
     def _process_token(self, parent: ParentState, request: Request, token: int, sampler_output, row: int,
                        now: float) -> None:
@@ -391,4 +416,5 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), manager.usage,
                            self.scheduler.num_preemptions_total, self.prompt_tokens_total,
                            self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens,
-                           self.num_precision_fallbacks_total, manager.num_used_blocks, manager.fragmentation)
+                           self.num_precision_fallbacks_total, manager.num_used_blocks, manager.fragmentation,
+                           copy.deepcopy(self.speculator.stats) if self.speculator is not None else None)

@@ -16,13 +16,14 @@ from ember.models.layers.precision import PrecisionMask
 from ember.sampling.metadata import SamplingMetadata
 from ember.sampling.sampler import Sampler, SamplerOutput
 from ember.scheduler.output import ScheduledRequest, SchedulerOutput
+from ember.spec_decode.rejection_sampler import expand_rows, verify
 
 
 @dataclass
 class ModelRunnerOutput:
     """Sampled tokens of the requests whose scheduled tokens reached their end this step."""
 
-    sampled_requests: list  # list[Request], aligned with the sampler output rows
+    sampled_requests: list  # list[Request] whose tokens the sampler output rows hold, in order
     sampler_output: SamplerOutput | None
     # With `keep_hidden`: the step's final hidden states [num_rows, hidden] and which rows each
     # scheduled request owns, (request, first row, end row), for the precision-fallback monitor.
@@ -32,6 +33,9 @@ class ModelRunnerOutput:
     attention_mass: list | None = None
     # The prompt logprobs of this step's prompt rows, for requests with `prompt_logprobs` (None: none asked).
     prompt_logprobs: list[PromptLogprobsChunk] | None = None
+    # With draft tokens in the step: how many tokens each sampled request emitted (its accepted drafts plus
+    # one; the sampler output holds them back to back). None: one token each.
+    num_emitted: list[int] | None = None
 
 
 class ModelRunner:
@@ -52,10 +56,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        # Decode-shaped entries (one new token) first, then prefill chunks: the attention
-        # backend batches the former and walks the latter.
-        entries = sorted(scheduler_output.scheduled, key=lambda s: s.num_new_tokens > 1)
-        input_ids, positions, meta, logits_rows, sampled = self._prepare_inputs(entries)
+        # Decode-shaped entries (one new token, plus any drafts) first, then prefill chunks: the
+        # attention backend batches the former and walks the latter.
+        entries = sorted(scheduler_output.scheduled, key=lambda s: s.num_new_tokens - len(s.spec_token_ids) > 1)
+        input_ids, positions, meta, logits_rows, sampled_entries = self._prepare_inputs(entries)
         if self.record_attention:
             meta.attention_mass = AttentionMassRecorder(
                 [e.num_new_tokens for e in entries], [e.request.num_kv_tokens + e.num_new_tokens for e in entries])
@@ -64,37 +68,57 @@ class ModelRunner:
         kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
         mass = list(zip((e.request for e in entries), meta.attention_mass.mass)) if self.record_attention else None
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, entries, precision)
-        if not sampled:
+        if not sampled_entries:
             return ModelRunnerOutput([], None, *kept, mass, prompt_logprobs)
         head_precision = precision.select(logits_rows) if precision is not None else None
-        logits = self.model.compute_logits(hidden[logits_rows], head_precision)  # [num_sampled, vocab]
-        if self.structured_output is not None and any(r.structured_output is not None for r in sampled):
+        logits = self.model.compute_logits(hidden[logits_rows], head_precision)  # [num_sampled rows, vocab]
+        sampled = [e.request for e in sampled_entries]
+        drafts = [e.spec_token_ids for e in sampled_entries]
+        speculating = any(drafts)  # some request verifies drafts: k + 1 rows for each that has k
+        rows = expand_rows(sampled, drafts) if speculating else sampled
+        if self.structured_output is not None and any(r.structured_output is not None for r in rows):
             # As vLLM: the grammar masks the logits in place before sampling, so logprobs are the masked ones.
-            self.structured_output.apply_bitmask(logits, [r.structured_output for r in sampled])
-        metadata = SamplingMetadata.from_requests(sampled, self.model_config.vocab_size)
-        return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept, mass, prompt_logprobs)
+            self.structured_output.apply_bitmask(logits, [r.structured_output for r in rows])
+        metadata = SamplingMetadata.from_requests(rows, self.model_config.vocab_size)
+        if not speculating:
+            return ModelRunnerOutput(sampled, self.sampler(logits, metadata), *kept, mass, prompt_logprobs)
+        sampler_output, num_emitted = verify(self.sampler, logits, metadata, drafts)
+        return ModelRunnerOutput(sampled, sampler_output, *kept, mass, prompt_logprobs, num_emitted)
 
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
         input_ids: list[int] = []
         positions: list[int] = []
-        context_lens: list[int] = []  # KV rows already cached (fewer than the position after eviction)
+        # Attention rows: per sequence its block table, KV rows already cached (fewer than the position
+        # after eviction) and new tokens. A request verifying drafts gives one decode row per position,
+        # each seeing one more row of KV than the last (all of the step's K/V is written before attention).
+        tables: list[list[int]] = []
+        context_lens: list[int] = []
+        query_lens: list[int] = []
         logits_rows: list[int] = []
-        sampled = []
+        sampled = []  # the entries whose next token(s) are sampled this step
         for entry in entries:
             request, num_new = entry.request, entry.num_new_tokens
             start = request.num_computed_tokens
             end = start + num_new
-            context_lens.append(request.num_kv_tokens)
-            input_ids.extend(request.all_token_ids[start:end])
+            num_spec = len(entry.spec_token_ids)
+            if num_spec:
+                tables.extend([entry.block_ids] * num_new)
+                context_lens.extend(range(request.num_kv_tokens, request.num_kv_tokens + num_new))
+                query_lens.extend([1] * num_new)
+            else:
+                tables.append(entry.block_ids)
+                context_lens.append(request.num_kv_tokens)
+                query_lens.append(num_new)
+            input_ids.extend(request.all_token_ids[start:end - num_spec])
+            input_ids.extend(entry.spec_token_ids)  # drafts sit after the request's last known token
             positions.extend(range(start, end))
-            if end == request.num_tokens:  # all known tokens computed: sample the next one
-                logits_rows.append(len(input_ids) - 1)
-                sampled.append(request)
+            if end - num_spec == request.num_tokens:  # all known tokens computed: sample the next one(s)
+                logits_rows.extend(range(len(input_ids) - num_spec - 1, len(input_ids)))
+                sampled.append(entry)
         positions_t = torch.tensor(positions, dtype=torch.int64)
         # Slots follow cache rows; positions (RoPE) stay the tokens' own, also after eviction.
         evicted = any(e.request.num_evicted_tokens for e in entries)
-        meta = build_attention_metadata([e.block_ids for e in entries], context_lens,
-                                        [e.num_new_tokens for e in entries], self.block_size,
+        meta = build_attention_metadata(tables, context_lens, query_lens, self.block_size,
                                         None if evicted else positions_t)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 

@@ -200,9 +200,10 @@ class KVCacheManager:
                 self._allocator.free(block_id)
 
     def truncate(self, request: Request, num_rows: int) -> None:
-        """Keep only the blocks holding the request's first `num_rows` rows (KV eviction compacted its
-        kept tokens there) and free the rest. Eviction runs with prefix caching off, so those blocks
-        are the request's own.
+        """Keep only the blocks holding the request's first `num_rows` rows and free the rest: KV eviction
+        compacted its kept tokens there, or speculative decoding rejected the drafts written past them.
+        Those blocks are the request's own (eviction runs with prefix caching off; drafts are never
+        registered, as they are not yet the request's tokens when their step is scheduled).
 
         Raises:
             ValueError: `num_rows` beyond what the table holds, or a block that is shared or cached.

@@ -12,6 +12,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
     block_ids: list[int]  # the request's whole block table after allocation
+    # Draft tokens verified this step: the last `len(spec_token_ids)` of the `num_new_tokens` positions.
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -22,6 +24,10 @@ class SchedulerOutput:
     @property
     def num_scheduled_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(len(s.spec_token_ids) for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:

@@ -18,6 +18,10 @@ class Scheduler:
     prefilling), capped by what is left of `max_num_batched_tokens`. When the KV cache is full
     the most recently admitted running request is preempted by recompute: its blocks are
     freed and it goes back to the head of the waiting queue.
+
+    With speculative decoding a decoding request also asks for its draft tokens (`spec_token_ids`),
+    which count in the budget; when the cache cannot hold them they are dropped before anyone is
+    preempted.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
@@ -53,16 +57,29 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.long_prefill_token_threshold)
-            while not manager.allocate_slots(request, num_new):
+            spec = self._take_spec_tokens(request, num_new, budget)
+            while not manager.allocate_slots(request, num_new + len(spec)):
+                if spec:  # a full cache drops the drafts before it preempts anyone
+                    spec = []
+                    continue
                 victim = self.running.pop()  # most recently admitted
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, num_new, manager.get_block_ids(request.request_id)))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(request, num_new + len(spec),
+                                                  manager.get_block_ids(request.request_id), spec))
+            budget -= num_new + len(spec)
             index += 1
         return budget
+
+    def _take_spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The drafts a decoding request verifies this step, as many as the step's budget leaves room for;
+        its proposal is consumed either way (the engine proposes afresh after every step)."""
+        spec, request.spec_token_ids = request.spec_token_ids, []
+        if not spec or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        return spec[:max(0, min(budget, self.long_prefill_token_threshold) - 1)]
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         manager = self.kv_cache_manager
@@ -87,6 +104,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.num_evicted_tokens = 0
         request.status = RequestStatus.PREEMPTED

@@ -65,6 +65,26 @@ class _EngineStatsCollector:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(label, value(attr))
             yield c
+        spec = getattr(stats, "spec_decoding", None)
+        if spec is not None:
+            yield from _spec_decode_counters(spec, label)
+
+
+def _spec_decode_counters(spec, label: list[str]):
+    """Speculative decoding's totals under vLLM's names (`spec_decode_*`); the acceptance rate is
+    accepted / draft tokens, the mean acceptance length 1 + accepted / drafts."""
+    for name, doc, total in (
+            ("ember:spec_decode_num_drafts", "Verification rounds (a request's drafts in one step).", spec.num_drafts),
+            ("ember:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
+            ("ember:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens)):
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric(label, float(total))
+        yield c
+    c = CounterMetricFamily("ember:spec_decode_num_accepted_tokens_per_pos",
+                            "Draft tokens accepted, by position in the draft.", labels=["model_name", "position"])
+    for position, total in enumerate(spec.accepted_per_position):
+        c.add_metric(label + [str(position)], float(total))
+    yield c
 
 
 class ServerMetrics:

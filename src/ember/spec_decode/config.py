@@ -1,0 +1,76 @@
+"""`speculative_config`, as vLLM spells it: which proposer, how many tokens, when to stop speculating."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """What `LLM(speculative_config={...})` and `ember serve --speculative-config '{...}'` accept.
+
+    `ngram` looks the last 2..4 tokens up in the request's own prompt and output (prompt lookup) and
+    proposes what followed them; `draft_model` runs a smaller model with the same vocabulary (a quantized
+    checkpoint of the target itself works) greedily for `num_speculative_tokens` steps on its own paged
+    KV cache. The target verifies every proposal in one pass (exactly: greedy by comparison, sampling by
+    rejection sampling), so outputs follow the target's distribution whatever the proposer guesses.
+    """
+
+    method: str
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2  # ngram: shortest suffix looked up
+    prompt_lookup_max: int = 4  # ngram: longest suffix looked up (tried first)
+    model: str | None = None  # draft_model: GGUF, Hugging Face directory or quantized checkpoint
+    # A request pauses speculation when fewer than `min_acceptance_rate` of its last `min_drafted_tokens`
+    # draft tokens were accepted (for 16 output tokens, doubling up to 256 while it stays poor: `SpecPause`).
+    min_acceptance_rate: float = 0.2
+    min_drafted_tokens: int = 16
+    # No request speculates in a step whose running batch is larger than this (vLLM's name): at large
+    # batches the step is compute-bound and rejected rows cost as much as accepted ones.
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}")
+        if self.method == "ngram" and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
+                             f"and {self.prompt_lookup_max}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError('speculative_config method "draft_model" needs "model": the draft model path')
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(f'speculative_config "model" is only used with method "draft_model", not {self.method!r}')
+        if not 0.0 <= self.min_acceptance_rate <= 1.0:
+            raise ValueError(f"min_acceptance_rate must be in [0, 1], got {self.min_acceptance_rate}")
+        if self.min_drafted_tokens < 1:
+            raise ValueError(f"min_drafted_tokens must be positive, got {self.min_drafted_tokens}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def parse(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """A JSON object (the CLI flag), a dict (the offline API) or an instance; None stays None.
+
+        Raises:
+            ValueError: not a JSON object, an unknown key, or a value the constructor refuses.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        if "method" not in value:
+            raise ValueError(f'speculative_config needs "method", one of {METHODS}')
+        return cls(**value)

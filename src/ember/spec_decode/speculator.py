@@ -1,0 +1,154 @@
+"""The engine's side of speculative decoding: who gets drafts each step, and what was accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ember.request import Request
+from ember.spec_decode.config import SpeculativeConfig
+from ember.spec_decode.ngram_proposer import NgramProposer
+
+
+@dataclass
+class SpecDecodingStats:
+    """Totals since the engine started, as vLLM counts them (`vllm:spec_decode_*`)."""
+
+    num_drafts: int = 0  # verification rounds: one per request per step that had drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at position i
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification round: the accepted drafts plus the target's own token."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def as_dict(self) -> dict:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "acceptance_rate": self.acceptance_rate, "mean_acceptance_length": self.mean_acceptance_length,
+                "acceptance_rate_per_position": [a / self.num_drafts if self.num_drafts else 0.0
+                                                 for a in self.accepted_per_position]}
+
+
+class SpecPause:
+    """When one request drafts: a window of its latest drafts, and a pause after a window of poor acceptance.
+
+    Once `window` tokens have been drafted, a window with fewer than `min_rate` of them accepted pauses
+    speculation for `pause` output tokens (16 the first time, doubling up to 256 while windows stay poor); a
+    good window resets the pause. A request whose text stops matching its proposals therefore decodes as
+    without speculation, and one that starts repeating itself later is found again.
+    """
+
+    FIRST_PAUSE = 16
+    MAX_PAUSE = 256
+
+    def __init__(self, window: int, min_rate: float) -> None:
+        self.window = window
+        self.min_rate = min_rate
+        self.drafted = 0
+        self.accepted = 0
+        self.pause = self.FIRST_PAUSE
+        self.resume_at = 0  # output tokens the request must have before it drafts again
+
+    def is_paused(self, num_output_tokens: int) -> bool:
+        return num_output_tokens < self.resume_at
+
+    def record(self, num_drafted: int, num_accepted: int, num_output_tokens: int) -> None:
+        self.drafted += num_drafted
+        self.accepted += num_accepted
+        if self.drafted < self.window:
+            return
+        if self.accepted < self.min_rate * self.drafted:
+            self.resume_at = num_output_tokens + self.pause
+            self.pause = min(2 * self.pause, self.MAX_PAUSE)
+        else:
+            self.pause = self.FIRST_PAUSE
+        self.drafted = self.accepted = 0
+
+
+class Speculator:
+    """Proposes drafts for the decoding requests after every step and records how many were accepted.
+
+    A request gets no drafts when it has a grammar (the target's bitmask covers one position), while its
+    speculation is paused (`SpecPause`: fewer than `min_acceptance_rate` of its last `min_drafted_tokens`
+    drafts accepted), when the running batch is above `disable_by_batch_size`, or when one more token would
+    end it; otherwise at most as many as fit in its `max_tokens` and the model length.
+    """
+
+    def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int) -> None:
+        """`proposer`: a `DraftModelProposer`, or None for the n-gram lookup."""
+        self.config = config
+        self.max_model_len = max_model_len
+        self.draft_model = proposer
+        self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if proposer is None else None
+        self.stats = SpecDecodingStats(accepted_per_position=[0] * config.num_speculative_tokens)
+
+    def propose(self, running: list[Request]) -> None:
+        """Set `spec_token_ids` of the running requests that will decode next step."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            running = []
+        candidates, budgets = [], []
+        for request in running:
+            k = self._num_drafts(request)
+            if k > 0:
+                candidates.append(request)
+                budgets.append(k)
+        if self.ngram is not None:
+            for request, k in zip(candidates, budgets):
+                request.spec_token_ids = self.ngram.propose(request.all_token_ids, k)
+            return
+        for request, drafts in zip(candidates, self.draft_model.propose(candidates, budgets)):
+            request.spec_token_ids = drafts
+
+    def _num_drafts(self, request: Request) -> int:
+        if (request.structured_output is not None or request.is_finished
+                or request.num_tokens - request.num_computed_tokens != 1):
+            return 0
+        if request.spec_pause is not None and request.spec_pause.is_paused(request.num_output_tokens):
+            return 0
+        params = request.sampling_params
+        room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+        return max(0, min(self.config.num_speculative_tokens, room))
+
+    def record(self, request: Request, num_drafted: int, num_accepted: int) -> None:
+        """Count one verification round (before its tokens are appended); poor acceptance pauses the request."""
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafted
+        stats.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            stats.accepted_per_position[position] += 1
+        request.num_draft_tokens += num_drafted
+        request.num_accepted_tokens += num_accepted
+        if request.spec_pause is None:
+            request.spec_pause = SpecPause(self.config.min_drafted_tokens, self.config.min_acceptance_rate)
+        request.spec_pause.record(num_drafted, num_accepted, request.num_output_tokens + num_accepted + 1)
+
+    def release(self, request_id: str) -> None:
+        """Free a finished or preempted request's draft-model state (the next `propose` also does)."""
+        if self.draft_model is not None:
+            self.draft_model.release(request_id)
+
+
+def build_speculator(config, model_config, tokenizer, kv_spec, num_blocks: int) -> Speculator | None:
+    """The engine's `Speculator` for `config.speculative_config` (None when off); a draft model is loaded
+    here, with a draft KV cache of the target's `num_blocks` blocks.
+
+    Raises:
+        ValueError: the draft model's vocabulary or tokenizer differs from the target's.
+    """
+    spec = config.speculative_config
+    if spec is None:
+        return None
+    proposer = None
+    if spec.method == "draft_model":
+        from ember.spec_decode.draft_model import load_draft_model
+
+        proposer = load_draft_model(spec.model, config, model_config, tokenizer, kv_spec, num_blocks)
+    return Speculator(spec, proposer, config.max_model_len)
