@@ -155,3 +155,20 @@ def test_sampled_second_token_follows_the_targets_distribution(peaked_model_dir)
     assert big.sum() >= 5
     assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 0.01
     assert_clean(llm)
+
+
+def test_a_failing_proposer_costs_drafts_not_requests(tiny_llama_dir, plain_greedy):
+    llm = LLM(model=tiny_llama_dir, **BASE, speculative_config=NGRAM)
+    real, calls = llm.engine.speculator.ngram.propose, [0]
+
+    def flaky(tokens, k):
+        calls[0] += 1
+        if 17 <= calls[0] <= 30:  # the first step proposes for all 16; the next 14 steps fail at once
+            raise RuntimeError("injected proposer fault")
+        return real(tokens, k)
+
+    llm.engine.speculator.ngram.propose = flaky
+    prompts, expected = plain_greedy
+    assert generate(llm, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)) == expected
+    assert calls[0] > 30 and llm.engine.get_stats().spec_decoding.num_accepted_tokens > 0
+    assert_clean(llm)

@@ -44,8 +44,9 @@ class DraftModelProposer:
     token, then one batched decode pass per further draft token.
 
     Draft KV stays valid where the request kept the drafted tokens: after a verification step only the
-    rows past the first rejected draft are recomputed. Blocks of requests that stopped running are freed
-    on the next call; a request the draft cache cannot hold gets no draft that step.
+    rows past the first rejected draft are recomputed. A call frees the draft KV of every request it is
+    not asked about (finished, preempted or paused ones: a paused request catches up when it resumes); a
+    request the draft cache cannot hold gets no draft that step.
     """
 
     def __init__(self, model: nn.Module, model_config, kv_spec: KVCacheSpec, num_blocks: int) -> None:
@@ -77,6 +78,11 @@ class DraftModelProposer:
             for (i, _, _), token in zip(active, self._forward([(seq, new) for _, seq, new in active])):
                 drafts[i].append(token)
         return drafts
+
+    def reset(self) -> None:
+        """Forget every request's draft KV (after a failed call, whose state is unknown)."""
+        for request_id in list(self.sequences):
+            self.release(request_id)
 
     def release(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from ember.request import Request
 from ember.spec_decode.config import SpeculativeConfig
 from ember.spec_decode.ngram_proposer import NgramProposer
+
+logger = logging.getLogger("ember.spec_decode")
 
 
 @dataclass
@@ -99,11 +102,17 @@ class Speculator:
             if k > 0:
                 candidates.append(request)
                 budgets.append(k)
-        if self.ngram is not None:
-            for request, k in zip(candidates, budgets):
-                request.spec_token_ids = self.ngram.propose(request.all_token_ids, k)
+        try:
+            if self.ngram is not None:
+                proposals = [self.ngram.propose(request.all_token_ids, k) for request, k in zip(candidates, budgets)]
+            else:
+                proposals = self.draft_model.propose(candidates, budgets)
+        except Exception:  # drafts are optional: a failing proposer costs this step's drafts, not requests
+            logger.exception("the %s proposer failed; this step runs without drafts", self.config.method)
+            if self.draft_model is not None:
+                self.draft_model.reset()
             return
-        for request, drafts in zip(candidates, self.draft_model.propose(candidates, budgets)):
+        for request, drafts in zip(candidates, proposals):
             request.spec_token_ids = drafts
 
     def _num_drafts(self, request: Request) -> int:
