@@ -61,11 +61,9 @@ class Request:
         self.structured_output = None
         # `sampling_params.bad_words` as token sequences (the engine tokenizes them once per request).
         self.bad_words_token_ids: list[list[int]] = []
-        # Speculative decoding: the draft tokens proposed for the next step (the scheduler takes them), the
-        # request's drafted / accepted totals, and its `SpecPause` (None until it first drafts).
+        # Speculative decoding: the draft tokens proposed for the next step (the scheduler takes them) and
+        # the request's `SpecPause` (None until it first drafts).
         self.spec_token_ids: list[int] = []
-        self.num_draft_tokens = 0
-        self.num_accepted_tokens = 0
         self.spec_pause = None
         # A seeded request owns its generator so its samples do not depend on batch neighbours.
         self.generator: torch.Generator | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import os
@@ -417,4 +416,4 @@ class LLMEngine:
                            self.scheduler.num_preemptions_total, self.prompt_tokens_total,
                            self.generation_tokens_total, manager.num_queried_tokens, manager.num_hit_tokens,
                            self.num_precision_fallbacks_total, manager.num_used_blocks, manager.fragmentation,
-                           copy.deepcopy(self.speculator.stats) if self.speculator is not None else None)
+                           self.speculator.stats.snapshot() if self.speculator is not None else None)

@@ -26,9 +26,5 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
-    def num_spec_tokens(self) -> int:
-        return sum(len(s.spec_token_ids) for s in self.scheduled)
-
-    @property
     def is_empty(self) -> bool:
         return not self.scheduled

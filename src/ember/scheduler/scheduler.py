@@ -57,7 +57,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.long_prefill_token_threshold)
-            spec = self._take_spec_tokens(request, num_new, budget)
+            spec = self._take_spec_tokens(request, budget)
             while not manager.allocate_slots(request, num_new + len(spec)):
                 if spec:  # a full cache drops the drafts before it preempts anyone
                     spec = []
@@ -73,11 +73,11 @@ class Scheduler:
             index += 1
         return budget
 
-    def _take_spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:
+    def _take_spec_tokens(self, request: Request, budget: int) -> list[int]:
         """The drafts a decoding request verifies this step, as many as the step's budget leaves room for;
         its proposal is consumed either way (the engine proposes afresh after every step)."""
         spec, request.spec_token_ids = request.spec_token_ids, []
-        if not spec or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+        if not spec or request.num_tokens - request.num_computed_tokens != 1:
             return []
         return spec[:max(0, min(budget, self.long_prefill_token_threshold) - 1)]
 

@@ -15,8 +15,6 @@ class _DraftSequence:
     0.. (the request's tokens, then the drafts it was fed). `KVCacheManager` reads `request_id` and
     `num_kv_tokens` from it, as from a `Request`."""
 
-    num_evicted_tokens = 0
-
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.fed: list[int] = []
@@ -49,9 +47,8 @@ class DraftModelProposer:
     request the draft cache cannot hold gets no draft that step.
     """
 
-    def __init__(self, model: nn.Module, model_config, kv_spec: KVCacheSpec, num_blocks: int) -> None:
+    def __init__(self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int) -> None:
         self.model = model
-        self.model_config = model_config
         self.block_size = kv_spec.block_size
         self.kv_caches = create_layer_caches(kv_spec, num_blocks)
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, enable_prefix_caching=False)
@@ -134,4 +131,4 @@ def load_draft_model(path: str, config, target_config, target_tokenizer, target_
         raise ValueError("the draft model's tokenizer differs from the target's: speculative decoding needs "
                          "the same tokenizer")
     kv_spec = KVCacheSpec.for_model(model_config, dtype, "auto", target_kv_spec.block_size)
-    return DraftModelProposer(model.eval(), model_config, kv_spec, num_blocks)
+    return DraftModelProposer(model.eval(), kv_spec, num_blocks)

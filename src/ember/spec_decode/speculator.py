@@ -30,6 +30,11 @@ class SpecDecodingStats:
         """Tokens emitted per verification round: the accepted drafts plus the target's own token."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def snapshot(self) -> "SpecDecodingStats":
+        """A copy the engine hands out with its stats (taken after every step, so no deepcopy)."""
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.accepted_per_position))
+
     def as_dict(self) -> dict:
         return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
                 "num_accepted_tokens": self.num_accepted_tokens,
@@ -133,8 +138,6 @@ class Speculator:
         stats.num_accepted_tokens += num_accepted
         for position in range(num_accepted):
             stats.accepted_per_position[position] += 1
-        request.num_draft_tokens += num_drafted
-        request.num_accepted_tokens += num_accepted
         if request.spec_pause is None:
             request.spec_pause = SpecPause(self.config.min_drafted_tokens, self.config.min_acceptance_rate)
         request.spec_pause.record(num_drafted, num_accepted, request.num_output_tokens + num_accepted + 1)
