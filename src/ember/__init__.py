@@ -1,7 +1,8 @@
 """Ember: a CPU-first LLM inference engine and quantization workbench."""
 
-from ember.outputs import CompletionOutput, RequestOutput
-from ember.sampling_params import SamplingParams, StructuredOutputsParams
+from ember.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
+from ember.lora.request import LoRARequest
+from ember.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -12,4 +13,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "LoRARequest"]

@@ -95,6 +95,10 @@ class EngineConfig:
         "help": 'speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 4, '
                 '"prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, '
                 '"num_speculative_tokens": 4} (docs/speculative_decoding.md)'})
+    enable_lora: bool = field(default=False, metadata={
+        "help": "serve LoRA adapters (PEFT directories) next to the base model, mixed in one batch"})
+    max_loras: int = field(default=1, metadata={"help": "LoRA adapters resident at once (and in one batch)"})
+    max_lora_rank: int = field(default=16, metadata={"help": "the largest LoRA rank accepted"})
     usage_context: UsageContext = field(default=UsageContext.ENGINE, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -127,6 +131,9 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         self.kernel_policy()  # unknown or conflicting kernel names fail here, with the known ones listed
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be positive, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
         from ember.spec_decode.config import SpeculativeConfig
 
         # Held parsed (a SpeculativeConfig) from here on, whether it came as JSON, a dict or an instance.
@@ -202,8 +209,9 @@ def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfi
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=base, default=f.default,
-                                help=f"{help_text} (default: {shown.get(f.name, f.default)})")
+            extra = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
+            parser.add_argument(flag, dest=f.name, type=f.metadata.get("type", base), default=f.default,
+                                help=f"{help_text} (default: {shown.get(f.name, f.default)})", **extra)
     if usage_context is not None:
         parser.set_defaults(usage_context=usage_context)
 

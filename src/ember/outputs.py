@@ -63,3 +63,55 @@ class RequestOutput:
     # With `SamplingParams.prompt_logprobs`: set on every output once the whole prompt is scored.
     prompt_logprobs: PromptLogprobs | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One sequence found by `LLM.beam_search` (vLLM's `BeamSearchSequence`).
+
+    `tokens` holds the prompt and the generated ids (an ending EOS only with
+    `include_stop_str_in_output`); `logprobs` has one dict per generated token: every candidate its
+    step scored (the sampled token plus the top 2 * beam_width) with its raw logprob; `cum_logprob` sums
+    the chosen tokens' logprobs, EOS included; `text` decodes `tokens`, the prompt included, as vLLM's
+    offline `beam_search` does; `finish_reason` is "stop" (EOS, `stop_reason` its id) or "length".
+    """
+
+    tokens: list[int]
+    logprobs: SampleLogprobs
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchKVStats:
+    """KV blocks of one `LLM.beam_search` call, one entry per search step, at the step's peak.
+
+    `num_blocks_in_use[i]`: blocks referenced by the step's beams, a block shared by several beams (or
+    prompts) counted once; `num_blocks_unshared[i]`: the blocks their tables list, each table counting its
+    own copy, which is what the step would hold if no block were shared.
+    """
+
+    num_blocks_in_use: list[int] = field(default_factory=list)
+    num_blocks_unshared: list[int] = field(default_factory=list)
+
+    @property
+    def peak_blocks_in_use(self) -> int:
+        return max(self.num_blocks_in_use, default=0)
+
+    @property
+    def peak_blocks_unshared(self) -> int:
+        return max(self.num_blocks_unshared, default=0)
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best `beam_width` sequences of one prompt, best first (vLLM's `BeamSearchOutput`).
+
+    `kv_stats` is Ember's addition: the KV figures of the whole call, the same object in every output of
+    the call (all prompts' beams run in the same steps).
+    """
+
+    sequences: list[BeamSearchSequence]
+    kv_stats: BeamSearchKVStats | None = None

@@ -65,6 +65,9 @@ class Request:
         # the request's `SpecPause` (None until it first drafts).
         self.spec_token_ids: list[int] = []
         self.spec_pause = None
+        # LoRA: the adapter slot this request's rows use and the key of that load (None: the base model).
+        self.lora_slot: int | None = None
+        self.lora_cache_key: int | None = None
         # A seeded request owns its generator so its samples do not depend on batch neighbours.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
@@ -106,10 +109,11 @@ class Request:
     def kv_salt(self):
         """What the prefix cache keys the first block by: the `cache_salt`, plus the dense op set for a
         request admitted on the dense path (its KV is not the quantized one, and only requests with the
-        same ops may share it)."""
+        same ops may share it), and the adapter load of a LoRA request (its KV is the adapter's)."""
+        salt = self.cache_salt
         if self.dense_from_position == 0 and self.precision_switch_token is None and self.precision_ops:
-            return (self.cache_salt, "dense", self.precision_ops)
-        return self.cache_salt
+            salt = (salt, "dense", self.precision_ops)
+        return salt if self.lora_cache_key is None else (salt, "lora", self.lora_cache_key)
 
     @property
     def num_cacheable_tokens(self) -> int | None:

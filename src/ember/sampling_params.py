@@ -162,6 +162,38 @@ class SamplingParams:
         return SamplingParams(**values)
 
 
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """How `LLM.beam_search` searches: vLLM's `BeamSearchParams`, field for field.
+
+    beam_width: sequences kept per prompt at every step (and returned); max_tokens: generated tokens per
+    sequence at most; ignore_eos: keep extending beams past the EOS token instead of completing them;
+    temperature: only picks the extra sampled candidate each beam's step adds to its top 2 * beam_width
+    (scores are the model's raw logprobs, as in vLLM); length_penalty: the exponent of the length that
+    divides a beam's cumulative logprob when beams are ranked; include_stop_str_in_output: a beam ended
+    by EOS keeps the EOS id in its tokens.
+
+    Raises:
+        ValueError: naming the field, for a width or token count below 1 or a non-finite number.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("temperature", "length_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value), name,
+                   f"{name} must be a finite number, got {value!r}")
+        _check(self.temperature >= 0.0, "temperature", f"temperature must be non-negative, got {self.temperature}")
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -1,4 +1,4 @@
-"""KVCacheManager's blocks-in-use and internal-fragmentation counters, with exact numbers."""
+"""KVCacheManager's blocks-in-use, table-block, peak and internal-fragmentation counters, with exact numbers."""
 
 import pytest
 
@@ -67,3 +67,24 @@ def test_preemption_and_refused_allocation_keep_the_counters():
     a.num_computed_tokens = 0
     assert allocate(manager, b, 2)
     assert _stats(manager) == (1, pytest.approx(2 / 4))
+
+
+def test_peak_usage_counts_shared_blocks_once_and_per_table():
+    manager = KVCacheManager(num_blocks=8, block_size=BS)
+    a = make_request("a", [1, 2, 3, 4, 5, 6])
+    assert allocate(manager, a, 6)
+    _step(a, 6)
+    manager.reset_peak_usage()
+    assert manager.peak_usage == (2, 2)
+    beams = [make_request(f"b{i}", [1, 2, 3, 4, 5, 6, 10 + i]) for i in range(3)]  # a's full block, then own
+    for beam in beams:
+        blocks, num_hit = lookup(manager, beam)
+        assert (blocks, num_hit) == (manager.get_block_ids("a")[:1], 4)
+        assert allocate(manager, beam, 3, blocks)
+    assert (manager.num_used_blocks, manager.num_table_blocks) == (5, 8)  # 1 shared + 4 own; 2 + 3 * 2 listed
+    for request in [a, *beams]:
+        free(manager, request)
+    assert (manager.num_used_blocks, manager.num_table_blocks) == (0, 0)
+    assert manager.peak_usage == (5, 8)  # the peaks stay until the next reset
+    manager.reset_peak_usage()
+    assert manager.peak_usage == (0, 0)

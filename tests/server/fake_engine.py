@@ -55,7 +55,7 @@ class FakeEngine:
         self.step_gate = threading.Event()  # clear it to hold the engine between steps
         self.step_gate.set()
 
-    def add_request(self, request_id, prompt, params, arrival_time=None) -> None:
+    def add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None) -> None:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")

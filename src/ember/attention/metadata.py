@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     # An `eviction.AttentionMassRecorder` every layer feeds, when the eviction policy scores tokens.
     attention_mass: object | None = None
+    # (window, prefill index or -1 for the decode rows) -> (first block read, mask over the rows from there),
+    # or None for decode rows the window cuts nothing of: made by the step's first sliding-window layer
+    window_masks: dict = field(default_factory=dict)
 
 
 def build_attention_metadata(block_tables: list[list[int]], context_lens: list[int],
@@ -103,6 +106,14 @@ def _chunk_mask(context_len: int, query_len: int) -> torch.Tensor | None:
     if context_len == 0:
         return None
     return torch.ones(query_len, context_len + query_len, dtype=torch.bool).tril(context_len)
+
+
+def sliding_window_mask(context_len: int, query_len: int, window: int, first_row: int = 0) -> torch.Tensor:
+    """[query_len, context_len + query_len - first_row] bool over rows first_row..: query i (position
+    context_len + i) sees the rows at or before it and after position - window (Hugging Face's window)."""
+    rows = torch.arange(first_row, context_len + query_len)
+    positions = torch.arange(context_len, context_len + query_len)[:, None]
+    return (rows <= positions) & (rows > positions - window)
 
 
 def _pad_tables(tables: list[list[int]]) -> torch.Tensor:

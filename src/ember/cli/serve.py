@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> None:
         engine_config = config_from_cli_args(args, EngineConfig)
     except ValueError as exc:
         raise SystemExit(f"ember serve: {exc}") from None
+    if server_config.lora_modules and not engine_config.enable_lora:
+        raise SystemExit("ember serve: --lora-modules needs --enable-lora")
     logging.basicConfig(level=server_config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     def make_engine() -> LLMEngine:
         engine = LLMEngine.from_config(engine_config)

@@ -23,6 +23,9 @@ from ember.engine.prompt_truncation import encode_prompt, resolve_truncation
 from ember.kv_cache.kv_cache_manager import KVCacheManager
 from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
+from ember.lora.adapter import load_peft_adapter
+from ember.lora.manager import LoRAManager
+from ember.lora.request import LoRARequest
 from ember.outputs import Logprob, RequestOutput
 from ember.quant.checkpoint import load_drift_reference
 from ember.quant.kv_scales import resolve_kv_scales
@@ -77,6 +80,9 @@ class LLMEngine:
                                              config.block_size, config.kv_outlier_residual, config.kv_outlier_factor)
         num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // self.kv_spec.bytes_per_block())
         eviction = config.eviction_config()  # compaction rewrites blocks in place: no prefix sharing then
+        if eviction is not None and model_config.sliding_window:
+            raise ValueError("--kv-eviction cannot run a model with sliding-window layers: compaction moves kept "
+                             "tokens to other rows, and a window counts rows")
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                                config.enable_prefix_caching and eviction is None)
         chunk = config.long_prefill_token_threshold  # a request holds its kept rows plus one step's tokens
@@ -86,6 +92,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, model_config, num_blocks, self.kv_spec, kv_scales)
         self.eviction = EvictionManager(eviction, self.kv_cache_manager, self.runner) if eviction else None
         self.precision = PrecisionManager(model)
+        self.lora = (LoRAManager(model, model_config, config.max_loras, config.max_lora_rank,
+                                 getattr(torch, config.dtype)) if config.enable_lora else None)
+        self.runner.lora = self.lora
         self.num_precision_fallbacks_total = 0
         self.drift = self._drift_monitor(config, drift_reference)
         self.runner.keep_hidden = self.drift is not None
@@ -127,8 +136,9 @@ class LLMEngine:
 
     # ---- requests in -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
-        """Queue a request (fanned out into `params.n` sequences).
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (fanned out into `params.n` sequences), on the base model or `lora_request`'s adapter.
 
         The request runs at `params.precision` (None: the engine's default, see `set_precision`) and
         keeps the enabled op set of this moment until it finishes.
@@ -139,8 +149,9 @@ class LLMEngine:
         Raises:
             ValueError: empty prompt, token id out of range (prompt, allowed_token_ids, bad words), a
                 duplicate id, a prompt that cannot fit (prompt + max_tokens beyond max_model_len or the
-                whole KV cache), truncate_prompt_tokens above max_model_len, or precision "bf16" on a
-                model without high-precision copies.
+                whole KV cache), truncate_prompt_tokens above max_model_len, precision "bf16" on a
+                model without high-precision copies, or a LoRA adapter that cannot be loaded (LoRA not
+                enabled, a bad directory, too high a rank, every slot busy).
         """
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -150,6 +161,7 @@ class LLMEngine:
         params = self._validate(token_ids, params)
         bad_words = tokenize_bad_words(params.bad_words, self.tokenizer, self.model_config.vocab_size)
         precision = self.precision.request_precision(params)
+        lora_slot, lora_key = self._activate_lora(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = [Request(f"{request_id}#{i}" if params.n > 1 else request_id, token_ids, params,
                             self.eos_token_id, cache_salt, parent_id=request_id, index=i,
@@ -158,10 +170,39 @@ class LLMEngine:
         self._parents[request_id] = ParentState(request_id, prompt_text, children, self.tokenizer)
         for child in children:
             child.bad_words_token_ids = bad_words  # shared, never modified
+            child.lora_slot, child.lora_cache_key = lora_slot, lora_key
             if params.structured_outputs is not None:
                 child.structured_output = self.structured_output.new_request(params.structured_outputs)
             self.precision.admit(child, precision)
             self.scheduler.add_request(child)
+
+    def _activate_lora(self, lora_request: LoRARequest | None) -> tuple[int | None, int | None]:
+        """(slot, prefix-cache key) of the request's adapter, loaded if needed; (None, None) for the base model."""
+        if lora_request is None:
+            return None, None
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora.activate(lora_request, self.busy_lora_slots())
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter without loading it into a slot (the server's load endpoint).
+
+        Raises:
+            ValueError: LoRA is not enabled, or the adapter cannot be read or does not fit this model.
+        """
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        self.lora.check(load_peft_adapter(lora_request.lora_path, lora_request.lora_name))
+
+    def release_lora(self, lora_name: str) -> None:
+        """Free an unloaded adapter's slot (at once if idle, else once its requests finish)."""
+        if self.lora is not None:
+            self.lora.release(lora_name, self.busy_lora_slots())
+
+    def busy_lora_slots(self) -> set[int]:
+        """Adapter slots that unfinished requests use (never evicted or unloaded under them)."""
+        return {seq.request.lora_slot for parent in self._parents.values() for seq in parent.children
+                if seq.request.lora_slot is not None and not seq.request.is_finished}
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
         max_len = self.config.max_model_len

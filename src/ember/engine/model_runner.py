@@ -53,6 +53,7 @@ class ModelRunner:
         self.keep_hidden = False  # set by the engine when it watches activations (precision fallback)
         self.record_attention = False  # set by the engine when its eviction policy scores tokens
         self.structured_output = None  # the engine's StructuredOutputManager: fills grammar bitmasks
+        self.lora = None  # the engine's LoRAManager, with --enable-lora: told each step's adapter rows
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -64,6 +65,9 @@ class ModelRunner:
             meta.attention_mass = AttentionMassRecorder(
                 [e.num_new_tokens for e in entries], [e.request.num_kv_tokens + e.num_new_tokens for e in entries])
         precision = build_precision_mask(entries)  # None unless some row takes a dense path
+        if self.lora is not None:
+            self.lora.set_batch(len(input_ids), [(r.lora_slot, start, end) for r, start, end in _row_spans(entries)
+                                                 if r.lora_slot is not None])
         hidden = self.model(input_ids, positions, self.kv_caches, meta, precision)
         kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
         mass = list(zip((e.request for e in entries), meta.attention_mass.mass)) if self.record_attention else None

@@ -9,8 +9,10 @@ from tqdm import tqdm
 from ember.config import EngineConfig, UsageContext
 from ember.engine.llm_engine import LLMEngine
 from ember.engine.precision import PrecisionState
-from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.lora.request import LoRARequest
+from ember.entrypoints.beam_search import beam_search
+from ember.outputs import BeamSearchOutput, RequestOutput
+from ember.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | dict
 
@@ -40,29 +42,51 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of `prompts`.
 
         Prompts are strings or `{"prompt_token_ids": [...]}` / `{"prompt": "..."}` dicts.
-        `sampling_params` is one for all prompts or a list with one per prompt.
+        `sampling_params` is one for all prompts or a list with one per prompt; so is `lora_request`
+        (None: the base model), with `enable_lora=True`.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = _broadcast_params(sampling_params, len(prompts))
+        loras = _broadcast_loras(lora_request, len(prompts))
         for params in params_list:  # a bad schema, regex or grammar raises here, before anything runs
             if params.structured_outputs is not None:
                 self.engine.structured_output.compile(params.structured_outputs).result()
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = self.engine.new_request_id()
                 salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-                self.engine.add_request(request_id, _prompt_input(prompt), params, cache_salt=salt)
+                self.engine.add_request(request_id, _prompt_input(prompt), params, cache_salt=salt,
+                                        lora_request=lora)
                 request_ids.append(request_id)
         except ValueError:
             self.engine.abort_request(request_ids)  # all or nothing
             raise
         return self._run(request_ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's `LLM.beam_search`); outputs come back in prompt order, each
+        with the best `params.beam_width` sequences, best first, and the call's KV block figures.
+
+        Every step submits each live beam as a one-token request with `2 * beam_width` logprobs; the
+        beams share their common prefix's KV blocks through the prefix cache (see
+        `ember.entrypoints.beam_search`, which also says how this compares with Hugging Face).
+
+        Raises:
+            ValueError: a malformed or empty prompt, or a prompt plus `max_tokens` beyond `max_model_len`,
+                before anything runs.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        inputs = [(_prompt_input(p), p.get("cache_salt") if isinstance(p, dict) else None) for p in prompts]
+        return beam_search(self, inputs, params, use_tqdm)
 
     def get_stats(self):
         """Engine counters: running/waiting requests, KV usage, preemptions, prefix-cache hits."""
@@ -122,6 +146,15 @@ def _prompt_input(prompt: PromptType) -> str | list[int]:
     if isinstance(prompt, dict) and "prompt" in prompt:
         return prompt["prompt"]
     raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids'")
+
+
+def _broadcast_loras(lora_request, count: int) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count:
+        raise ValueError(f"got {len(loras)} LoRA requests for {count} prompts")
+    return loras
 
 
 def _broadcast_params(params, count: int) -> list[SamplingParams]:

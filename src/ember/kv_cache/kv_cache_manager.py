@@ -65,6 +65,8 @@ class KVCacheManager:
         self._block_uids: dict[str, list[int]] = {}  # prefix uid per registered table position
         self._num_covered_tokens: dict[str, int] = {}  # tokens the latest allocate_slots covered
         self._num_empty_slots = 0  # sum over tables of slots past their covered tokens
+        self._num_table_blocks = 0  # sum of the tables' lengths: a shared block counts once per table
+        self._peak_usage = (0, 0)  # most used blocks, most table blocks since `reset_peak_usage`
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -82,6 +84,22 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         """Blocks referenced by live requests (each shared block counted once)."""
         return self._num_used_blocks
+
+    @property
+    def num_table_blocks(self) -> int:
+        """Blocks the live requests' tables list, a shared block once per table: what they would hold if
+        no block were shared."""
+        return self._num_table_blocks
+
+    @property
+    def peak_usage(self) -> tuple[int, int]:
+        """(most blocks in use, most table blocks) since `reset_peak_usage` or construction. Both only
+        grow in `allocate_slots`, so the peaks are taken there (each on its own: they may differ in time)."""
+        return self._peak_usage
+
+    def reset_peak_usage(self) -> None:
+        """Start a new window for `peak_usage` from the current usage."""
+        self._peak_usage = (self._num_used_blocks, self._num_table_blocks)
 
     @property
     def fragmentation(self) -> float:
@@ -165,6 +183,7 @@ class KVCacheManager:
             if num_to_allocate > self.num_free_blocks - num_revived:
                 return False
         table = self._block_tables.setdefault(request.request_id, table)
+        num_listed = len(table)
         self._num_empty_slots -= self._empty_slots(request.request_id)
         for block_id in computed:
             self._take_ref(block_id)
@@ -173,6 +192,9 @@ class KVCacheManager:
             table.append(self._allocate_block())
         self._num_covered_tokens[request.request_id] = num_covered
         self._num_empty_slots += self._empty_slots(request.request_id)
+        self._num_table_blocks += len(table) - num_listed
+        self._peak_usage = (max(self._peak_usage[0], self._num_used_blocks),
+                            max(self._peak_usage[1], self._num_table_blocks))
         if self.enable_prefix_caching:
             num_full = self._num_cacheable_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
             self._register_full_blocks(request, table, num_full)
@@ -188,8 +210,9 @@ class KVCacheManager:
         self._block_uids.pop(request.request_id, None)
         self._num_empty_slots -= self._empty_slots(request.request_id)
         self._num_covered_tokens.pop(request.request_id, None)
-        table = self._block_tables.pop(request.request_id, None)
-        for block_id in reversed(table or ()):
+        table = self._block_tables.pop(request.request_id, None) or []
+        self._num_table_blocks -= len(table)
+        for block_id in reversed(table):
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] > 0:
                 continue
@@ -217,6 +240,7 @@ class KVCacheManager:
             raise ValueError("eviction may only free blocks its request alone holds")
         self._num_empty_slots -= self._empty_slots(request.request_id)
         del table[num_kept:]
+        self._num_table_blocks -= len(dropped)
         for block_id in dropped:
             self._ref_counts[block_id] = 0
             self._num_used_blocks -= 1
@@ -345,6 +369,9 @@ class KVCacheManager:
         assert min(empty, default=0) >= 0, "a table covers fewer slots than its tokens"
         assert sum(empty) == self._num_empty_slots, (
             f"{sum(empty)} empty slots in the tables but {self._num_empty_slots} counted")
+        num_listed = sum(map(len, self._block_tables.values()))
+        assert num_listed == self._num_table_blocks, (
+            f"{num_listed} blocks listed by the tables but {self._num_table_blocks} counted")
         self._check_block_states(expected_refs)
 
     def _check_block_states(self, expected_refs: list[int]) -> None:

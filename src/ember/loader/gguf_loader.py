@@ -1,4 +1,5 @@
-"""Read a GGUF file: architecture metadata and tensors dequantized to float32 with HF names."""
+"""Read a GGUF file: architecture metadata and tensors dequantized to float32 with HF names (the llama
+family here, Gemma 3 through `gemma3_gguf`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gguf
 import numpy as np
 import torch
 
+from ember.loader import gemma3_gguf
 from ember.models.config import ModelConfig
 
 # GGUF tensor name (per layer, after "blk.N.") -> Hugging Face parameter name.
@@ -30,20 +32,36 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+class _Reader(gguf.GGUFReader):
+    """A GGUFReader over a plain ndarray view of its memmap: the parse slices the file once per metadata
+    value, and np.memmap's Python hooks on each slice made a 262k-token vocabulary (Gemma) take ~30 s."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.memmap) -> None:
+        self._data = value.view(np.ndarray)  # the same mapped bytes; the view keeps the mapping alive
+
+
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
 def read_model_config(reader: gguf.GGUFReader) -> ModelConfig:
-    """Architecture hyper-parameters from the GGUF metadata (llama family only)."""
+    """Architecture hyper-parameters from the GGUF metadata (llama family or Gemma 3)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
-    heads = _field(reader, f"{arch}.attention.head_count")
-    hidden = _field(reader, f"{arch}.embedding_length")
     names = {t.name for t in reader.tensors}
     vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    if arch == "gemma3":
+        return gemma3_gguf.read_gemma3_config(lambda key, default=None: _field(reader, key, default), names,
+                                              int(vocab))
+    if arch != "llama":
+        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (supported: llama, gemma3)")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = _field(reader, f"{arch}.embedding_length")
     return ModelConfig(
         architecture=arch, vocab_size=int(vocab), hidden_size=int(hidden),
         intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
@@ -71,16 +89,19 @@ def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Return the model config and a float32 state dict keyed by Hugging Face names."""
-    reader = gguf.GGUFReader(path)
+    reader = _Reader(path)
     config = read_model_config(reader)
     state: dict[str, torch.Tensor] = {}
+    is_gemma = config.architecture == "gemma3"
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, gemma3_gguf.LAYER_NAMES if is_gemma else _LAYER_NAMES)
         if name is None:
             continue  # e.g. rope_freqs, which llama-family models recompute
         # dequantize returns numpy in row-major [out_features, in_features] order
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if name.endswith("q_proj.weight"):
+        if is_gemma:  # llama.cpp leaves Gemma's q/k rows in Hugging Face's order
+            weight = gemma3_gguf.to_hf_weight(tensor.name, weight)
+        elif name.endswith("q_proj.weight"):
             weight = _unpermute_rope(weight, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             weight = _unpermute_rope(weight, config.num_key_value_heads)
@@ -90,10 +111,10 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.match(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}"
     return None

@@ -8,8 +8,16 @@ from ember.models.config import ModelConfig
 
 
 def to_hf_model(config: ModelConfig, state: dict[str, torch.Tensor]):
-    """A float32 `transformers.LlamaForCausalLM` holding `state` (Hugging Face names)."""
+    """A float32 `transformers.LlamaForCausalLM` holding `state` (Hugging Face names).
+
+    Raises:
+        NotImplementedError: the model is not of the plain Llama form (biases, q/k norms, experts).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if config.architecture != "llama":
+        raise NotImplementedError(f"calibration tools (quantize, analyze) run on Llama-architecture models; "
+                                  f"{config.architecture!r} is not supported by them yet")
 
     hf_config = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from ember.loader.expert_weights import stack_expert_weights
 from ember.models.config import ModelConfig
 
 
@@ -21,4 +22,4 @@ def load_hf_dir(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(file))
-    return config, state
+    return config, stack_expert_weights(state)

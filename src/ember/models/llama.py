@@ -1,4 +1,6 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral-style GQA) over the paged KV cache."""
+"""The Llama-form decoder over the paged KV cache: Llama 2/3, SmolLM2, Mistral-style GQA, Qwen2 (q/k/v
+biases), Qwen3 (per-head q/k norms), and their sparse-MoE forms Mixtral and Qwen2/Qwen3-MoE, which
+differ from it only in the options `ModelConfig` carries."""
 
 from __future__ import annotations
 
@@ -10,18 +12,21 @@ from ember.attention.metadata import AttentionMetadata
 from ember.models.config import ModelConfig
 from ember.models.layers.attention import SelfAttention
 from ember.models.layers.mlp import GatedMLP
+from ember.models.layers.moe import SparseMoeBlock
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.precision import PrecisionMask, apply_linear
 from ember.models.layers.rotary import RotaryEmbedding
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads,
-                                       config.num_key_value_heads, config.head_dim)
+                                       config.num_key_value_heads, config.head_dim, qkv_bias=config.qkv_bias,
+                                       o_proj_bias=config.o_proj_bias,
+                                       qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = _mlp(config, layer_id)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: LayerCache,
                 meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
@@ -29,12 +34,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), precision)
 
 
+def _mlp(config: ModelConfig, layer_id: int) -> nn.Module:
+    """The layer's feed-forward block: sparse MoE in the layers the config names, else dense SwiGLU."""
+    if layer_id in config.moe_layers:
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, config.norm_topk_prob,
+                              config.shared_expert_intermediate_size)
+    return GatedMLP(config.hidden_size, config.intermediate_size)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 

@@ -18,7 +18,7 @@ from ember.server.protocol import PrecisionStateResponse
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (vLLM's BadRequestError): a malformed field, a value out of range, a prompt too long",
     401: "Missing or wrong API key (only when the server runs with --api-key)",
-    404: "Unknown model",
+    404: "Unknown model (or LoRA adapter)",
     413: "Request body larger than --max-request-body-bytes",
     429: "Queue full: too many requests or prompt tokens waiting (Retry-After says when to retry)",
     500: "Internal error (never expected; the body carries no internals)",
@@ -159,14 +159,15 @@ class DetokenizeResponse(BaseModel):
 
 @dataclass(frozen=True)
 class RouteDoc:
-    """What one route answers. reply: the 200 body's model (None: no body); errors: its error statuses
-    besides 500 (and 401 on guarded routes); chunk: with `stream: true` the reply is server-sent events, each
-    `data:` one of these (or an error body), then `data: [DONE]`."""
+    """What one route answers. reply: the 200 body's model (None: no body, or plain text with `is_text`);
+    errors: its error statuses besides 500 (and 401 on guarded routes); chunk: with `stream: true` the reply
+    is server-sent events, each `data:` one of these (or an error body), then `data: [DONE]`."""
 
     reply: type[BaseModel] | None
     errors: tuple[int, ...] = ()
     chunk: type[BaseModel] | None = None
     is_guarded: bool = True
+    is_text: bool = False
 
 
 _GENERATION_ERRORS = (400, 404, 413, 429, 501, 503)
@@ -181,6 +182,8 @@ ROUTES: dict[tuple[str, str], RouteDoc] = {
     ("post", "/detokenize"): RouteDoc(DetokenizeResponse, (400, 404, 413, 503)),
     ("get", "/admin/precision"): RouteDoc(PrecisionStateResponse, (503,)),
     ("post", "/admin/precision"): RouteDoc(PrecisionStateResponse, (400, 413, 503)),
+    ("post", "/v1/load_lora_adapter"): RouteDoc(None, (400, 413, 503), is_text=True),
+    ("post", "/v1/unload_lora_adapter"): RouteDoc(None, (400, 404, 413, 503), is_text=True),
 }
 _MODELS = (ErrorResponse, VersionResponse, ModelList, ChatCompletionResponse, CompletionResponse, TokenizeResponse,
            DetokenizeResponse, PrecisionStateResponse, ChatCompletionChunk, CompletionChunk)
@@ -235,6 +238,8 @@ def _responses(path: str, doc: RouteDoc, has_api_key: bool) -> dict[str, Any]:
         return {"200": {"description": "Prometheus metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}}
     ok: dict[str, Any] = {"description": "Ready (empty body)" if doc.reply is None else "Success"}
+    if doc.is_text:
+        ok = {"description": "Success (a line of text)", "content": {"text/plain": {"schema": {"type": "string"}}}}
     if doc.reply is not None:
         ok["content"] = {"application/json": {"schema": {"$ref": _REF.format(model=doc.reply.__name__)}}}
     if doc.chunk is not None:

@@ -4,12 +4,11 @@ admin route of the runtime precision mask."""
 from __future__ import annotations
 
 import contextlib
-import time
 from importlib import metadata
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ember.server.api_schema import install_openapi
 from ember.server.async_engine import AsyncEngine
@@ -19,9 +18,11 @@ from ember.server.field_policy import check_request_fields
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   PrecisionStateResponse, PrecisionUpdate, TokenizeRequest)
+                                   LoadLoRAAdapterRequest, PrecisionStateResponse, PrecisionUpdate,
+                                   TokenizeRequest, UnloadLoRAAdapterRequest)
 from ember.server.serving_chat import OpenAIServingChat
 from ember.server.serving_completion import OpenAIServingCompletion
+from ember.server.serving_models import ServingModels
 from ember.server.tool_calling import prepare_tools
 
 
@@ -40,13 +41,20 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
         config: network, auth and admission options.
     """
     holder: dict[str, Any] = {}
+    models = ServingModels(config.lora_paths())
+
+    def make_engine() -> Any:
+        engine = engine_factory()
+        models.check_startup_adapters(engine)  # a bad --lora-modules entry stops the server at startup
+        return engine
+
     metrics = ServerMetrics(lambda: async_engine.stats,
                             lambda: (async_engine.num_queued_requests, async_engine.num_queued_tokens),
                             lambda: holder.get("model_name", "unknown"))
-    async_engine = AsyncEngine(engine_factory, config.max_queued_requests, config.max_queued_tokens,
+    async_engine = AsyncEngine(make_engine, config.max_queued_requests, config.max_queued_tokens,
                                config.retry_after_s, on_finished=metrics.observe_finished)
-    chat = OpenAIServingChat(async_engine, config)
-    completion = OpenAIServingCompletion(async_engine, config)
+    chat = OpenAIServingChat(async_engine, config, models)
+    completion = OpenAIServingCompletion(async_engine, config, models)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -96,11 +104,21 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        name = served_name()
-        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ember",
-                "root": async_engine.engine.model_name, "parent": None,
-                "max_model_len": chat.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = models.cards(served_name(), async_engine.engine.model_name, chat.max_model_len)
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        """Register a PEFT adapter under `lora_name` (vLLM's endpoint); a bad adapter is a 400."""
+        served_name()
+        await models.load(async_engine, body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        served_name()
+        await models.unload(async_engine, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:

@@ -143,14 +143,16 @@ class AsyncEngine:
         return len(leftover)
 
     # ---- requests (event loop) ----
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> RequestStream:
-        """Admit and submit one request; raises APIError (429/503) or the engine's ValueError."""
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
+                          lora_request: Any = None) -> RequestStream:
+        """Admit and submit one request (on `lora_request`'s adapter, if given); raises APIError (429/503)
+        or the engine's ValueError."""
         self._admit(len(prompt_token_ids))
         stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
         self._streams[request_id] = stream
         self._count_queued(stream, +1)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("add", request_id, prompt_token_ids, params, future))
+        self._submit(("add", request_id, prompt_token_ids, params, lora_request, future))
         try:
             await asyncio.wrap_future(future)
         except BaseException:
@@ -297,11 +299,11 @@ class AsyncEngine:
 
     def _apply(self, command: tuple, active: set[str]) -> None:
         if command[0] == "add":
-            _, request_id, prompt_token_ids, params, future = command
+            _, request_id, prompt_token_ids, params, lora_request, future = command
             if not future.set_running_or_notify_cancel():
                 return  # the client left before the engine saw the request
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params)
+                self.engine.add_request(request_id, prompt_token_ids, params, lora_request=lora_request)
             except BaseException as exc:
                 future.set_exception(exc)
                 return

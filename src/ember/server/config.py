@@ -3,6 +3,7 @@ whose fields are CLI flags."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ class ServerConfig:
         "help": "how tool_choice=auto finds calls in the output: hermes, llama3_json or mistral"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "split <think> reasoning into reasoning_content: deepseek_r1 or qwen3 (default: none)"})
+    lora_modules: tuple[str, ...] = field(default=(), metadata={
+        "nargs": "+", "type": str,
+        "help": "LoRA adapters served under their own model names: name=PATH (a PEFT directory) or JSON "
+                '{"name": ..., "path": ...}; needs --enable-lora'})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -60,6 +65,19 @@ class ServerConfig:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         self._check_chat_options()
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))  # argparse gives a list
+        self.lora_paths()  # a malformed --lora-modules entry fails here
+
+    def lora_paths(self) -> dict[str, str]:
+        """`--lora-modules` as {name: path}. Raises ValueError for an entry that is neither form."""
+        paths: dict[str, str] = {}
+        for entry in self.lora_modules:
+            name, path = _lora_module(entry)
+            if not name or not path or name in paths:
+                raise ValueError(f"lora_modules entry {entry!r} must be name=PATH or "
+                                 '{"name": ..., "path": ...} with a new, non-empty name')
+            paths[name] = path
+        return paths
 
     def _check_chat_options(self) -> None:
         if self.tool_call_parser not in TOOL_PARSER_REGISTRY:
@@ -70,3 +88,14 @@ class ServerConfig:
                              f"got {self.reasoning_parser!r}")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
+
+
+def _lora_module(entry: str) -> tuple[str | None, str | None]:
+    if entry.lstrip().startswith("{"):
+        try:
+            spec = json.loads(entry)
+        except json.JSONDecodeError:
+            return None, None
+        return (spec.get("name"), spec.get("path")) if isinstance(spec, dict) else (None, None)
+    name, sep, path = entry.partition("=")
+    return (name, path) if sep else (None, None)

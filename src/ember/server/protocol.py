@@ -243,6 +243,20 @@ class DetokenizeRequest(RequestBody):
     tokens: list[TokenId]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/load_lora_adapter` (vLLM's body): a PEFT adapter directory served as model `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/unload_lora_adapter`; `lora_int_id` is accepted for vLLM clients and not needed."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class PrecisionUpdate(BaseModel):
     """`POST /admin/precision`: None keeps a value. Unknown fields are refused (a typo must not pass
     silently on an admin route)."""

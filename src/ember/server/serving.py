@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ember.engine.prompt_truncation import resolve_truncation, truncate_token_ids
+from ember.lora.request import LoRARequest
 from ember.outputs import Logprob, RequestOutput
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.server.async_engine import AsyncEngine, RequestStream
@@ -20,6 +21,7 @@ from ember.server.chat_templates import ChatTemplates
 from ember.server.config import ServerConfig
 from ember.server.errors import APIError
 from ember.server.protocol import ChatMessage, ChatTemplateFields, SamplingRequest
+from ember.server.serving_models import ServingModels
 from ember.server.structured_outputs import structured_outputs_from_request
 from ember.server.tool_calling import template_tool_calls
 
@@ -33,9 +35,10 @@ class OpenAIServing:
     Tokenization runs on one worker thread so long prompts do not stall the event loop.
     """
 
-    def __init__(self, async_engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, async_engine: AsyncEngine, config: ServerConfig, models: ServingModels) -> None:
         self.async_engine = async_engine
         self.config = config
+        self.models = models
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-tokenize")
         self.chat_templates = ChatTemplates(config.chat_template)
 
@@ -58,10 +61,13 @@ class OpenAIServing:
     def max_model_len(self) -> int:
         return self.engine.config.max_model_len
 
-    def check_model(self, model: str | None) -> None:
-        name = self.model_name
-        if model is not None and model != name:
-            raise APIError(f"The model `{model}` does not exist.", 404, "model")
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model); an unknown name is a 404."""
+        return self.models.resolve(model, self.model_name)
+
+    def reply_model(self, lora_request: LoRARequest | None) -> str:
+        """The `model` a response names: the adapter's name for an adapter request, as vLLM does."""
+        return lora_request.lora_name if lora_request is not None else self.model_name
 
     async def run_tokenizer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
@@ -201,14 +207,15 @@ class OpenAIServing:
             out[token_id] = min(100.0, max(-100.0, value))  # OpenAI's documented range
         return out
 
-    async def submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams) -> list[RequestStream]:
+    async def submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams,
+                     lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """Add one engine request per prompt; on any failure the ones already added are aborted."""
         base_id = f"{prefix}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
             for i, token_ids in enumerate(prompts):
                 request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.async_engine.add_request(request_id, token_ids, params))
+                streams.append(await self.async_engine.add_request(request_id, token_ids, params, lora_request))
         except BaseException:
             for stream in streams:
                 stream.abort()

@@ -27,7 +27,7 @@ class OpenAIServingChat(OpenAIServing):
     """Chat completions, streamed or not."""
 
     async def create_chat_completion(self, req: ChatCompletionRequest, receive: Receive) -> Response:
-        self.check_model(req.model)
+        lora_request = self.check_model(req.model)
         tools = prepare_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         prompt = await self.render_chat(req, tools.template_tools)
         # The template already carries any BOS token, so none is added again unless asked (as vLLM does);
@@ -46,8 +46,8 @@ class OpenAIServingChat(OpenAIServing):
         new_parser = functools.partial(ChatOutputParser, self.reasoning_parser, tool_parser,
                                        tools.max_tool_calls, tools.finishes_with_tool_calls)
         check_request_fields(req, "chat")  # last: a 501 only for an otherwise valid request
-        [stream] = await self.submit("chatcmpl", [prompt_ids], params)
-        meta = {"id": reply_id("chatcmpl", req, stream), "created": now_s(), "model": self.model_name}
+        [stream] = await self.submit("chatcmpl", [prompt_ids], params, lora_request)
+        meta = {"id": reply_id("chatcmpl", req, stream), "created": now_s(), "model": self.reply_model(lora_request)}
         if req.stream:
             return SSEResponse(self._stream(stream, meta, req.n, num_top, stream_usage(req), new_parser))
         finals = await self.collect(receive, [stream])

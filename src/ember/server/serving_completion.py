@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from ember.lora.request import LoRARequest
 from ember.outputs import CompletionOutput
 from ember.sampling_params import StructuredOutputsParams
 from ember.server.async_engine import RequestStream
@@ -29,11 +30,11 @@ class OpenAIServingCompletion(OpenAIServing):
     """
 
     async def create_completion(self, req: CompletionRequest, receive: Receive) -> Response:
-        self.check_model(req.model)
+        lora_request = self.check_model(req.model)
         prompts = await self._prompt_token_ids(req)
-        streams = await self._submit_each(prompts, req, await self.structured_outputs(req))
+        streams = await self._submit_each(prompts, req, await self.structured_outputs(req), lora_request)
         echoes = [await self._echo_text(p) if req.echo else "" for p in prompts]
-        meta = {"id": reply_id("cmpl", req, streams[0]), "created": now_s(), "model": self.model_name}
+        meta = {"id": reply_id("cmpl", req, streams[0]), "created": now_s(), "model": self.reply_model(lora_request)}
         if req.stream:
             return SSEResponse(self._stream(streams, meta, req, echoes, stream_usage(req)))
         finals = await self.collect(receive, streams)
@@ -57,7 +58,8 @@ class OpenAIServingCompletion(OpenAIServing):
         return out
 
     async def _submit_each(self, prompts: list[list[int]], req: CompletionRequest,
-                           structured_outputs: StructuredOutputsParams | None) -> list[RequestStream]:
+                           structured_outputs: StructuredOutputsParams | None,
+                           lora_request: LoRARequest | None) -> list[RequestStream]:
         """Each prompt gets its own max_tokens default (what fits after it); all are checked first."""
         max_tokens = 1 if _echo_only(req) else req.max_tokens
         params = [self.sampling_params(req, self.resolve_max_tokens(len(ids), max_tokens), req.logprobs,
@@ -69,7 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
         streams: list[RequestStream] = []
         try:
             for token_ids, p in zip(prompts, params):
-                streams.extend(await self.submit("cmpl", [token_ids], p))
+                streams.extend(await self.submit("cmpl", [token_ids], p, lora_request))
         except BaseException:
             for stream in streams:
                 stream.abort()

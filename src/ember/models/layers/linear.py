@@ -14,17 +14,18 @@ from ember.quant.linear import QuantLinear
 
 
 class DenseLinear(KernelLinear):
-    """`y = x @ W^T` for a float, bias-free weight, run by the kernel the policy picks per call size.
+    """`y = x @ W^T (+ b)` for a float weight, run by the kernel the policy picks per call size.
 
     Inference only. Kernels derive their own copies of W (oneDNN's blocked layout, AMX tiles) once;
     those copies are what makes short calls fast, and they cost the layer's weight memory again each.
     """
 
     def __init__(self, linear: nn.Linear, policy: KernelPolicy | None = None) -> None:
-        if linear.bias is not None:
-            raise ValueError("DenseLinear supports bias-free layers only")
-        super().__init__(LinearSpec(linear.in_features, linear.out_features), policy)
+        super().__init__(LinearSpec(linear.in_features, linear.out_features, has_bias=linear.bias is not None),
+                         policy)
         self.register_buffer("weight", linear.weight.detach())
+        if linear.bias is not None:  # added after the matmul by the base class
+            self.register_buffer("bias", linear.bias.detach())
 
     def linear_weights(self) -> LinearWeights:
         return LinearWeights(weight=self.weight)
@@ -46,14 +47,19 @@ class DenseLinear(KernelLinear):
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One layer stacking the outputs of linears that share an input, or None if they cannot be fused.
 
-    Float bias-free `nn.Linear`s concatenate their weights; quantized linears of one scheme
-    concatenate codes and scales (`QuantLinear.concat`); anything else (mixed kinds, already
-    dispatched) keeps its own kernels.
+    Float `nn.Linear`s concatenate their weights (and biases, when all have one); quantized linears
+    of one scheme concatenate codes and scales (`QuantLinear.concat`); anything else (mixed kinds,
+    some biased and some not, already dispatched) keeps its own kernels.
     """
-    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+    if all(type(m) is nn.Linear for m in linears):
+        biased = {m.bias is not None for m in linears}
+        if len(biased) > 1:
+            return None
         weight = torch.cat([m.weight for m in linears])
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         fused.weight = nn.Parameter(weight, requires_grad=False)
+        if biased == {True}:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
         return fused
     if all(type(m) is QuantLinear for m in linears):
         try:
@@ -70,12 +76,12 @@ def should_fuse_projections(dtype: torch.dtype) -> bool:
 
 
 def use_dense_kernels(model: nn.Module, dtype: torch.dtype, policy: KernelPolicy | None = None) -> int:
-    """Replace every bias-free `nn.Linear` of `model` by a `DenseLinear` whose kernels are prepared for
-    `dtype`; quantized layers get `policy` too. Returns the count of replaced linears."""
+    """Replace every `nn.Linear` of `model` by a `DenseLinear` whose kernels are prepared for `dtype`;
+    quantized layers get `policy` too. Returns the count of replaced linears."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None:
+            if type(child) is nn.Linear:
                 layer = DenseLinear(child, policy)
                 layer.prepare_kernels(dtype)
                 setattr(parent, name, layer)

@@ -95,6 +95,8 @@ class DualPrecisionLinear(nn.Module):
             of its fused parts, the fused name of the op it is part of).
     """
 
+    accepts_precision_mask = True  # apply_linear passes it the step's mask
+
     def __init__(self, quantized: QuantLinear, dense: DenseLinear, op_name: str,
                  match_names: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -123,8 +125,9 @@ class DualPrecisionLinear(nn.Module):
 
 
 def apply_linear(layer: nn.Module, x: torch.Tensor, mask: PrecisionMask | None) -> torch.Tensor:
-    """Call any linear of the model; only dual-precision layers are given the step's mask."""
-    if mask is None or type(layer) is not DualPrecisionLinear:
+    """Call any linear of the model; only layers that take the step's mask (dual-precision ones and the
+    wrappers around them) are given it."""
+    if mask is None or not getattr(layer, "accepts_precision_mask", False):
         return layer(x)
     return layer(x, mask)
 
