@@ -81,3 +81,15 @@ def test_lora_request_needs_enable_lora(tiny_llama_dir, adapters):
     llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=128, num_kv_blocks=16)
     with pytest.raises(ValueError, match="enable_lora"):
         llm.generate("hello", SamplingParams(max_tokens=2), lora_request=LoRARequest("qv", 1, adapters["qv"][0]))
+
+
+def test_chat_takes_a_lora_request(adapters, tiny_llama_dir):
+    llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64, enable_lora=True,
+              max_lora_rank=8)
+    lora, params = LoRARequest("all", 1, adapters["all"][0]), SamplingParams(temperature=0, max_tokens=8,
+                                                                             ignore_eos=True)
+    messages = [{"role": "user", "content": "Beautiful is better than ugly."}]
+    chat = llm.chat(messages, params, use_tqdm=False, lora_request=lora)[0]
+    again = llm.generate({"prompt_token_ids": chat.prompt_token_ids}, params, use_tqdm=False, lora_request=lora)[0]
+    base = llm.generate({"prompt_token_ids": chat.prompt_token_ids}, params, use_tqdm=False)[0]
+    assert chat.outputs[0].token_ids == again.outputs[0].token_ids != base.outputs[0].token_ids

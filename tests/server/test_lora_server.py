@@ -58,3 +58,14 @@ def test_adapters_are_served_listed_loaded_and_unloaded(lora_server, tiny_llama_
     gone = http.post("/v1/completions", json={"model": "qv", "prompt": PROMPT, "max_tokens": 2})
     assert gone.status_code == 404
     assert _complete(lora_server, "all").choices[0].text == out.choices[0].text  # others keep serving
+
+
+def test_lora_modules_flag_takes_vllm_forms_and_refuses_others():
+    from ember.server.config import ServerConfig
+
+    config = ServerConfig(lora_modules=["a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}'])
+    assert config.lora_modules == ("a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}')
+    assert config.lora_paths() == {"a": "/x", "b": "/y"}
+    for bad in (["noequals"], ["=/x"], ["a="], ["a=/x", "a=/y"], ['{"name": "c"}'], ["{not json"]):
+        with pytest.raises(ValueError, match="lora_modules entry"):
+            ServerConfig(lora_modules=bad)
