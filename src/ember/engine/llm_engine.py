@@ -23,7 +23,6 @@ from ember.engine.prompt_truncation import encode_prompt, resolve_truncation
 from ember.kv_cache.kv_cache_manager import KVCacheManager
 from ember.loader.model_loader import load_model, resolve_model_path
 from ember.loader.tokenizer import Tokenizer
-from ember.lora.adapter import load_peft_adapter
 from ember.lora.manager import LoRAManager
 from ember.lora.request import LoRARequest
 from ember.outputs import Logprob, RequestOutput
@@ -180,9 +179,7 @@ class LLMEngine:
         """(slot, prefix-cache key) of the request's adapter, loaded if needed; (None, None) for the base model."""
         if lora_request is None:
             return None, None
-        if self.lora is None:
-            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
-        return self.lora.activate(lora_request, self.busy_lora_slots())
+        return self._lora_manager().activate(lora_request, self.busy_lora_slots())
 
     def check_lora(self, lora_request: LoRARequest) -> None:
         """Read and check an adapter without loading it into a slot (the server's load endpoint).
@@ -190,14 +187,17 @@ class LLMEngine:
         Raises:
             ValueError: LoRA is not enabled, or the adapter cannot be read or does not fit this model.
         """
-        if self.lora is None:
-            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
-        self.lora.check(load_peft_adapter(lora_request.lora_path, lora_request.lora_name))
+        self._lora_manager().read(lora_request)
 
     def release_lora(self, lora_name: str) -> None:
         """Free an unloaded adapter's slot (at once if idle, else once its requests finish)."""
         if self.lora is not None:
             self.lora.release(lora_name, self.busy_lora_slots())
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora
 
     def busy_lora_slots(self) -> set[int]:
         """Adapter slots that unfinished requests use (never evicted or unloaded under them)."""

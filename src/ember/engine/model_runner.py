@@ -65,11 +65,12 @@ class ModelRunner:
             meta.attention_mass = AttentionMassRecorder(
                 [e.num_new_tokens for e in entries], [e.request.num_kv_tokens + e.num_new_tokens for e in entries])
         precision = build_precision_mask(entries)  # None unless some row takes a dense path
+        spans = _row_spans(entries) if self.lora is not None or self.keep_hidden else None
         if self.lora is not None:
-            self.lora.set_batch(len(input_ids), [(r.lora_slot, start, end) for r, start, end in _row_spans(entries)
+            self.lora.set_batch(len(input_ids), [(r.lora_slot, start, end) for r, start, end in spans
                                                  if r.lora_slot is not None])
         hidden = self.model(input_ids, positions, self.kv_caches, meta, precision)
-        kept = (hidden, _row_spans(entries)) if self.keep_hidden else (None, None)
+        kept = (hidden, spans) if self.keep_hidden else (None, None)
         mass = list(zip((e.request for e in entries), meta.attention_mass.mass)) if self.record_attention else None
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, entries, precision)
         if not sampled_entries:

@@ -52,8 +52,8 @@ class LLM:
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params_list = _broadcast_params(sampling_params, len(prompts))
-        loras = _broadcast_loras(lora_request, len(prompts))
+        params_list = _broadcast(sampling_params or SamplingParams(), SamplingParams, len(prompts), "sampling params")
+        loras = _broadcast(lora_request, LoRARequest, len(prompts), "LoRA requests")
         for params in params_list:  # a bad schema, regex or grammar raises here, before anything runs
             if params.structured_outputs is not None:
                 self.engine.structured_output.compile(params.structured_outputs).result()
@@ -150,21 +150,11 @@ def _prompt_input(prompt: PromptType) -> str | list[int]:
     raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids'")
 
 
-def _broadcast_loras(lora_request, count: int) -> list[LoRARequest | None]:
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * count
-    loras = list(lora_request)
-    if len(loras) != count:
-        raise ValueError(f"got {len(loras)} LoRA requests for {count} prompts")
-    return loras
-
-
-def _broadcast_params(params, count: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
-    if isinstance(params, SamplingParams):
-        return [params] * count
-    params = list(params)
-    if len(params) != count:
-        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
-    return params
+def _broadcast(value, single: type, count: int, what: str) -> list:
+    """One `single` (or None) for every prompt, or a list with one per prompt (ValueError if not `count`)."""
+    if value is None or isinstance(value, single):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} {what} for {count} prompts")
+    return values

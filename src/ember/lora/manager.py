@@ -61,7 +61,7 @@ class LoRAManager:
                 return slot, resident.cache_key
             if slot in busy_slots:
                 raise ValueError(f"LoRA adapter {request.lora_name!r} is running with another id or path")
-        adapter = self.check(load_peft_adapter(request.lora_path, request.lora_name))
+        adapter = self.read(request)
         slot = slot if slot is not None else self._free_slot(busy_slots)
         self._write(slot, adapter)
         self._slots[slot] = _Resident(request, stamp, stamp)
@@ -78,8 +78,10 @@ class LoRAManager:
         return next((slot for slot, resident in enumerate(self._slots)
                      if resident is not None and resident.request.lora_name == lora_name), None)
 
-    def check(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """The adapter itself, if it fits: rank within `max_lora_rank`, only modules this model adapts."""
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """Read the request's PEFT directory and check that the adapter fits this model (ValueError if not):
+        rank within `max_lora_rank`, only modules this model adapts."""
+        adapter = load_peft_adapter(request.lora_path, request.lora_name)
         if adapter.rank > self.max_lora_rank:
             raise ValueError(f"LoRA adapter {adapter.name!r} has rank {adapter.rank}, above max_lora_rank "
                              f"{self.max_lora_rank}")
@@ -121,7 +123,7 @@ def _wrap_model(model: nn.Module, config: ModelConfig, batch: LoRABatch,
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
         parts = packed.get(attr, [attr] if attr in ADAPTABLE else None)
-        if parts is None or isinstance(module, LoRALinear) or "experts" in name:
+        if parts is None or isinstance(module, LoRALinear):
             continue
         layer = LoRALinear(module, _slice_sizes(attr, module, config), batch, dtype)
         model.get_submodule(parent_name).register_module(attr, layer)
