@@ -192,7 +192,8 @@ def default_num_threads() -> int:
 
 def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfig,
                         usage_context: UsageContext | None = None) -> None:
-    """Add one `--flag` per dataclass field of `cls` (except fields marked `cli: False`).
+    """Add one `--flag` per dataclass field of `cls` (except fields marked `cli: False`), plus the short
+    forms in its metadata `aliases` (e.g. `-tp`).
 
     `usage_context` is the command's (`EngineConfig` only): the help shows the defaults it fills
     in, and `config_from_cli_args` passes it on to the config, which resolves them.
@@ -202,15 +203,15 @@ def add_config_cli_args(parser: argparse.ArgumentParser, cls: type = EngineConfi
     for f in dataclasses.fields(cls):
         if not f.metadata.get("cli", True):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         base = _base_type(hints[f.name])
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
         else:
             extra = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
-            parser.add_argument(flag, dest=f.name, type=f.metadata.get("type", base), default=f.default,
+            parser.add_argument(*flags, dest=f.name, type=f.metadata.get("type", base), default=f.default,
                                 help=f"{help_text} (default: {shown.get(f.name, f.default)})", **extra)
     if usage_context is not None:
         parser.set_defaults(usage_context=usage_context)

@@ -8,6 +8,7 @@ import sys
 import threading
 
 from ember.config import EngineConfig, UsageContext, add_config_cli_args, config_from_cli_args
+from ember.distributed.config import ParallelConfig
 from ember.server.config import ServerConfig
 
 
@@ -19,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "/health, /version and /metrics on one engine.")
     add_config_cli_args(parser, ServerConfig)
     add_config_cli_args(parser, EngineConfig, UsageContext.SERVING)
+    add_config_cli_args(parser, ParallelConfig)
     parser.set_defaults(func=run)
     return parser
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
     """
     import uvicorn
 
-    from ember.engine.llm_engine import LLMEngine
+    from ember.distributed.launch import create_engine
     from ember.reasoning import create_reasoning_parser
     from ember.server.app import build_app
     from ember.server.draining import DrainingServer
@@ -39,13 +41,14 @@ def run(args: argparse.Namespace) -> None:
     try:
         server_config = config_from_cli_args(args, ServerConfig)
         engine_config = config_from_cli_args(args, EngineConfig)
+        parallel_config = config_from_cli_args(args, ParallelConfig)
     except ValueError as exc:
         raise SystemExit(f"ember serve: {exc}") from None
     if server_config.lora_modules and not engine_config.enable_lora:
         raise SystemExit("ember serve: --lora-modules needs --enable-lora")
     logging.basicConfig(level=server_config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    def make_engine() -> LLMEngine:
-        engine = LLMEngine.from_config(engine_config)
+    def make_engine():
+        engine = create_engine(engine_config, parallel_config)
         if server_config.reasoning_parser is not None:  # structured output starts after the reasoning
             parser = create_reasoning_parser(server_config.reasoning_parser, engine.tokenizer)
             engine.structured_output.is_reasoning_end = parser.is_reasoning_end

@@ -7,6 +7,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ember.config import EngineConfig, UsageContext
+from ember.distributed.launch import create_engine, split_parallel_kwargs
 from ember.engine.llm_engine import LLMEngine
 from ember.engine.precision import PrecisionState
 from ember.lora.request import LoRARequest
@@ -21,14 +22,17 @@ class LLM:
     """Generate for many prompts at once with continuous batching.
 
     `LLM(model=None, dtype="bfloat16", max_model_len=..., ...)`: keyword arguments are the
-    fields of `EngineConfig`; `model=None` loads the bundled SmolLM2-135M-Instruct.
+    fields of `EngineConfig` and of `ParallelConfig` (`data_parallel_size=2`, `tensor_parallel_size=2`,
+    ...: the engine then runs in worker processes, see docs/distributed.md); `model=None` loads the
+    bundled SmolLM2-135M-Instruct.
     The engine runs in the offline usage context: the step budget defaults to
     `UsageContext.OFFLINE.defaults` (throughput first, as vLLM's `LLM`).
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
+        kwargs, parallel_config = split_parallel_kwargs(kwargs)
         config = EngineConfig(model=model, usage_context=UsageContext.OFFLINE, **kwargs)
-        self.engine = LLMEngine.from_config(config)
+        self.engine = create_engine(config, parallel_config)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
@@ -36,6 +40,11 @@ class LLM:
         llm = cls.__new__(cls)
         llm.engine = engine
         return llm
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes, if it has any (a distributed engine)."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -83,6 +92,9 @@ class LLM:
             ValueError: a malformed or empty prompt, or a prompt plus `max_tokens` beyond `max_model_len`,
                 before anything runs.
         """
+        if not isinstance(self.engine, LLMEngine):
+            raise ValueError("beam search reads the engine's KV-cache manager; it needs a single engine "
+                             "(no data/tensor/pipeline parallel or P/D)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         inputs = [(_prompt_input(p), p.get("cache_salt") if isinstance(p, dict) else None) for p in prompts]

@@ -88,10 +88,14 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
 
     @app.get("/health")
     async def health() -> Response:
-        if async_engine.is_accepting:
+        """200 while the engine admits requests; a distributed engine also lists each worker's state and
+        answers 503 once none is ready."""
+        states = async_engine.worker_states()
+        if async_engine.is_accepting and (states is None or "ready" in states.values()):
             served_name()
-            return Response(status_code=200)
-        return error_response(APIError(f"the engine is {async_engine.state}", 503,
+            return Response(status_code=200) if states is None else JSONResponse({"engines": states})
+        state = async_engine.state if states is None else "without a ready worker"
+        return error_response(APIError(f"the engine is {state}", 503,
                                        headers={"Retry-After": str(config.retry_after_s)}))
 
     @app.get("/version")

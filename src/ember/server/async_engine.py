@@ -127,6 +127,11 @@ class AsyncEngine:
         """New requests are admitted: ready and not draining (what /health reports)."""
         return self.is_ready and not self.is_draining
 
+    def worker_states(self) -> dict[str, str] | None:
+        """Each worker's state by label for a distributed engine ("ready", "restarting", "dead"), else None."""
+        states = getattr(self.engine, "replica_states", None)
+        return states() if states is not None and self.is_ready else None
+
     async def drain(self, timeout_s: float) -> int:
         """Graceful stop (SIGTERM): admit nothing new (503), let the requests in flight finish for up to
         `timeout_s`, then end the rest with a 503 error (streams get an error event, then [DONE]).
@@ -225,9 +230,9 @@ class AsyncEngine:
                     stream.is_queued = False
                     self._count_queued(stream, -1)
             error = output.extra.get("error") if output.finished else None
-            if error is not None:  # the engine failed this request alone
+            if error is not None:  # the engine failed this request alone (or the replica serving it died: 503)
                 stream.put(APIError("Internal server error", 500) if output.extra.get("internal")
-                           else APIError(error, 400))
+                           else APIError(error, output.extra.get("status", 400)))
             else:
                 stream.put(output)
             if output.finished:
@@ -267,6 +272,9 @@ class AsyncEngine:
             logger.exception("engine loop crashed")
             self.state = "dead"
             self._post(self._fail_all)
+        finally:
+            if hasattr(self.engine, "shutdown"):  # a distributed engine stops its workers
+                self.engine.shutdown()
 
     def _fail_all(self) -> None:
         self._fail(list(self._streams), APIError("Internal server error", 500))

@@ -31,8 +31,27 @@ class _EngineStatsCollector:
         self.model_name = model_name
 
     def collect(self):
-        stats, label = self.get_stats(), [self.model_name()]
-        value = (lambda name: float(getattr(stats, name, 0) or 0)) if stats is not None else (lambda _: 0.0)
+        stats, model = self.get_stats(), self.model_name()
+        engines = getattr(stats, "engines", None)
+        if engines is None:  # one engine: labelled by model only
+            yield from self._engine_metrics([([model], stats)], ["model_name"])
+            spec = getattr(stats, "spec_decoding", None)
+            if spec is not None:
+                yield from _spec_decode_counters(spec, [model])
+        else:  # a distributed engine: every worker's own figures, labelled `engine` as vLLM's data parallel
+            yield from self._engine_metrics([([model, label], s) for label, s in engines.items() if s is not None],
+                                            ["model_name", "engine"])
+            yield from _cluster_metrics(stats, model)
+        num_queued, num_queued_tokens = self.get_queue()
+        for name, doc, v in (
+                ("ember:num_requests_queued", "Admitted requests without a first token yet.", num_queued),
+                ("ember:num_tokens_queued", "Prompt tokens of the queued requests.", num_queued_tokens)):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([model], float(v))
+            yield g
+
+    def _engine_metrics(self, rows: list[tuple[list[str], Any]], labels: list[str]):
+        """The engine gauges and totals, one sample per (label values, stats) row."""
         gauges = [
             ("ember:num_requests_running", "Requests in the engine's running batch.", "num_running"),
             ("ember:num_requests_waiting", "Requests waiting in the engine's queue.", "num_waiting"),
@@ -42,15 +61,9 @@ class _EngineStatsCollector:
              "Empty token slots in the used KV-cache blocks over their slots (0..1).", "kv_cache_fragmentation"),
         ]
         for name, doc, attr in gauges:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, value(attr))
-            yield g
-        num_queued, num_queued_tokens = self.get_queue()
-        for name, doc, v in (
-                ("ember:num_requests_queued", "Admitted requests without a first token yet.", num_queued),
-                ("ember:num_tokens_queued", "Prompt tokens of the queued requests.", num_queued_tokens)):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, float(v))
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            for label, stats in rows:
+                g.add_metric(label, _value(stats, attr))
             yield g
         counters = [
             ("ember:num_preemptions", "Requests preempted by the scheduler.", "num_preemptions_total"),
@@ -62,12 +75,30 @@ class _EngineStatsCollector:
              "num_precision_fallbacks_total"),
         ]
         for name, doc, attr in counters:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, value(attr))
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for label, stats in rows:
+                c.add_metric(label, _value(stats, attr))
             yield c
-        spec = getattr(stats, "spec_decoding", None)
-        if spec is not None:
-            yield from _spec_decode_counters(spec, label)
+
+
+def _value(stats: Any, name: str) -> float:
+    return float(getattr(stats, name, 0) or 0) if stats is not None else 0.0
+
+
+def _cluster_metrics(stats: Any, model: str):
+    """A distributed engine's own figures: which workers are up, and the KV bytes and time P/D moved."""
+    up = GaugeMetricFamily("ember:engine_up", "1 while the engine worker serves, 0 while it is down or restarting.",
+                           labels=["model_name", "engine"])
+    for label, engine_stats in stats.engines.items():
+        up.add_metric([model, label], 0.0 if engine_stats is None else 1.0)
+    yield up
+    for name, doc, attr in (
+            ("ember:kv_transfer_bytes", "KV-cache bytes moved between workers (prefill/decode disaggregation).",
+             "kv_transfer_bytes"),
+            ("ember:kv_transfer_seconds", "Time spent moving KV-cache blocks between workers.", "kv_transfer_seconds")):
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([model], _value(stats, attr))
+        yield c
 
 
 def _spec_decode_counters(spec, label: list[str]):

@@ -1,0 +1,109 @@
+"""Data parallel on the bundled model: two replicas give one engine's greedy outputs, prompts that share a
+prefix meet on one replica, and a replica killed mid-run fails over (retried or a clear error, never a hang)."""
+
+import random
+
+import pytest
+
+from ember import LLM, SamplingParams
+from ember.config import EngineConfig
+from ember.distributed.config import ParallelConfig
+from ember.distributed.dp_engine import DataParallelEngine
+
+ENGINE = dict(dtype="float32", max_model_len=512, num_kv_blocks=256)
+
+
+def _prompts(count=16, seed=0):
+    """Token-id prompts of 5..90 tokens (several blocks), as W1 draws them."""
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randint(100, 49052) for _ in range(rng.randint(5, 90))]} for _ in range(count)]
+
+
+def _greedy(max_tokens=20):
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    llm = LLM(**ENGINE)
+    return [o.outputs[0].token_ids for o in llm.generate(_prompts(), _greedy(), use_tqdm=False)]
+
+
+def test_two_replicas_match_one_engine(ray_cluster, reference_outputs):
+    llm = LLM(data_parallel_size=2, **ENGINE)
+    try:
+        outputs = llm.generate(_prompts(), _greedy(), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == reference_outputs
+        engines = llm.get_stats().engines
+        assert set(engines) == {"0", "1"}
+        assert all(s.generation_tokens_total > 0 for s in engines.values())  # both replicas worked
+    finally:
+        llm.shutdown()
+
+
+def _run(engine, requests):
+    """Add (id, prompt, params) requests and step until done; id -> final output."""
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, prompt, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    return finished
+
+
+def test_shared_prefixes_meet_on_one_replica_and_hit_its_cache(ray_cluster):
+    engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(data_parallel_size=2))
+    try:
+        rng = random.Random(1)
+        systems = [[rng.randint(100, 49052) for _ in range(64)] for _ in range(2)]  # four blocks each
+        # one request per system prompt first, so each replica caches one of them
+        warm = _run(engine, [(f"warm{s}", systems[s] + [7], _greedy(2)) for s in range(2)])
+        home = {s: warm[f"warm{s}"].extra["engine"] for s in range(2)}
+        assert home[0] != home[1]  # idle replicas: the two prompts are spread
+        users = [(f"u{s}-{u}", systems[s] + [rng.randint(100, 49052) for _ in range(9)], _greedy(2))
+                 for u in range(3) for s in range(2)]
+        finished = _run(engine, users)
+        assert all(finished[rid].extra["engine"] == home[int(rid[1])] for rid, _, _ in users)
+        stats = engine.get_stats()
+        assert stats.prefix_cache_hits == 6 * 64  # every user's four system blocks came from the cache
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_a_killed_replica_fails_over_and_rejoins(ray_cluster, backend):
+    engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(
+        data_parallel_size=2, distributed_executor_backend=backend, routing_policy="round_robin",
+        worker_timeout_s=60))
+    try:
+        prompts = _prompts(12, seed=2)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt["prompt_token_ids"], _greedy(24))
+        victim_ids = set(engine.replicas[0].requests)
+        finished, steps = {}, 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+            steps += 1
+            if steps == 4:
+                engine.kill_replica(0)
+        assert set(finished) == {str(i) for i in range(12)}  # none lost, none hung
+        errors = {rid for rid, o in finished.items() if "error" in o.extra}
+        assert errors and errors <= victim_ids  # only the dead replica's requests may fail...
+        for rid in errors:
+            assert finished[rid].extra["status"] == 503 and "replica" in finished[rid].extra["error"]
+        for rid in set(finished) - errors:  # ...the others ran to the end
+            assert len(finished[rid].outputs[0].token_ids) == 24
+        # the replica comes back and serves again
+        deadline_steps = 0
+        while engine.replica_states()["0"] != "ready" and deadline_steps < 2000:
+            engine.step()
+            deadline_steps += 1
+        assert engine.replica_states() == {"0": "ready", "1": "ready"}
+        after = _run(engine, [(f"after{i}", p["prompt_token_ids"], _greedy(4)) for i, p in enumerate(prompts[:4])])
+        assert all(len(o.outputs[0].token_ids) == 4 and "error" not in o.extra for o in after.values())
+    finally:
+        engine.shutdown()
