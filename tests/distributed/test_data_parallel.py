@@ -72,7 +72,7 @@ def test_shared_prefixes_meet_on_one_replica_and_hit_its_cache(ray_cluster):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("backend", ["mp", "ray"])
+@pytest.mark.parametrize("backend", [pytest.param("mp", marks=pytest.mark.slow), "ray"])
 def test_a_killed_replica_fails_over_and_rejoins(ray_cluster, backend):
     engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(
         data_parallel_size=2, distributed_executor_backend=backend, routing_policy="round_robin",

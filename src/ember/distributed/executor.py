@@ -28,14 +28,16 @@ class RayWorkerHandle:
     """
 
     def __init__(self, name: str, build: Callable, args: tuple, num_cpus: float = 1, max_restarts: int = 3,
-                 resources: dict | None = None, worker_class: type = EngineWorker) -> None:
+                 resources: dict | None = None, worker_class: type = EngineWorker,
+                 scheduling_strategy: Any = None) -> None:
         ray = init_ray()
         self.name = name
         self.pid: int | None = None
         self._ray = ray
         actor_class = ray.remote(worker_class)
         self.actor = actor_class.options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
-                                         resources=resources or {}, name=None).remote(build, *args)
+                                         resources=resources or {},
+                                         scheduling_strategy=scheduling_strategy).remote(build, *args)
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         return getattr(self.actor, method).remote(*args, **kwargs).future()
@@ -74,9 +76,10 @@ class ProcessWorkerHandle:
     """
 
     def __init__(self, name: str, build: Callable, args: tuple, num_cpus: float = 1, max_restarts: int = 3,
-                 resources: dict | None = None, worker_class: type = EngineWorker) -> None:
-        if resources:
-            raise ValueError("worker resources need the ray executor")
+                 resources: dict | None = None, worker_class: type = EngineWorker,
+                 scheduling_strategy: Any = None) -> None:
+        if resources or scheduling_strategy is not None:
+            raise ValueError("worker resources and placement need the ray executor")
         self.name = name
         self._spec = (worker_class, build, args, max(1, int(num_cpus)))
         self.restarts_left = max_restarts
@@ -111,8 +114,43 @@ class ProcessWorkerHandle:
 
 
 def create_worker(backend: str, name: str, build: Callable, args: tuple, num_cpus: float = 1,
-                  max_restarts: int = 3, resources: dict | None = None, worker_class: type = EngineWorker):
+                  max_restarts: int = 3, resources: dict | None = None, worker_class: type = EngineWorker,
+                  scheduling_strategy: Any = None):
     """A worker handle of the given executor backend ("ray" or "mp"), running `worker_class(build, *args)`
-    (an `EngineWorker` or a subclass with more remote methods)."""
+    (an `EngineWorker` or a subclass with more remote methods); `scheduling_strategy` is Ray's (e.g. a
+    placement-group bundle, see `RankPlacement`)."""
     handle_class = RayWorkerHandle if backend == "ray" else ProcessWorkerHandle
-    return handle_class(name, build, args, num_cpus, max_restarts, resources, worker_class)
+    return handle_class(name, build, args, num_cpus, max_restarts, resources, worker_class, scheduling_strategy)
+
+
+class RankPlacement:
+    """One Ray placement group with a {"CPU": 1} bundle per rank (`strategy` "STRICT_PACK": all on one
+    machine, as tensor parallel wants; "PACK"/"SPREAD" for pipeline stages), or nothing for the mp backend.
+    `strategies[i]` is rank i's scheduling strategy; `remove` gives the CPUs back.
+
+    Raises:
+        RuntimeError: the cluster cannot hold the group within `timeout_s`.
+    """
+
+    def __init__(self, backend: str, num_ranks: int, strategy: str, timeout_s: float) -> None:
+        self.group = None
+        self.strategies: list = [None] * num_ranks
+        if backend != "ray":
+            return
+        init_ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.group = placement_group([{"CPU": 1}] * num_ranks, strategy=strategy)
+        if not self.group.wait(timeout_s):
+            self.remove()
+            raise RuntimeError(f"the Ray cluster cannot place {num_ranks} ranks ({strategy}, one CPU each)")
+        self.strategies = [PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
+                           for i in range(num_ranks)]
+
+    def remove(self) -> None:
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None

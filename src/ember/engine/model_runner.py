@@ -90,6 +90,39 @@ class ModelRunner:
         sampler_output, num_emitted = verify(self.sampler, logits, metadata, drafts)
         return ModelRunnerOutput(sampled, sampler_output, *kept, mass, prompt_logprobs, num_emitted)
 
+    def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of every layer's K and V rows of `block_ids` (prefill/decode disaggregation exports them):
+        [num_blocks, num_layers, 2 (K, V), block_size, KVH, D] in the cache dtype.
+
+        Raises:
+            ValueError: a quantized KV cache (its codes and scales do not move yet).
+        """
+        self._check_movable_kv()
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        return torch.stack([torch.stack((c.key[index], c.value[index]), dim=1) for c in self.kv_caches], dim=1)
+
+    def write_kv_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Overwrite the K and V rows of `block_ids` in every layer with `kv`, shaped as `read_kv_blocks`
+        returns it (an import of blocks computed elsewhere).
+
+        Raises:
+            ValueError: a quantized KV cache, or `kv` of another shape or dtype.
+        """
+        self._check_movable_kv()
+        spec = self.kv_spec
+        shape = (len(block_ids), spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        if tuple(kv.shape) != shape or kv.dtype != spec.model_dtype:
+            raise ValueError(f"KV blocks must be {shape} {spec.model_dtype}, got {tuple(kv.shape)} {kv.dtype}")
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        for layer, cache in enumerate(self.kv_caches):
+            cache.key.index_copy_(0, index, kv[:, layer, 0])
+            cache.value.index_copy_(0, index, kv[:, layer, 1])
+
+    def _check_movable_kv(self) -> None:
+        if self.kv_spec.is_quantized:
+            raise ValueError(f"KV blocks of a {self.kv_spec.cache_dtype} cache cannot be moved; "
+                             "use kv_cache_dtype auto")
+
     def _prepare_inputs(self, entries: list[ScheduledRequest]):
         input_ids: list[int] = []
         positions: list[int] = []

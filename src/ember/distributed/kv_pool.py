@@ -1,0 +1,217 @@
+"""The KV pool of prefill/decode disaggregation: full prompt blocks' KV addressed by their `block_keys`,
+shared by every worker (a prefix cache one level above each engine's own) and bounded by bytes, LRU.
+
+The blocks of one export travel as one chunk ([num_blocks, block_nbytes] bytes); the pool maps each key
+to (chunk, row). With Ray the chunk is an object in Ray's object store (the pool, an actor, keeps its
+ObjectRef, so the bytes never pass through it or the driver); in process, and for the mp executor
+behind a `multiprocessing` manager, the chunk is the array itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.managers import BaseManager
+from typing import Any, Callable
+
+import numpy as np
+
+from ember.distributed.block_keys import BlockKey
+
+DEFAULT_KV_POOL_BYTES = 2 * 2**30
+
+
+@dataclass
+class KVPoolStats:
+    """What the pool holds and how it served (block counts)."""
+
+    num_blocks: int
+    num_bytes: int
+    capacity_bytes: int
+    num_queried_blocks: int  # blocks asked for by `get`
+    num_hit_blocks: int  # of those, blocks served
+    num_put_blocks: int  # blocks stored by `put`
+    num_evicted_blocks: int
+
+
+class KVPool:
+    """LRU map BlockKey -> (chunk, row), at most `capacity_bytes` of blocks.
+
+    Invariants: the held bytes are `len(keys) * block_nbytes` of their puts and never exceed the capacity;
+    a prefix's blocks are touched head last, so eviction takes a prefix's tail before its head (a block is
+    only useful while every block before it is present: lookups stop at the first missing key).
+    A chunk's memory is freed once none of its keys is left.
+    """
+
+    def __init__(self, capacity_bytes: int = DEFAULT_KV_POOL_BYTES) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"the KV pool's capacity must be positive, got {capacity_bytes}")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[BlockKey, tuple[Any, int, int]] = OrderedDict()  # (chunk, row, nbytes)
+        self._num_bytes = 0
+        self._counts = {"queried": 0, "hit": 0, "put": 0, "evicted": 0}
+
+    def lookup(self, keys: list[BlockKey]) -> int:
+        """How many leading `keys` are present (they count as used)."""
+        num = 0
+        while num < len(keys) and keys[num] in self._entries:
+            num += 1
+        self._touch(keys[:num])
+        return num
+
+    def get(self, keys: list[BlockKey]) -> list[tuple[Any, int]]:
+        """(chunk, row) of each leading present key, in order; stops at the first missing one."""
+        num = self.lookup(keys)
+        self._counts["queried"] += len(keys)
+        self._counts["hit"] += num
+        return [self._entries[key][:2] for key in keys[:num]]
+
+    def put(self, keys: list[BlockKey], chunk: Any, block_nbytes: int) -> int:
+        """Store row i of `chunk` under keys[i] (keys already present keep their old copy), evicting least
+        recently used blocks to make room; keys that cannot fit at all are dropped, tail first.
+
+        Returns:
+            how many keys were stored.
+        """
+        new = [(row, key) for row, key in enumerate(keys) if key not in self._entries]
+        new = new[:max(0, self.capacity_bytes // max(block_nbytes, 1))]
+        while self._entries and self._num_bytes + len(new) * block_nbytes > self.capacity_bytes:
+            _, (_, _, nbytes) = self._entries.popitem(last=False)
+            self._num_bytes -= nbytes
+            self._counts["evicted"] += 1
+        for row, key in new:
+            self._entries[key] = (chunk, row, block_nbytes)
+        self._num_bytes += len(new) * block_nbytes
+        self._counts["put"] += len(new)
+        self._touch([key for key in keys if key in self._entries])
+        return len(new)
+
+    def drop(self, keys: list[BlockKey]) -> None:
+        """Forget `keys` (their bytes were lost, e.g. with the worker that owned them)."""
+        for key in keys:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._num_bytes -= entry[2]
+
+    def stats(self) -> KVPoolStats:
+        c = self._counts
+        return KVPoolStats(len(self._entries), self._num_bytes, self.capacity_bytes, c["queried"], c["hit"],
+                           c["put"], c["evicted"])
+
+    def _touch(self, keys: list[BlockKey]) -> None:
+        for key in reversed(keys):  # the head ends most recently used
+            self._entries.move_to_end(key)
+
+
+def as_segments(entries: list[tuple[Any, int]], resolve: Callable[[list], list],
+                key: Callable[[Any], Any] = id) -> list[np.ndarray]:
+    """Runs of consecutive rows of one chunk, as [rows, block_nbytes] views (no copy), in key order.
+    `resolve` turns the distinct chunks into arrays (ray.get for ObjectRefs); `key` names a chunk (its
+    id in process; ObjectRefs compare by object id, as one ref may arrive as several Python objects)."""
+    distinct = list({key(chunk): chunk for chunk, _ in entries}.values())
+    arrays = {key(chunk): array for chunk, array in zip(distinct, resolve(distinct))}
+    segments: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(entries) + 1):
+        if (i == len(entries) or key(entries[i][0]) != key(entries[i - 1][0])
+                or entries[i][1] != entries[i - 1][1] + 1):
+            chunk, row = entries[start]
+            segments.append(arrays[key(chunk)][row:row + i - start])
+            start = i
+    return segments
+
+
+class LocalKVPoolClient:
+    """A worker's view of an in-process `KVPool` (tests) or of one behind a manager proxy (mp executor)."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def lookup(self, keys: list[BlockKey]) -> int:
+        return self.pool.lookup(keys)
+
+    def put(self, keys: list[BlockKey], blocks: np.ndarray) -> None:
+        """Store `blocks` [len(keys), block_nbytes] uint8 under `keys`."""
+        self.pool.put(keys, blocks, blocks.shape[1])
+
+    def get(self, keys: list[BlockKey]) -> list[np.ndarray]:
+        """The leading present blocks of `keys` as segments (see `as_segments`)."""
+        return as_segments(self.pool.get(keys), lambda chunks: chunks)
+
+    def drop(self, keys: list[BlockKey]) -> None:
+        self.pool.drop(keys)
+
+    def stats(self) -> KVPoolStats:
+        return self.pool.stats()
+
+
+class RayKVPoolClient:
+    """A worker's view of the pool actor: blocks go into Ray's object store from the worker (which owns
+    them: when it dies they are lost, and readers drop them as misses), the actor keeps only the refs."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def lookup(self, keys: list[BlockKey]) -> int:
+        import ray
+
+        return ray.get(self.actor.lookup.remote(keys))
+
+    def put(self, keys: list[BlockKey], blocks: np.ndarray) -> None:
+        import ray
+
+        ref = ray.put(blocks)
+        # Nested in a list, the ref reaches the actor unresolved: the actor borrows it, the bytes stay put.
+        ray.get(self.actor.put.remote(keys, [ref], blocks.shape[1]))
+
+    def get(self, keys: list[BlockKey]) -> list[np.ndarray]:
+        import ray
+
+        return as_segments(ray.get(self.actor.get.remote(keys)), ray.get, key=lambda ref: ref)
+
+    def drop(self, keys: list[BlockKey]) -> None:
+        import ray
+
+        ray.get(self.actor.drop.remote(keys))
+
+    def stats(self) -> KVPoolStats:
+        import ray
+
+        return ray.get(self.actor.stats.remote())
+
+
+class RayKVPool(KVPool):
+    """The pool as a Ray actor: `put` takes the chunk's ObjectRef boxed in a list, so Ray hands the actor
+    the ref itself (a top-level ref argument would be resolved into the bytes)."""
+
+    def put(self, keys: list[BlockKey], boxed_chunk: list, block_nbytes: int) -> int:
+        return super().put(keys, boxed_chunk[0], block_nbytes)
+
+
+class _PoolManager(BaseManager):
+    """Serves one `KVPool` from a process of its own to the mp executor's worker processes."""
+
+
+_PoolManager.register("KVPool", KVPool)
+
+
+def create_kv_pool(backend: str, capacity_bytes: int = DEFAULT_KV_POOL_BYTES, max_restarts: int = 3):
+    """A KV pool for the executor `backend` and a client of it that pickles into worker processes.
+
+    Returns:
+        (client, shutdown): `shutdown()` ends the pool.
+    """
+    if backend == "ray":
+        from ember.distributed.ray_env import init_ray
+
+        ray = init_ray()
+        actor = ray.remote(RayKVPool).options(num_cpus=0, max_restarts=max_restarts).remote(capacity_bytes)
+        return RayKVPoolClient(actor), lambda: ray.kill(actor, no_restart=True)
+    if backend == "mp":
+        manager = _PoolManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start()
+        return LocalKVPoolClient(manager.KVPool(capacity_bytes)), manager.shutdown
+    if backend == "local":
+        return LocalKVPoolClient(KVPool(capacity_bytes)), lambda: None
+    raise ValueError(f"unknown KV pool backend {backend!r}; expected ray, mp or local")
