@@ -72,6 +72,26 @@ def test_shared_prefixes_meet_on_one_replica_and_hit_its_cache(ray_cluster):
         engine.shutdown()
 
 
+def test_bad_requests_get_the_engine_s_own_error_and_the_replicas_serve_on(ray_cluster, reference_outputs):
+    engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(data_parallel_size=2))
+    try:
+        with pytest.raises(ValueError, match=r"^prompt token ids must be integers in \[0, 49152\)$"):
+            engine.add_request("bad", [1, 2, 10**6], _greedy())
+        with pytest.raises(ValueError, match="maximum context length is 512") as too_long:
+            engine.add_request("long", [5] * 500, _greedy(100))
+        assert "Ray" not in str(too_long.value) and "Traceback" not in str(too_long.value)
+        with pytest.raises(ValueError, match="logit_bias") as biased:
+            engine.add_request("bias", [5, 6], SamplingParams(logit_bias={10**6: 1.0}))
+        assert biased.value.param == "logit_bias"  # the server's 400 names the field
+        with pytest.raises(ValueError, match="LoRA adapters is not supported with data parallel"):
+            engine.add_request("lora", [5, 6], _greedy(), lora_request=object())
+        assert not engine.has_unfinished_requests()
+        good = _run(engine, [(str(i), p["prompt_token_ids"], _greedy()) for i, p in enumerate(_prompts()[:4])])
+        assert [good[str(i)].outputs[0].token_ids for i in range(4)] == reference_outputs[:4]
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("backend", [pytest.param("mp", marks=pytest.mark.slow), "ray"])
 def test_a_killed_replica_fails_over_and_rejoins(ray_cluster, backend):
     engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(

@@ -17,7 +17,7 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.distributed.block_keys import BlockKey, block_keys
 from ember.distributed.config import ParallelConfig
-from ember.distributed.executor import create_worker
+from ember.distributed.executor import create_worker, remote_error
 from ember.distributed.frontend import ClusterStats, DistributedEngine, failed_output, worker_engine_config
 from ember.distributed.router import PrefixRouter
 from ember.distributed.worker import build_engine
@@ -27,8 +27,8 @@ from ember.outputs import RequestOutput
 
 logger = logging.getLogger("ember.distributed")
 
-_IDLE_WAIT_S = 0.05
-_NO_STATS = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)  # a replica that has not stepped yet  # how long `step` waits when every replica with work is restarting
+_IDLE_WAIT_S = 0.05  # how long `step` waits when every replica with work is restarting
+_NO_STATS = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)  # a replica that has not stepped yet
 
 
 @dataclass
@@ -110,8 +110,8 @@ class DataParallelEngine(DistributedEngine):
             future = replica.handle.submit("add_request", placed.request_id, *placed.args)
             try:
                 future.result(timeout=self.parallel_config.worker_timeout_s)
-            except ValueError:
-                raise
+            except ValueError as exc:  # the request's fault: the caller gets the engine's own error
+                raise remote_error(exc) from None
             except Exception as exc:  # the replica died under us: mark it and try the next one
                 self._fail_replica(replica, exc)
                 continue

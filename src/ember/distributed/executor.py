@@ -18,6 +18,12 @@ from ember.distributed.worker import EngineWorker
 WorkerFailure = Exception  # what a dead worker's futures raise: RayActorError, BrokenProcessPool, ...
 
 
+def remote_error(exc: BaseException) -> BaseException:
+    """The worker's own exception: Ray wraps it (a RayTaskError whose `cause` it is), a process pool does not."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
 class RayWorkerHandle:
     """An `EngineWorker` Ray actor; Ray restarts it (the same constructor call) up to `max_restarts` times.
 

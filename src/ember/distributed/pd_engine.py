@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from ember.config import EngineConfig
 from ember.distributed.block_keys import block_keys
 from ember.distributed.config import ParallelConfig
-from ember.distributed.executor import create_worker
+from ember.distributed.executor import create_worker, remote_error
 from ember.distributed.frontend import ClusterStats, DistributedEngine, failed_output, worker_engine_config
 from ember.distributed.kv_pool import DEFAULT_KV_POOL_BYTES, create_kv_pool
 from ember.distributed.kv_transfer import PDWorker, TransferRecord, check_pd_config
@@ -372,8 +372,7 @@ class PDEngine(DistributedEngine):
         except concurrent.futures.TimeoutError:
             raise RuntimeError(f"worker {worker.name} did not answer {method} within {timeout_s} s") from None
         except Exception as exc:
-            cause = getattr(exc, "cause", None)  # Ray wraps the worker's exception
-            raise (cause if isinstance(cause, Exception) else exc) from None
+            raise remote_error(exc) from None
 
     def _call_decode(self, method: str, *args) -> Any:
         """`_call` on the least loaded live decode worker, the next one if it fails (not a ValueError)."""

@@ -17,6 +17,8 @@ _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
                  10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_KV_BYTES_BUCKETS = tuple(2.0 ** e for e in range(16, 34, 2))  # 64 KiB .. 8 GiB
+_KV_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -138,6 +140,13 @@ class ServerMetrics:
                               labels, buckets=_TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("ember:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_E2E_BUCKETS, registry=self.registry)
+        # prefill/decode disaggregation: what one request's KV blocks cost to move (export + import)
+        self.kv_transfer_bytes = Histogram(
+            "ember:request_kv_transfer_bytes", "KV-cache bytes moved for one request (P/D disaggregation).",
+            labels, buckets=_KV_BYTES_BUCKETS, registry=self.registry)
+        self.kv_transfer_seconds = Histogram(
+            "ember:request_kv_transfer_seconds", "Time spent moving one request's KV-cache blocks (P/D).",
+            labels, buckets=_KV_SECONDS_BUCKETS, registry=self.registry)
         self.registry.register(_EngineStatsCollector(get_stats, get_queue, model_name))
 
     def observe_finished(self, stream: Any, output: RequestOutput | None) -> None:
@@ -148,6 +157,10 @@ class ServerMetrics:
             return
         for completion in output.outputs:
             self.request_success.labels(label, completion.finish_reason or "abort").inc()
+        transfer = output.extra.get("kv_transfer")
+        if transfer is not None:
+            self.kv_transfer_bytes.labels(label).observe(transfer["bytes"])
+            self.kv_transfer_seconds.labels(label).observe(transfer["seconds"])
         if stream.first_token_time is None:
             return
         ttft = stream.first_token_time - stream.arrival_time

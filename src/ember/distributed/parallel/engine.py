@@ -8,7 +8,7 @@ import logging
 
 from ember.config import EngineConfig
 from ember.distributed.config import ParallelConfig
-from ember.distributed.executor import RankPlacement, create_worker
+from ember.distributed.executor import RankPlacement, create_worker, remote_error
 from ember.distributed.frontend import DistributedEngine, failed_output, worker_engine_config
 from ember.distributed.parallel.rank import (ModelParallelWorker, build_rank_engine, check_float_checkpoint,
                                             step_fingerprint)
@@ -96,8 +96,7 @@ class ModelParallelEngine(DistributedEngine):
         for rank, future in enumerate(futures):
             if future in done and future.exception() is not None:
                 error = future.exception()
-                cause = getattr(error, "cause", None)  # Ray wraps the worker's exception
-                error = cause if isinstance(cause, BaseException) else error
+                error = remote_error(error)
                 if reraise or isinstance(error, ValueError):
                     raise error
                 raise RankFailure(f"{self.mode} rank {rank} failed: {type(error).__name__}: {error}")
