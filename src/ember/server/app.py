@@ -24,6 +24,7 @@ from ember.server.serving_chat import OpenAIServingChat
 from ember.server.serving_completion import OpenAIServingCompletion
 from ember.server.serving_models import ServingModels
 from ember.server.tool_calling import prepare_tools
+from ember.server.web import install_web_pages
 
 
 def ember_version() -> str:
@@ -52,7 +53,8 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
                             lambda: (async_engine.num_queued_requests, async_engine.num_queued_tokens),
                             lambda: holder.get("model_name", "unknown"))
     async_engine = AsyncEngine(make_engine, config.max_queued_requests, config.max_queued_tokens,
-                               config.retry_after_s, on_finished=metrics.observe_finished)
+                               config.retry_after_s, on_finished=metrics.observe_finished,
+                               on_tokens=metrics.observe_tokens)
     chat = OpenAIServingChat(async_engine, config, models)
     completion = OpenAIServingCompletion(async_engine, config, models)
 
@@ -67,6 +69,7 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
     app.state.metrics = metrics
     install_exception_handlers(app)
     install_openapi(app, has_api_key=bool(config.api_key))
+    install_web_pages(app)  # the chat playground at / and the metrics dashboard at /dashboard
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)

@@ -35,6 +35,7 @@ class RequestStream:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.num_output_tokens = 0  # over all samples, as of the latest output
         self.is_queued = True  # admitted, no token yet
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -72,16 +73,20 @@ class AsyncEngine:
             block the server (it answers 503 until ready).
         max_queued_requests / max_queued_tokens: admission limits (see `ServerConfig`).
         on_finished: called on the event loop with (stream, final output) for metrics.
+        on_tokens: called on the event loop with (stream, output, new tokens, seconds since the previous
+            tokens) for each output that brings tokens after the first (inter-token latency).
     """
 
     def __init__(self, engine_factory: Callable[[], Any], max_queued_requests: int = 256,
                  max_queued_tokens: int = 65536, retry_after_s: int = 1,
-                 on_finished: Callable[[RequestStream, RequestOutput | None], None] | None = None) -> None:
+                 on_finished: Callable[[RequestStream, RequestOutput | None], None] | None = None,
+                 on_tokens: Callable[[RequestStream, RequestOutput, int, float], None] | None = None) -> None:
         self.engine_factory = engine_factory
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.retry_after_s = retry_after_s
         self.on_finished = on_finished
+        self.on_tokens = on_tokens
         self.engine: Any = None
         self.state = "created"  # -> loading -> ready | dead -> stopped
         self.stats: Any = None  # the engine's latest EngineStats
@@ -222,9 +227,13 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            if any(c.token_ids for c in output.outputs):
+            num_tokens = sum(len(c.token_ids) for c in output.outputs)
+            if num_tokens > stream.num_output_tokens:
                 if stream.first_token_time is None:
                     stream.first_token_time = now
+                elif self.on_tokens is not None:
+                    self.on_tokens(stream, output, num_tokens - stream.num_output_tokens, now - stream.last_token_time)
+                stream.num_output_tokens = num_tokens
                 stream.last_token_time = now
                 if stream.is_queued:
                     stream.is_queued = False
