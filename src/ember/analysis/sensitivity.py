@@ -136,12 +136,12 @@ def analyze_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], schem
         scheme: the target weight scheme (e.g. int4 symmetric, groups of 64).
         method: ``rtn``, ``gptq`` or ``awq`` (see ``make_quantizer``).
         thresholds: when an op is flagged ``bf16``.
-        progress: show a progress bar over the ops.
+        progress: show a progress bar over the ops (stderr, terminal only: ``ember.progress``).
         info: model name and calibration description recorded in the report.
     Returns:
         a ``SensitivityReport`` with one entry per op, layer by layer, ``lm_head`` last.
     """
-    from tqdm import tqdm
+    from ember.progress import progress as progress_bar
 
     model.eval()
     quantize = make_quantizer(method, scheme, method_args)
@@ -154,7 +154,7 @@ def analyze_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], schem
         head_inputs = [h.reshape(-1, h.shape[-1]) for h in capture.inputs[LM_HEAD]]
     base_nll, _ = scorer.nll_and_kl(scorer.reference)
     results = []
-    bar = tqdm(total=len(layers) * len(OP_LINEARS) + 1, desc="sensitivity", disable=not progress)
+    bar = progress_bar(total=len(layers) * len(OP_LINEARS) + 1, desc="sensitivity", unit="op", enabled=progress)
     for index, layer in enumerate(layers):
         op_inputs, op_outputs, outs = _observe(layer, inputs)
         for op, names in OP_LINEARS.items():

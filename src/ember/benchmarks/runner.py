@@ -50,20 +50,30 @@ async def run_benchmark(target: Target, requests: list[SampleRequest], request_r
         return list(results), time.perf_counter() - start
 
 
-async def warm_up(target: Target, request: SampleRequest) -> RequestResult:
-    """One request before measuring, as vLLM does; a failure here means the setup is wrong."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        return await send_request(client, target, request)
+async def warm_up(target: Target, requests: list[SampleRequest], num_requests: int,
+                  max_concurrency: int | None = None) -> list[RequestResult]:
+    """Send `num_requests` workload requests (cycled) at once, up to `max_concurrency`, before measuring.
+
+    The first requests on a fresh server pay for lazy set-up (kernel builds and dispatch, allocator
+    growth, the first batch shapes), so the first measured point would look slower than it is. Their
+    results only say whether the setup works; no metric counts them.
+    """
+    if num_requests <= 0 or not requests:
+        return []
+    batch = [requests[i % len(requests)] for i in range(num_requests)]
+    results, _ = await run_benchmark(target, batch, math.inf, 1.0, max_concurrency, timeout_s=600.0)
+    return results
 
 
-def plot_sweep(points: list[dict], path: str, percentiles: list[float], title: str) -> None:
-    """One panel per latency metric: its percentiles against the offered request rate."""
+def sweep_figure(points: list[dict], percentiles: list[float], title: str, subtitle: str = ""):
+    """One panel per latency metric: its percentiles against the offered request rate; `subtitle` (what
+    was measured: model, dataset, lengths, date, commit) goes under the title. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
     panels = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     rates = [p["request_rate"] for p in points]
     for ax, (name, label) in zip(axes, panels):
         for pct in percentiles:
@@ -74,7 +84,17 @@ def plot_sweep(points: list[dict], path: str, percentiles: list[float], title: s
         ax.set_ylabel("ms")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(title, y=0.99)
+    if subtitle:
+        fig.text(0.5, 0.915, subtitle, ha="center", va="top", fontsize=9, color="0.3")
+    fig.tight_layout(rect=(0, 0, 1, 0.9 if subtitle else 0.95))
+    return fig
+
+
+def plot_sweep(points: list[dict], path: str, percentiles: list[float], title: str, subtitle: str = "") -> None:
+    """Write `sweep_figure` to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(points, percentiles, title, subtitle)
     fig.savefig(path, dpi=110)
     plt.close(fig)

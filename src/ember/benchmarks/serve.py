@@ -35,6 +35,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1.0 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-warmup-requests", type=int, default=8,
+                   help="requests from the workload sent at once (up to --max-concurrency) before the first "
+                        "measured point, and not counted (0: none)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the requested output lengths")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--metric-percentiles", default=DEFAULT_PERCENTILES)
@@ -84,17 +87,55 @@ def main(args: argparse.Namespace) -> None:
     model = args.model or httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     target = Target(base_url, model, args.backend, args.api_key, args.ignore_eos, args.temperature)
     requests = _build_requests(args, base_url, headers)
-    warm = asyncio.run(warm_up(target, requests[0]))
-    if not warm.success:
-        raise SystemExit(f"ember bench serve: warm-up request failed: {warm.error}")
+    failed = [r for r in asyncio.run(warm_up(target, requests, args.num_warmup_requests, args.max_concurrency))
+              if not r.success]
+    if failed:
+        raise SystemExit(f"ember bench serve: warm-up request failed: {failed[0].error}")
     points = [_run_at_rate(args, target, requests, rate, percentiles, slos) for rate in rates]
-    info = {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": args.backend, "model_id": model,
-            "dataset_name": args.dataset_name, "num_prompts": args.num_prompts, "seed": args.seed}
+    info = describe_run(args, model, requests)
     if args.sweep_request_rates:
-        plot_sweep(points, args.plot_path, percentiles, f"{model} — {args.dataset_name}, {args.num_prompts} prompts")
+        plot_sweep(points, args.plot_path, percentiles, "latency percentiles vs request rate", sweep_subtitle(info))
         print(f"plot written to {args.plot_path}")
     if args.save_result or args.sweep_request_rates:
         _save_result(args, info, points)
+
+
+def describe_run(args: argparse.Namespace, model: str, requests: list) -> dict:
+    """What was measured: model, dataset, token lengths asked for and sampled, warm-up, date and commit."""
+    lengths = {"random": (args.random_input_len, args.random_output_len),
+               "sonnet": (args.sonnet_input_len, args.sonnet_output_len)}[args.dataset_name]
+    return {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": args.backend, "model_id": model,
+            "dataset_name": args.dataset_name, "num_prompts": args.num_prompts, "seed": args.seed,
+            "input_len": lengths[0], "output_len": lengths[1],
+            "mean_prompt_len": round(sum(r.prompt_len for r in requests) / max(len(requests), 1), 1),
+            "num_warmup_requests": args.num_warmup_requests, "ignore_eos": args.ignore_eos,
+            "commit": git_commit()}
+
+
+def sweep_subtitle(info: dict) -> str:
+    """The sweep plot's second line: enough to tell two plots apart without their JSON."""
+    date = time.strftime("%Y-%m-%d %H:%M", time.strptime(info["date"], "%Y%m%d-%H%M%S"))
+    parts = [f"model {info['model_id']}", f"dataset {info['dataset_name']} ({info['num_prompts']} prompts)",
+             f"input {info['input_len']} / output {info['output_len']} tokens"
+             f"{'' if info['ignore_eos'] else ' (max)'}", f"{info['num_warmup_requests']} warm-up requests",
+             date]
+    if info.get("commit"):
+        parts.append(f"ember {info['commit']}")
+    return " · ".join(parts)
+
+
+def git_commit() -> str | None:
+    """`git describe --always --dirty` of the checkout this code runs from, or None outside one."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(__file__),
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
 
 
 def _parse_options(args: argparse.Namespace) -> tuple[list[float], dict[str, float], list[float]]:

@@ -7,6 +7,7 @@ import json
 import time
 
 from ember.cli.calibration import add_calibration_args
+from ember.progress import add_quiet_arg
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     sens.add_argument("--num-threads", type=int, default=None)
     sens.add_argument("--output", required=True, help="JSON report to write (the plot goes next to it, .png)")
     sens.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_quiet_arg(sens)
     sens.set_defaults(func=cmd_sensitivity)
 
 
@@ -43,11 +45,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     path = resolve_model_path(args.model)
     scheme = WeightScheme(args.bits, args.group_size if args.bits == 4 else None, True)
     thresholds = Thresholds(args.kl_threshold, args.dispersion_threshold, args.energy_threshold)
-    model_config, state = load_state(path)
+    model_config, state = load_state(path, progress=not args.quiet)
     model = to_hf_model(model_config, state)
     batches = load_calibration(args, Tokenizer.from_path(path))
     start = time.monotonic()
-    report = analyze_sensitivity(model, batches, scheme, method=args.method, thresholds=thresholds, progress=True,
+    report = analyze_sensitivity(model, batches, scheme, method=args.method, thresholds=thresholds, progress=not args.quiet,
                                  info={"model": args.model or "SmolLM2-135M-Instruct",
                                        "calibration": describe_calibration(args)})
     report.save(args.output)

@@ -7,6 +7,7 @@ import json
 import time
 
 from ember.cli.calibration import add_calibration_args
+from ember.progress import add_quiet_arg
 
 
 def register(subparsers) -> None:
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True,
                         help="directory for kv_scales.safetensors (a quantized checkpoint's own directory keeps "
                              "the scales with its weights)")
+    add_quiet_arg(parser)
     parser.set_defaults(func=cmd_calibrate_kv)
 
 
@@ -33,10 +35,10 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.num_threads or default_num_threads())
     path = resolve_model_path(args.model)
-    model, _ = load_model(path, getattr(torch, args.dtype))
+    model, _ = load_model(path, getattr(torch, args.dtype), progress=not args.quiet)
     batches = load_calibration(args, Tokenizer.from_path(path))
     start = time.monotonic()
-    scales = calibrate_kv_scales(model, batches)
+    scales = calibrate_kv_scales(model, batches, progress=not args.quiet)
     info = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype, "statistic": "absmax / 127",
             "calibration": describe_calibration(args)}
     written = save_kv_scales(args.output, scales, info)

@@ -7,6 +7,7 @@ import json
 import time
 
 from ember.config import KV_CACHE_DTYPES
+from ember.progress import add_quiet_arg
 
 
 def register(subparsers) -> None:
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
     ppl.add_argument("--prefill-chunk", type=int, default=None,
                      help="prefill each window in chunks of this many tokens, so they attend to earlier tokens "
                           "through the (possibly int8) cache; default: one pass per window")
+    add_quiet_arg(ppl)
     ppl.set_defaults(func=cmd_perplexity)
 
 
@@ -45,7 +47,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.num_threads or default_num_threads())
     path = resolve_model_path(args.model)
-    model, _ = load_model(path, getattr(torch, args.dtype))
+    model, _ = load_model(path, getattr(torch, args.dtype), progress=not args.quiet)
     tokenizer = Tokenizer.from_path(path)
     try:
         kv_scales = resolve_kv_scales(args.kv_cache_dtype, args.kv_scales, path)
@@ -59,7 +61,8 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     for file in args.file:
         with open(file, encoding="utf-8", errors="replace") as f:
             ids = tokenizer.encode(f.read(), add_special_tokens=False)
-        result = perplexity(model, ids, args.window, args.stride, args.max_tokens, caches, args.prefill_chunk)
+        result = perplexity(model, ids, args.window, args.stride, args.max_tokens, caches, args.prefill_chunk,
+                            progress=not args.quiet)
         nll += result.nll_sum
         count += result.num_tokens
         files.append({"file": file, **result.to_dict()})

@@ -9,6 +9,7 @@ import json
 import time
 
 from ember.cli.calibration import add_calibration_args
+from ember.progress import add_quiet_arg
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
                             "every quantized op (all), for per-request precision fallback at run time")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
+    add_quiet_arg(parser)
     parser.set_defaults(func=cmd_quantize)
 
 
@@ -70,7 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                          symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
                          alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args))
-    model_config, state = load_state(path)
+    model_config, state = load_state(path, progress=not args.quiet)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
     if args.fallback_copies != "none" and args.act_bits is not None:
@@ -86,7 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = dataclasses.replace(config, precisions=precisions,
                                  fallback_modules=_fallback_modules(args, config, model, report, precisions))
     drift = _drift_reference(model, batches) if config.fallback_modules else None  # of the float model
-    replaced = quantize_model(model, config, calib_batches=batches)
+    replaced = quantize_model(model, config, calib_batches=batches, progress=not args.quiet)
     save_quantized(model, args.output, config, drift_reference=drift)
     tokenizer.hf.save_pretrained(args.output)
     copies = sum(model.get_submodule(n).fallback_weight.numel() for n in config.fallback_modules)
@@ -134,7 +136,7 @@ def _sensitivity(args: argparse.Namespace, config, model, batches):
     if path:
         return SensitivityReport.load(path)
     method = args.method if args.method in ("rtn", "gptq", "awq") else "rtn"
-    return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=True)
+    return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=not args.quiet)
 
 
 def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokenizer) -> dict[str, str]:
@@ -142,22 +144,22 @@ def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokeniz
     import math
     import os
 
-    from tqdm import tqdm
-
     from ember.analysis.precision_search import (PlanEvaluator, frontier_candidates, measure_tpot, plot_candidates,
                                                  search_precisions, write_candidates_csv)
+    from ember.progress import progress
     from ember.quant.plan import linear_precisions
 
     if config.bits != 4 or config.method not in ("rtn", "gptq"):
         raise SystemExit("--auto searches from int4: use --bits 4 --group-size G with --method gptq or rtn")
     evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method)
-    bar = tqdm(desc="precision search", unit="plan")
+    bar = progress(desc="precision search", unit="plan", enabled=not args.quiet)
     best, candidates = search_precisions(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,
                                          on_candidate=lambda c: bar.update())
     bar.close()
     if args.objective == "latency":
         timed = [dataclasses.replace(c, tpot_ms=measure_tpot(model, c.plan, config.group_size, tokenizer.hf, args.dtype))
-                 for c in tqdm(frontier_candidates(candidates, args.max_ppl_increase), desc="W2 TPOT")]
+                 for c in progress(frontier_candidates(candidates, args.max_ppl_increase), desc="W2 TPOT",
+                                   enabled=not args.quiet)]
         candidates = [c for c in candidates if c.label not in {t.label for t in timed}] + timed
         best = min(timed, key=lambda c: c.tpot_ms) if timed else None
     os.makedirs(args.output, exist_ok=True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
 from ember.attention.metadata import build_attention_metadata
+from ember.progress import progress as progress_bar
 
 
 @dataclass
@@ -63,14 +64,14 @@ def model_cache_spec(model, cache_dtype: str, block_size: int = 16, outlier_resi
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256,
                max_tokens: int | None = None, caches: list | None = None,
-               chunk_size: int | None = None) -> PerplexityResult:
+               chunk_size: int | None = None, progress: bool = False) -> PerplexityResult:
     """exp(mean NLL) over `token_ids[1:]`.
 
     Windows of `window` tokens start every `stride` tokens; a window scores only the tokens no
     earlier window scored, so every token after the first is predicted once, from at least
     `window - stride` tokens of context (except near the start). `caches` (covering `window`
     tokens) are reused by every window, so an int8 cache's running statistics span the text;
-    `chunk_size` as in `window_logits`.
+    `chunk_size` as in `window_logits`; `progress`: a bar over the scored tokens (stderr, terminal only).
     """
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
@@ -79,6 +80,7 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
     if len(token_ids) < 2:
         raise ValueError("need at least two tokens to score")
     nll_sum, scored, prev_end = 0.0, 0, 1  # position 0 has no prediction
+    bar = progress_bar(total=len(token_ids) - 1, desc="perplexity", unit="tok", enabled=progress)
     for start in range(0, len(token_ids) - 1, stride):
         end = min(start + window, len(token_ids))
         chunk = token_ids[start:end]
@@ -88,7 +90,9 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
         first_new = max(prev_end, start + 1) - (start + 1)  # skip targets already scored
         nll_sum += losses[first_new:].double().sum().item()
         scored += len(losses) - first_new
+        bar.update(len(losses) - first_new)
         prev_end = end
         if end == len(token_ids):
             break
+    bar.close()
     return PerplexityResult(math.exp(nll_sum / scored), scored, nll_sum, window, stride)

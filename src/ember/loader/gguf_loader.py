@@ -11,6 +11,7 @@ import torch
 
 from ember.loader import gemma3_gguf
 from ember.models.config import ModelConfig
+from ember.progress import LOAD_DELAY_S, progress as progress_bar
 
 # GGUF tensor name (per layer, after "blk.N.") -> Hugging Face parameter name.
 _LAYER_NAMES = {
@@ -87,13 +88,17 @@ def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Return the model config and a float32 state dict keyed by Hugging Face names."""
+def load_gguf(path: str, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Return the model config and a float32 state dict keyed by Hugging Face names.
+
+    ``progress``: a bar over the tensors once dequantizing has taken over ``LOAD_DELAY_S`` (``ember.progress``).
+    """
     reader = _Reader(path)
     config = read_model_config(reader)
     state: dict[str, torch.Tensor] = {}
     is_gemma = config.architecture == "gemma3"
-    for tensor in reader.tensors:
+    for tensor in progress_bar(reader.tensors, desc="loading tensors", unit="tensor", enabled=progress,
+                               delay=LOAD_DELAY_S):
         name = _hf_name(tensor.name, gemma3_gguf.LAYER_NAMES if is_gemma else _LAYER_NAMES)
         if name is None:
             continue  # e.g. rope_freqs, which llama-family models recompute

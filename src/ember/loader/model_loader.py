@@ -55,11 +55,11 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-def load_state(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config and weights from a GGUF file or a Hugging Face directory."""
+def load_state(path: str, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config and weights from a GGUF file or a Hugging Face directory (``progress``: a bar if it is slow)."""
     if os.path.isfile(path):
-        return load_gguf(path)
-    return load_hf_dir(path)
+        return load_gguf(path, progress)
+    return load_hf_dir(path, progress)
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -93,15 +93,17 @@ def fuse_projections(model: nn.Module) -> None:
             module.fuse_projections()
 
 
-def load_model(path: str, dtype: torch.dtype, policy: KernelPolicy | None = None) -> tuple[nn.Module, ModelConfig]:
+def load_model(path: str, dtype: torch.dtype, policy: KernelPolicy | None = None,
+               progress: bool = False) -> tuple[nn.Module, ModelConfig]:
     """Read and build the model at `path` (GGUF file, HF directory or quantized checkpoint) in `dtype`.
 
     A directory holding `quantization_config.json` is a quantized checkpoint: its own config says
     how it was quantized, so no flag is needed. `policy` (disabled or forced kernels) reaches every linear.
+    `progress`: a bar on stderr when reading the weights takes over a couple of seconds (terminal only).
     """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANT_CONFIG_NAME)):
         return load_quantized_model(path, dtype, policy)
-    config, state = load_state(path)
+    config, state = load_state(path, progress)
     return build_model(config, state, dtype, policy), config
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ember.kernels.linear.registry import KernelPolicy
 from ember.kernels.linear.spec import QuantizedWeight, WeightScheme
+from ember.progress import progress as progress_bar
 from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
 from ember.quant.calibration import (ChannelStats, ForwardFn, LayerInputs, capture_activations,
                                      collect_layer_inputs, default_forward, find_decoder_layers, run_layer)
@@ -48,7 +49,7 @@ def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: Quan
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
                    calib_batches: Sequence[torch.Tensor] | None = None, forward: ForwardFn = default_forward,
-                   policy: KernelPolicy | None = None, **config_kwargs: Any) -> list[str]:
+                   policy: KernelPolicy | None = None, progress: bool = False, **config_kwargs: Any) -> list[str]:
     """Quantize the target linears of ``model`` in place, replacing them by ``QuantLinear``.
 
     Args:
@@ -57,6 +58,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
         calib_batches: token id tensors [batch, seq] for AWQ, GPTQ and SmoothQuant.
         forward: how to run the model on one batch (default: HF ``model(input_ids=..., use_cache=False)``).
         policy: kernel policy given to every ``QuantLinear``.
+        progress: progress bars on stderr (per decoder layer for AWQ/GPTQ, per linear for RTN), shown
+            only when stderr is a terminal (``ember.progress``).
     Returns:
         the full names of the replaced modules.
     Raises:
@@ -72,22 +75,25 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
             rotate_model(model, seed=int(config.method_args.get("rotation_seed", 0)))
         if config.method == "smoothquant":
             smooth_model(model, calib_batches, alpha=0.5 if config.alpha is None else config.alpha,
-                         forward=forward, smooth_down=bool(config.method_args.get("smooth_down", True)))
+                         forward=forward, smooth_down=bool(config.method_args.get("smooth_down", True)),
+                         progress=progress)
         if config.method in ("awq", "gptq"):
             layer_fn = _awq_layer_fn(config) if config.method == "awq" else _gptq_layer_fn(config)
-            _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy)
+            _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy, progress)
         targets = target_linears(model, config.modules)  # whatever is still float: RTN
         schemes = _schemes(targets, config)
-        _replace(model, {n: quantize_weight(targets[n].weight, s) for n, s in schemes.items()}, config, policy)
+        bar = progress_bar(schemes.items(), desc="quantize rtn", unit="linear", enabled=progress and bool(schemes))
+        _replace(model, {n: quantize_weight(targets[n].weight, s) for n, s in bar}, config, policy)
     return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
 
 
 def _quantize_layerwise(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
-                        forward: ForwardFn, layer_fn: LayerFn, policy: KernelPolicy | None) -> None:
+                        forward: ForwardFn, layer_fn: LayerFn, policy: KernelPolicy | None, progress: bool) -> None:
     """Quantize decoder layers in order; each sees inputs produced by the already quantized layers."""
     prefix, layers = find_decoder_layers(model)
     inputs = collect_layer_inputs(model, batches, forward)
-    for index, layer in enumerate(layers):
+    bar = progress_bar(layers, desc=f"quantize {config.method}", unit="layer", enabled=progress)
+    for index, layer in enumerate(bar):
         schemes = _schemes(target_linears(layer, config.modules), config, f"{prefix}.{index}.")
         targets = {name: layer.get_submodule(name) for name in schemes}
         if targets:
@@ -142,13 +148,15 @@ def _awq_layer_fn(config: QuantConfig) -> LayerFn:
 
 
 def smooth_model(model: nn.Module, calib_batches: Sequence[torch.Tensor], *, alpha: float = 0.5,
-                 forward: ForwardFn = default_forward, smooth_down: bool = True) -> dict[str, torch.Tensor]:
+                 forward: ForwardFn = default_forward, smooth_down: bool = True,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant scales into the norms before q/k/v and gate/up, and into up_proj before down_proj.
 
     Smoothing down_proj matters for models with massive activations at its input (measured on
     SmolLM2-135M: perplexity delta 2.9% without, 1.5% with).
 
     Returns the scales per group, keyed by the first linear's full name. Float outputs are unchanged.
+    ``progress``: a bar over the calibration batches (stderr, terminal only).
     """
     prefix, layers = find_decoder_layers(model)
     plan = []
@@ -158,7 +166,7 @@ def smooth_model(model: nn.Module, calib_batches: Sequence[torch.Tensor], *, alp
                 plan.append((f"{prefix}.{index}.{group.input_key}", group))
     stats = ChannelStats()
     with capture_activations(model, [name for name, _ in plan], reducer=stats):
-        for batch in calib_batches:
+        for batch in progress_bar(calib_batches, desc="smoothquant calibration", unit="batch", enabled=progress):
             forward(model, batch)
     applied = {}
     for name, group in plan:

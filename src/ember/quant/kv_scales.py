@@ -33,19 +33,22 @@ class AbsmaxRecorder(DenseLayerCache):
 
 
 @torch.inference_mode()
-def calibrate_kv_scales(model, batches: list[torch.Tensor], block_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibrate_kv_scales(model, batches: list[torch.Tensor], block_size: int = 16,
+                        progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (k_scale, v_scale), each [KVH, D] = the channel's |max| over the batches / 127.
 
     Args:
         model: an Ember causal LM (`models/`), run through its paged forward.
         batches: [1, seq_len] token ids each (calibration text, never the evaluation split).
+        progress: a bar over the batches (stderr, terminal only: ``ember.progress``).
     """
     from ember.eval.perplexity import model_cache_spec, window_logits
+    from ember.progress import progress as progress_bar
 
     longest = max(batch.shape[-1] for batch in batches)
     spec = model_cache_spec(model, "auto", block_size)
     recorders = [AbsmaxRecorder(-(-longest // block_size), spec) for _ in range(spec.num_layers)]
-    for batch in batches:
+    for batch in progress_bar(batches, desc="kv calibration", unit="batch", enabled=progress):
         window_logits(model, batch.flatten().tolist(), caches=recorders)
     return [(r.key_absmax.clamp_min(1e-6) / INT8_MAX, r.value_absmax.clamp_min(1e-6) / INT8_MAX) for r in recorders]
 
