@@ -34,7 +34,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (default inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1.0 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="prompts of the first point; point i draws with seed + i, the warm-up with seed - 1")
     p.add_argument("--num-warmup-requests", type=int, default=8,
                    help="requests from the workload sent at once (up to --max-concurrency) before the first "
                         "measured point, and not counted (0: none)")
@@ -51,7 +52,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-filename", default=None)
 
 
-def _build_requests(args: argparse.Namespace, base_url: str, headers: dict) -> list:
+def _build_requests(args: argparse.Namespace, base_url: str, headers: dict, seed: int) -> list:
     import httpx
 
     from ember.benchmarks.datasets import sample_random, sample_sonnet
@@ -64,14 +65,14 @@ def _build_requests(args: argparse.Namespace, base_url: str, headers: dict) -> l
 
     if args.dataset_name == "random":
         requests = sample_random(tokenize, args.num_prompts, args.random_input_len, args.random_output_len,
-                                 args.random_range_ratio, args.seed)
+                                 args.random_range_ratio, seed)
         if args.backend == "openai-chat":  # chat needs text
             for r in requests:
                 r.prompt = httpx.post(base_url + "/detokenize", json={"tokens": r.prompt}, headers=headers,
                                       timeout=120).json()["prompt"]
         return requests
     return sample_sonnet(tokenize, args.num_prompts, args.sonnet_input_len, args.sonnet_output_len,
-                         args.sonnet_prefix_len, args.seed, args.dataset_path)
+                         args.sonnet_prefix_len, seed, args.dataset_path)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -86,12 +87,16 @@ def main(args: argparse.Namespace) -> None:
     percentiles, slos, rates = _parse_options(args)
     model = args.model or httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     target = Target(base_url, model, args.backend, args.api_key, args.ignore_eos, args.temperature)
-    requests = _build_requests(args, base_url, headers)
-    failed = [r for r in asyncio.run(warm_up(target, requests, args.num_warmup_requests, args.max_concurrency))
+    # Each point draws its own prompts (seed + i) and the warm-up others still (seed - 1): a point that
+    # reused earlier prompts would find them in the server's prefix cache and skip their prefill.
+    workloads = [_build_requests(args, base_url, headers, args.seed + i) for i in range(len(rates))]
+    requests = workloads[0]
+    warmup = _build_requests(args, base_url, headers, args.seed - 1) if args.num_warmup_requests > 0 else []
+    failed = [r for r in asyncio.run(warm_up(target, warmup, args.num_warmup_requests, args.max_concurrency))
               if not r.success]
     if failed:
         raise SystemExit(f"ember bench serve: warm-up request failed: {failed[0].error}")
-    points = [_run_at_rate(args, target, requests, rate, percentiles, slos) for rate in rates]
+    points = [_run_at_rate(args, target, workload, rate, percentiles, slos) for workload, rate in zip(workloads, rates)]
     info = describe_run(args, model, requests)
     if args.sweep_request_rates:
         plot_sweep(points, args.plot_path, percentiles, "latency percentiles vs request rate", sweep_subtitle(info))
