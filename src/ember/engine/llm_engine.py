@@ -114,7 +114,8 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or default_num_threads())
         torch.manual_seed(config.seed)
         path = resolve_model_path(config.model)
-        model, model_config = load_model(path, getattr(torch, config.dtype), config.kernel_policy())
+        # a bar on stderr only when it is a terminal and reading takes over 2 s (`ember.progress`)
+        model, model_config = load_model(path, getattr(torch, config.dtype), config.kernel_policy(), progress=True)
         tokenizer = Tokenizer.from_path(path)
         name = config.model or "SmolLM2-135M-Instruct"
         reference = load_drift_reference(path) if config.precision_fallback and os.path.isdir(path) else None
