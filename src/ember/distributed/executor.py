@@ -15,9 +15,6 @@ from typing import Any, Callable
 from ember.distributed.ray_env import init_ray
 from ember.distributed.worker import EngineWorker
 
-WorkerFailure = Exception  # what a dead worker's futures raise: RayActorError, BrokenProcessPool, ...
-
-
 def remote_error(exc: BaseException) -> BaseException:
     """The worker's own exception: Ray wraps it (a RayTaskError whose `cause` it is), a process pool does not."""
     cause = getattr(exc, "cause", None)

@@ -217,7 +217,7 @@ class PDWorker(EngineWorker):
                 prefilled.append(output.request_id)
         transfers, failed = self._transfers, self._failed
         self._transfers, self._failed = [], {}
-        return PDStepResult(outputs, result.stats, result.has_unfinished, prefilled, transfers, failed)
+        return PDStepResult(outputs, result.stats, prefilled, transfers, failed)
 
     def _export(self, request_id: str, token_ids: list[int], salt: str | None) -> None:
         try:

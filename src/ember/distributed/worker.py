@@ -28,7 +28,6 @@ class StepResult:
 
     outputs: list[RequestOutput]
     stats: EngineStats
-    has_unfinished: bool
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
@@ -65,7 +64,7 @@ class EngineWorker:
     def step(self) -> StepResult:
         """One engine step (nothing when idle)."""
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return StepResult(outputs, self.engine.get_stats(), self.engine.has_unfinished_requests())
+        return StepResult(outputs, self.engine.get_stats())
 
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
