@@ -54,6 +54,9 @@ class EngineConfig:
     kv_cache_memory_gib: float = field(default=1.0, metadata={"help": "memory for the KV cache in GiB"})
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "number of KV-cache blocks (overrides --kv-cache-memory-gib)"})
+    disable_hybrid_kv_cache_manager: bool = field(default=False, metadata={
+        "help": "one block table for every layer: a sliding-window layer keeps the blocks behind its window (by "
+                "default local and global layers have their own tables and a local one lets those blocks go)"})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV-cache storage: auto (the model dtype), int8 (a scale per token and KV head, computed on write) "
                 "or int8-static (per-channel scales calibrated offline: --kv-scales)"})

@@ -55,8 +55,8 @@ def state(manager):
     """Everything `allocate_slots` may touch, to prove a refusal changed nothing."""
     return (list(manager._allocator._words), manager._allocator.num_free,
             list(manager._evictable), list(manager._ref_counts), manager._num_used_blocks,
-            {rid: list(table) for rid, table in manager._block_tables.items()},
-            {rid: list(uids) for rid, uids in manager._block_uids.items()},
+            {rid: [list(t) for t in tables] for rid, tables in manager._block_tables.items()},
+            {rid: [list(u) for u in uids] for rid, uids in manager._block_uids.items()},
             {b: manager._index.get(b) for b in range(manager.num_blocks)})
 
 

@@ -56,13 +56,16 @@ def test_tiny_gemma3_logits_match(tiny_gemma3_dir):
     assert (ours - expected).abs().max().item() < 1e-3
 
 
-def test_tiny_gemma3_greedy_matches_generate(tiny_gemma3_dir):
+@pytest.mark.parametrize("hybrid", [True, False], ids=["group_tables", "one_table"])
+def test_tiny_gemma3_greedy_matches_generate(tiny_gemma3_dir, hybrid):
     """Chunks of 8 tokens and blocks of 4 past a window of 6: windowed prefill over cached blocks, batched
-    decode rows whose windows start in different blocks."""
+    decode rows whose windows start in different blocks; local layers with their own block tables (which let
+    go of the blocks behind the window) or sharing the global one."""
     from ember import LLM
 
     llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=96, block_size=4,
-              max_num_batched_tokens=8)
+              max_num_batched_tokens=8, disable_hybrid_kv_cache_manager=not hybrid)
+    assert len(llm.engine.kv_cache_manager.windows) == (4 if hybrid else 1)
     gen = torch.Generator().manual_seed(2)
     assert_greedy_matches(llm, _reference(tiny_gemma3_dir),
                           [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (3, 17, 30)], max_tokens=20)
@@ -81,7 +84,7 @@ def test_tiny_gemma3_stays_exact_through_prefix_hits_preemption_and_drafts(tiny_
     for _ in range(4):
         chunk = [rng.randint(3, 511) for _ in range(5)]
         prompts.append(shared + chunk * 3)  # repeats, so prompt lookup drafts get accepted
-    llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=14, block_size=4,
+    llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=40, block_size=4,
               max_num_seqs=4, max_num_batched_tokens=16,
               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -92,6 +95,42 @@ def test_tiny_gemma3_stays_exact_through_prefix_hits_preemption_and_drafts(tiny_
     reference = _reference(tiny_gemma3_dir)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy_ids(reference, prompt, 16)
+
+
+@pytest.mark.parametrize("tiny_gemma3_dir", ["uncapped"], indirect=True)
+def test_tiny_gemma3_local_layers_hold_only_their_window(tiny_gemma3_dir):
+    """Each local layer's table keeps only the blocks its window reaches, at every step of two requests, while
+    the global layer keeps one block per 4 tokens; the tokens still equal transformers'."""
+    from ember import LLM, SamplingParams
+
+    llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=4,
+              max_num_batched_tokens=8)
+    engine, manager = llm.engine, llm.engine.kv_cache_manager
+    assert manager.windows == (None, WINDOW, WINDOW, WINDOW)  # layer 2 global, layers 0, 1 and 3 local
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (30, 11)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens = {str(i): [] for i in range(len(prompts))}
+    max_local = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens[output.request_id] = output.outputs[0].token_ids
+        for request in engine.scheduler.running:
+            rows = request.num_computed_tokens  # the next query's row; it reads rows - 5 .. rows
+            assert len(manager.get_block_ids(request.request_id)) >= -(-rows // 4)
+            for local in manager.get_group_block_ids(request.request_id):
+                held = [i for i, block in enumerate(local) if block is not None]
+                assert held and held[0] >= (rows - WINDOW + 1) // 4 - 2  # at most a step (8 rows) behind
+                if request.num_output_tokens > 1:  # decoding: just the blocks of rows - 5 .. rows - 1
+                    assert held[0] == max(rows - 1 - WINDOW + 1, 0) // 4
+                max_local = max(max_local, len(held))
+        manager.check_invariants()
+    assert max_local <= 5  # vs 18 blocks (70 tokens) if local layers kept every block
+    reference = _reference(tiny_gemma3_dir)
+    for i, prompt in enumerate(prompts):
+        assert tokens[str(i)] == hf_greedy_ids(reference, prompt, 40)
 
 
 PROMPTS = [

@@ -17,6 +17,7 @@ from ember.attention.residuals import RESIDUAL_POOL_FRACTION, ResidualPool
 from ember.attention.metadata import AttentionMetadata
 from ember.config import check_kv_cache_options
 from ember.kernels.ops import core_ops
+from ember.kv_cache.groups import KVCacheGroup, buffer_of_layers, kv_cache_groups
 
 
 
@@ -28,6 +29,9 @@ class KVCacheSpec:
     quantizes each token and KV head with its own scale when written; "int8-static" ("C8-S") uses
     per-channel scales calibrated offline. `outlier_residual` (int8-static only) gives a token whose
     relative error exceeds `outlier_factor` x the running mean a 4-bit residual.
+
+    `groups` (`kv_cache.groups`): the layers sharing a block table; with more than one, a block id holds one
+    group's rows at a time and costs one group's layers of memory. Empty: one table for every layer.
     """
 
     cache_dtype: str
@@ -38,6 +42,7 @@ class KVCacheSpec:
     block_size: int
     outlier_residual: bool = False
     outlier_factor: float = 3.0
+    groups: tuple[KVCacheGroup, ...] = ()
 
     def __post_init__(self) -> None:
         check_kv_cache_options(self.cache_dtype, self.outlier_residual, self.outlier_factor)
@@ -46,18 +51,34 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, model_config, model_dtype: torch.dtype, cache_dtype: str = "auto", block_size: int = 16,
-                  outlier_residual: bool = False, outlier_factor: float = 3.0) -> "KVCacheSpec":
-        """The spec of a model's cache: layers and KV geometry from its `ModelConfig`."""
-        return cls(cache_dtype, model_dtype, model_config.num_hidden_layers, model_config.num_key_value_heads,
-                   model_config.head_dim, block_size, outlier_residual, outlier_factor)
+                  outlier_residual: bool = False, outlier_factor: float = 3.0,
+                  grouped: bool = False) -> "KVCacheSpec":
+        """The spec of a model's cache: layers and KV geometry from its `ModelConfig`; with `grouped`, its
+        layers split into KV-cache groups (local layers apart from global ones) for a manager that keeps a
+        table per group; otherwise one table serves every layer."""
+        num_layers = model_config.num_hidden_layers
+        groups = kv_cache_groups(num_layers, model_config.layer_types, model_config.sliding_window) if grouped else ()
+        return cls(cache_dtype, model_dtype, num_layers, model_config.num_key_value_heads,
+                   model_config.head_dim, block_size, outlier_residual, outlier_factor, groups if len(groups) > 1 else ())
+
+    @property
+    def num_buffers(self) -> int:
+        """Layers of K/V rows behind one block id: every layer, or one group's width."""
+        return len(self.groups[0].layers) if self.groups else self.num_layers
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each group's window (None: global); one global table when the layers are not grouped."""
+        return tuple(group.window for group in self.groups) or (None,)
 
     @property
     def is_quantized(self) -> bool:
         return self.cache_dtype != "auto"
 
     def bytes_per_token(self) -> float:
-        """Cache bytes one token takes over every layer, K and V, scales and reserved residual rows
-        included (static per-channel scales are per layer, not per token, and left out)."""
+        """Cache bytes one slot of a block id takes over its layers (every layer, or one group's), K and V,
+        scales and reserved residual rows included (static per-channel scales are per layer, not per token,
+        and left out)."""
         width = self.num_kv_heads * self.head_dim
         if self.cache_dtype == "auto":
             row = width * self.model_dtype.itemsize
@@ -65,7 +86,7 @@ class KVCacheSpec:
             row = width + (4 * self.num_kv_heads if self.cache_dtype == "int8" else 0)
         if self.outlier_residual:  # slot index + the reserved share of residual rows
             row += 4 + RESIDUAL_POOL_FRACTION * (width // 2 + 4 * self.num_kv_heads)
-        return 2 * self.num_layers * row
+        return 2 * self.num_buffers * row
 
     def bytes_per_block(self) -> int:
         return int(-(-self.bytes_per_token() * self.block_size // 1))
@@ -76,11 +97,15 @@ class DenseLayerCache:
 
     is_quantized = False
 
-    def __init__(self, num_blocks: int, spec: KVCacheSpec) -> None:
+    def __init__(self, num_blocks: int, spec: KVCacheSpec, group: int = 0,
+                 shares: "DenseLayerCache | None" = None) -> None:
+        """`group`: the KV-cache group whose block table this layer reads; `shares`: a layer of another group
+        whose tensors this one stores its rows in (a block id is held by one group at a time)."""
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.block_size = spec.block_size
-        self.key = torch.zeros(shape, dtype=spec.model_dtype)
-        self.value = torch.zeros(shape, dtype=spec.model_dtype)
+        self.group = group
+        self.key = shares.key if shares else torch.zeros(shape, dtype=spec.model_dtype)
+        self.value = shares.value if shares else torch.zeros(shape, dtype=spec.model_dtype)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the step's new keys/values k, v [T, KVH, D] at their slots."""
@@ -111,18 +136,23 @@ class QuantizedRows:
     """K or V of one layer as int8 codes [num_blocks, block_size, KVH, D] with per-token scales
     [num_blocks, block_size, KVH] or fixed per-channel scales [KVH, D], and optional residuals."""
 
-    def __init__(self, num_blocks: int, spec: KVCacheSpec, static_scales: torch.Tensor | None) -> None:
+    def __init__(self, num_blocks: int, spec: KVCacheSpec, static_scales: torch.Tensor | None,
+                 shares: "QuantizedRows | None" = None) -> None:
+        """`shares`: rows of another group's layer whose slot storage (codes, per-token scales, residual pool)
+        these use too; per-channel scales stay the layer's own."""
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.codes = torch.zeros(shape, dtype=torch.int8)
+        self.codes = shares.codes if shares else torch.zeros(shape, dtype=torch.int8)
         self.per_token = static_scales is None
         if self.per_token:
-            self.scales = torch.zeros(shape[:3], dtype=torch.float32)
+            self.scales = shares.scales if shares else torch.zeros(shape[:3], dtype=torch.float32)
         else:
             if tuple(static_scales.shape) != shape[2:]:
                 raise ValueError(f"static KV scales must be [{shape[2]}, {shape[3]}], got {tuple(static_scales.shape)}")
             self.scales = static_scales.float().contiguous()
-        self.residuals = (ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim,
-                                       spec.outlier_factor) if spec.outlier_residual else None)
+        # A slot's residual row is released when the slot is written again, by whichever group holds it then.
+        self.residuals = shares.residuals if shares else (
+            ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim, spec.outlier_factor)
+            if spec.outlier_residual else None)
         self.kernel_args = self._make_kernel_args()
 
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -173,13 +203,18 @@ class Int8LayerCache:
     is_quantized = True
 
     def __init__(self, num_blocks: int, spec: KVCacheSpec,
-                 static_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 static_scales: tuple[torch.Tensor, torch.Tensor] | None = None, group: int = 0,
+                 shares: "Int8LayerCache | None" = None) -> None:
+        """`group` and `shares` as `DenseLayerCache`'s."""
         if (spec.cache_dtype == "int8-static") != (static_scales is not None):
             raise ValueError("int8-static needs calibrated per-channel scales; int8 takes none")
         self.dtype = spec.model_dtype
         self.block_size = spec.block_size
-        self.key = QuantizedRows(num_blocks, spec, static_scales[0] if static_scales else None)
-        self.value = QuantizedRows(num_blocks, spec, static_scales[1] if static_scales else None)
+        self.group = group
+        self.key = QuantizedRows(num_blocks, spec, static_scales[0] if static_scales else None,
+                                 shares.key if shares else None)
+        self.value = QuantizedRows(num_blocks, spec, static_scales[1] if static_scales else None,
+                                   shares.value if shares else None)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.key.write(k, slot_mapping)
@@ -205,15 +240,26 @@ LayerCache = DenseLayerCache | Int8LayerCache
 
 def create_layer_caches(spec: KVCacheSpec, num_blocks: int,
                         static_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LayerCache]:
-    """One cache per layer. `static_scales`: per layer (k_scale, v_scale), each [KVH, D], for int8-static."""
-    if spec.cache_dtype == "auto":
-        return [DenseLayerCache(num_blocks, spec) for _ in range(spec.num_layers)]
-    if spec.cache_dtype == "int8-static":
-        if static_scales is None or len(static_scales) != spec.num_layers:
-            raise ValueError(f"int8-static needs calibrated KV scales for each of the {spec.num_layers} layers "
-                             "(`ember calibrate-kv --output DIR`, then --kv-scales DIR)")
-        return [Int8LayerCache(num_blocks, spec, scales) for scales in static_scales]
-    return [Int8LayerCache(num_blocks, spec) for _ in range(spec.num_layers)]
+    """One cache per layer, in layer order; with KV-cache groups, layer j of each group stores its rows in the
+    tensors of layer j of the first group. `static_scales`: per layer (k_scale, v_scale), each [KVH, D], for
+    int8-static."""
+    if spec.cache_dtype == "int8-static" and (static_scales is None or len(static_scales) != spec.num_layers):
+        raise ValueError(f"int8-static needs calibrated KV scales for each of the {spec.num_layers} layers "
+                         "(`ember calibrate-kv --output DIR`, then --kv-scales DIR)")
+    place = buffer_of_layers(spec.groups) if spec.groups else {layer: (0, layer) for layer in range(spec.num_layers)}
+    buffers: dict[int, LayerCache] = {}
+    caches = []
+    for layer in range(spec.num_layers):
+        group, buffer = place[layer]
+        shares = buffers.get(buffer)
+        if spec.cache_dtype == "auto":
+            cache = DenseLayerCache(num_blocks, spec, group, shares)
+        else:
+            scales = static_scales[layer] if spec.cache_dtype == "int8-static" else None
+            cache = Int8LayerCache(num_blocks, spec, scales, group, shares)
+        buffers.setdefault(buffer, cache)
+        caches.append(cache)
+    return caches
 
 
 def cache_statistics(spec: KVCacheSpec, caches: list[LayerCache]) -> dict:

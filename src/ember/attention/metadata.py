@@ -39,6 +39,27 @@ class AttentionMetadata:
     # (window, prefill index or -1 for the decode rows) -> (first block read, mask over the rows from there),
     # or None for decode rows the window cuts nothing of: made by the step's first sliding-window layer
     window_masks: dict = field(default_factory=dict)
+    # With KV-cache groups (`kv_cache.groups`): group g's metadata, this one first; a layer reads its group's
+    # slots and block tables. Empty: every layer reads this one.
+    groups: list["AttentionMetadata"] = field(default_factory=list)
+
+    def for_group(self, group: int) -> "AttentionMetadata":
+        return self.groups[group] if self.groups else self
+
+
+def with_group_tables(meta: AttentionMetadata, group_tables: list[list[list[int | None]]], context_lens: list[int],
+                      query_lens: list[int], block_size: int, positions: torch.Tensor | None) -> AttentionMetadata:
+    """`meta` (group 0's) with the other groups' metadata attached: `group_tables[g - 1]` holds each sequence's
+    block table in group g, None where a local group let go of a block (no query reads it: only the rows of
+    its window are, and the decode path masks what a batch's widest gather takes in). The groups share one
+    cache of window masks: a mask depends on lengths, not on blocks."""
+    meta.groups = [meta]
+    for tables in group_tables:
+        group_meta = build_attention_metadata([[0 if b is None else b for b in t] for t in tables], context_lens,
+                                              query_lens, block_size, positions)
+        group_meta.window_masks = meta.window_masks
+        meta.groups.append(group_meta)
+    return meta
 
 
 def build_attention_metadata(block_tables: list[list[int]], context_lens: list[int],

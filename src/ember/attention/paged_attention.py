@@ -23,6 +23,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     Returns:
         [T, num_heads, head_dim]
     """
+    meta = meta.for_group(cache.group)
     cache.write(k, v, meta.slot_mapping)
     parts = []
     if meta.num_decode_tokens:

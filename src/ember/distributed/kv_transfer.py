@@ -72,12 +72,16 @@ class KVTransfer:
     Raises:
         ValueError: options `check_pd_config` refuses: a quantized KV cache (codes and scales do not move
             yet), prefix caching off (also by --kv-eviction), a draft model (its own KV cache would miss the
-            imported blocks), LoRA.
+            imported blocks), LoRA; a model whose sliding-window layers keep block tables of their own (run it
+            with --disable-hybrid-kv-cache-manager).
     """
 
     def __init__(self, engine, pool) -> None:
         check_pd_config(engine.config)
         spec = engine.kv_spec
+        if spec.groups:
+            raise ValueError("prefill/decode disaggregation moves one block table per request; this model's "
+                             "sliding-window layers have their own: pass --disable-hybrid-kv-cache-manager")
         self.engine = engine
         self.pool = pool
         self.block_size = spec.block_size

@@ -76,14 +76,16 @@ class LLMEngine:
                              f"{model_config.max_position_embeddings}")
         self.config = config.replace(max_model_len=max_len)
         self.kv_spec = KVCacheSpec.for_model(model_config, getattr(torch, config.dtype), config.kv_cache_dtype,
-                                             config.block_size, config.kv_outlier_residual, config.kv_outlier_factor)
+                                             config.block_size, config.kv_outlier_residual, config.kv_outlier_factor,
+                                             grouped=not config.disable_hybrid_kv_cache_manager)
         num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // self.kv_spec.bytes_per_block())
         eviction = config.eviction_config()  # compaction rewrites blocks in place: no prefix sharing then
         if eviction is not None and model_config.sliding_window:
             raise ValueError("--kv-eviction cannot run a model with sliding-window layers: compaction moves kept "
                              "tokens to other rows, and a window counts rows")
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
-                                               config.enable_prefix_caching and eviction is None)
+                                               config.enable_prefix_caching and eviction is None,
+                                               windows=self.kv_spec.windows)
         chunk = config.long_prefill_token_threshold  # a request holds its kept rows plus one step's tokens
         if eviction is not None:
             chunk = min(chunk or eviction.budget_tokens, eviction.budget_tokens)
@@ -230,7 +232,8 @@ class LLMEngine:
             raise err
         rows = max_rows_needed(self.eviction and self.eviction.config, len(token_ids) + params.max_tokens,
                                self.scheduler.long_prefill_token_threshold)
-        blocks_needed = -(-rows // self.config.block_size)
+        blocks_needed = self.kv_cache_manager.max_blocks_needed(rows, min(self.scheduler.long_prefill_token_threshold,
+                                                                          self.config.max_num_batched_tokens))
         if blocks_needed > self.kv_cache_manager.num_blocks:
             raise ValueError(f"the request needs {blocks_needed} KV-cache blocks but the cache holds "
                              f"only {self.kv_cache_manager.num_blocks}")

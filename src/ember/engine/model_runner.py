@@ -9,7 +9,7 @@ from torch import nn
 
 from ember.attention.eviction import AttentionMassRecorder
 from ember.attention.layer_cache import KVCacheSpec, create_layer_caches
-from ember.attention.metadata import build_attention_metadata
+from ember.attention.metadata import build_attention_metadata, with_group_tables
 from ember.engine.prompt_logprobs import PromptLogprobsChunk, compute_prompt_logprobs
 from ember.models.config import ModelConfig
 from ember.models.layers.precision import PrecisionMask
@@ -130,6 +130,7 @@ class ModelRunner:
         # after eviction) and new tokens. A request verifying drafts gives one decode row per position,
         # each seeing one more row of KV than the last (all of the step's K/V is written before attention).
         tables: list[list[int]] = []
+        group_tables: list[list[list[int | None]]] = [[] for _ in entries[0].group_block_ids]  # local groups'
         context_lens: list[int] = []
         query_lens: list[int] = []
         logits_rows: list[int] = []
@@ -139,12 +140,14 @@ class ModelRunner:
             start = request.num_computed_tokens
             end = start + num_new
             num_spec = len(entry.spec_token_ids)
+            num_rows = num_new if num_spec else 1
+            tables.extend([entry.block_ids] * num_rows)
+            for group, table in zip(group_tables, entry.group_block_ids):
+                group.extend([table] * num_rows)
             if num_spec:
-                tables.extend([entry.block_ids] * num_new)
                 context_lens.extend(range(request.num_kv_tokens, request.num_kv_tokens + num_new))
                 query_lens.extend([1] * num_new)
             else:
-                tables.append(entry.block_ids)
                 context_lens.append(request.num_kv_tokens)
                 query_lens.append(num_new)
             input_ids.extend(request.all_token_ids[start:end - num_spec])
@@ -156,8 +159,10 @@ class ModelRunner:
         positions_t = torch.tensor(positions, dtype=torch.int64)
         # Slots follow cache rows; positions (RoPE) stay the tokens' own, also after eviction.
         evicted = any(e.request.num_evicted_tokens for e in entries)
-        meta = build_attention_metadata(tables, context_lens, query_lens, self.block_size,
-                                        None if evicted else positions_t)
+        positions_or_none = None if evicted else positions_t
+        meta = build_attention_metadata(tables, context_lens, query_lens, self.block_size, positions_or_none)
+        if group_tables:
+            with_group_tables(meta, group_tables, context_lens, query_lens, self.block_size, positions_or_none)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 
 

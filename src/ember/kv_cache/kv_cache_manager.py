@@ -1,4 +1,5 @@
-"""Owner of the paged KV cache's bookkeeping: block tables, reference counts, prefix cache."""
+"""Owner of the paged KV cache's bookkeeping: block tables (one per KV-cache group), reference counts, prefix
+cache."""
 
 from __future__ import annotations
 
@@ -6,7 +7,18 @@ from collections import OrderedDict
 
 from ember.kv_cache.block_allocator import BlockAllocator
 from ember.kv_cache.block_hash import BlockHashIndex, HashFn, hash_block_tokens
+from ember.kv_cache.groups import first_needed_block
+from ember.kv_cache.invariants import check_manager_invariants
 from ember.request import Request
+
+
+class PrefixHit(list):
+    """`get_computed_blocks`' hit: the first group's block ids (a list, as with one group), and in `windowed`
+    each later group's table for the same tokens, None where its window no longer reaches."""
+
+    def __init__(self, block_ids: list[int], windowed: list[list[int | None]] | None = None) -> None:
+        super().__init__(block_ids)
+        self.windowed = windowed or []
 
 
 class KVCacheManager:
@@ -32,40 +44,52 @@ class KVCacheManager:
     The scheduler calls `free` for every request that ends or is preempted; it also drops the
     hashes `get_computed_blocks` kept for the request.
 
+    KV-cache groups (`kv_cache.groups`; `windows` names each group's window, the first group's None): each
+    request has a table per group, all as long as its first; a local group's table lets go of the blocks its
+    window no longer reaches (None entries), as `allocate_slots` moves the request on. Each group caches its
+    own blocks, under the same chained hashes; a local block's parent is the first group's block before it,
+    so a hit needs the first group's whole prefix and each local group's blocks within the window before
+    the first token left to compute.
+
     Internal fragmentation is counted as the scheduler asks for slots: a request's empty slots are
     its table's slots past the tokens its latest `allocate_slots` covered. Those slots sit in its
     unshared tail blocks (only full blocks are shared), so the per-request counts add up.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 hash_fn: HashFn | None = None) -> None:
+                 hash_fn: HashFn | None = None, windows: tuple[int | None, ...] = (None,)) -> None:
         """Args:
             num_blocks: KV blocks in the pool.
             block_size: tokens per block.
             enable_prefix_caching: share and keep full blocks by content.
             hash_fn: `hash_fn(parent_hash, token_ids, salt) -> int`; defaults to
                 `hash_block_tokens`. Injectable so tests can force collisions.
+            windows: per KV-cache group, its sliding window (None: global); the first must be global.
 
         Raises:
-            ValueError: if `num_blocks` or `block_size` is not a positive integer.
+            ValueError: if `num_blocks` or `block_size` is not a positive integer, or the first group has a window.
         """
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not windows or windows[0] is not None:
+            raise ValueError(f"the first KV-cache group must be global (window None), got windows {windows}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.windows = tuple(windows)
         self._hash_fn = hash_fn if hash_fn is not None else hash_block_tokens
         self._allocator = BlockAllocator(num_blocks)
-        self._index = BlockHashIndex()
+        self._indexes = [BlockHashIndex() for _ in windows]  # a block is cached in its group's index only
+        self._index = self._indexes[0]
         self._ref_counts = [0] * num_blocks
         self._num_used_blocks = 0
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        self._block_tables: dict[str, list[int]] = {}
+        self._block_tables: dict[str, list[list[int | None]]] = {}  # per group; None: let go by a local group
         self._block_hashes: dict[str, list[int]] = {}  # chained hash per full block, computed once
-        self._block_uids: dict[str, list[int]] = {}  # prefix uid per registered table position
+        self._block_uids: dict[str, list[list[int | None]]] = {}  # per group, prefix uid per registered position
         self._num_covered_tokens: dict[str, int] = {}  # tokens the latest allocate_slots covered
         self._num_empty_slots = 0  # sum over tables of slots past their covered tokens
-        self._num_table_blocks = 0  # sum of the tables' lengths: a shared block counts once per table
+        self._num_table_blocks = 0  # blocks the tables list: a shared block counts once per table
         self._peak_usage = (0, 0)  # most used blocks, most table blocks since `reset_peak_usage`
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -123,7 +147,8 @@ class KVCacheManager:
 
         At least one token is always left to compute (the model needs logits for it), so at most
         `(num_tokens - 1) // block_size` blocks are returned. No reference is taken: pass the
-        blocks to `allocate_slots` before anything else allocates.
+        blocks to `allocate_slots` before anything else allocates. With local groups the hit is as long as
+        every local group also holds the blocks of its window before the first token left (a `PrefixHit`).
 
         A request asking for prompt logprobs reads no cached blocks (as in vLLM): cached rows are not
         recomputed, so their logprobs would be missing. Its own full blocks are still registered.
@@ -133,36 +158,56 @@ class KVCacheManager:
             prompt logprobs.
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
-            return [], 0
+            return PrefixHit([]), 0
         bs = self.block_size
         max_blocks = self._num_cacheable_blocks(request, max(0, (request.num_tokens - 1) // bs))
         hashes = self._hashes_for(request, max_blocks)
-        tokens = request.all_token_ids
         block_ids: list[int] = []
-        parent_uid = None
+        uids: list[int] = []
         for i in range(max_blocks):
-            salt = request.kv_salt if i == 0 else None
-            block_id = self._index.lookup(hashes[i], parent_uid, tuple(tokens[i * bs:(i + 1) * bs]),
-                                          salt)
+            block_id = self._lookup(0, request, hashes, i, uids[-1] if uids else None)
             if block_id is None:
                 break
             block_ids.append(block_id)
-            parent_uid = self._index.get(block_id).uid
-        num_computed_tokens = len(block_ids) * bs
+            uids.append(self._index.get(block_id).uid)
+        hit = self._window_hits(request, hashes, uids, block_ids)
+        num_computed_tokens = len(hit) * bs
         self.num_queried_tokens += request.num_tokens
         self.num_hit_tokens += num_computed_tokens
-        return block_ids, num_computed_tokens
+        return hit, num_computed_tokens
+
+    def _lookup(self, group: int, request: Request, hashes: list[int], i: int, parent_uid: int | None) -> int | None:
+        """The block of `group` caching the request's full block i (its parent: the first group's block i - 1)."""
+        bs = self.block_size
+        salt = request.kv_salt if i == 0 else None
+        return self._indexes[group].lookup(hashes[i], parent_uid, tuple(request.all_token_ids[i * bs:(i + 1) * bs]),
+                                           salt)
+
+    def _window_hits(self, request: Request, hashes: list[int], uids: list[int], block_ids: list[int]) -> PrefixHit:
+        """The first group's hit cut to the longest one every local group can serve, with their tables."""
+        num_hit = len(block_ids)
+        found = [[self._lookup(g, request, hashes, i, uids[i - 1] if i else None) for i in range(num_hit)]
+                 for g in range(1, len(self.windows))]
+
+        def first(group: int, n: int) -> int:
+            return first_needed_block(self.windows[group], n * self.block_size, self.block_size)
+
+        while num_hit and any(None in blocks[first(g, num_hit):num_hit] for g, blocks in enumerate(found, 1)):
+            num_hit -= 1
+        return PrefixHit(block_ids[:num_hit], [[None] * first(g, num_hit) + blocks[first(g, num_hit):num_hit]
+                                               for g, blocks in enumerate(found, 1)])
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[int] | None = None) -> bool:
-        """Grow the request's block table to cover its computed, hit and new tokens.
+        """Grow the request's block tables to cover its computed, hit and new tokens.
 
-        The table must cover `request.num_computed_tokens + len(new_computed_blocks) *
-        block_size + num_new_tokens` tokens. `new_computed_blocks` (from `get_computed_blocks`,
-        only when the request holds no blocks) are appended first, one reference each.
+        The tables must cover `request.num_kv_tokens + len(new_computed_blocks) * block_size +
+        num_new_tokens` tokens. `new_computed_blocks` (from `get_computed_blocks`, only when the request
+        holds no blocks) are listed first, one reference each. A local group first lets go of the blocks its
+        window no longer reaches from the first new token (whatever the outcome: no later step reads them).
 
         Returns:
-            True on success; False, with nothing changed, when too few blocks are available.
+            True on success; False, with nothing else changed, when too few blocks are available.
 
         Raises:
             ValueError: if `num_new_tokens` is negative, or `new_computed_blocks` is given to a
@@ -171,34 +216,57 @@ class KVCacheManager:
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be non-negative, got {num_new_tokens}")
-        computed = list(new_computed_blocks or [])
-        table = self._block_tables.get(request.request_id, [])
+        computed = new_computed_blocks or PrefixHit([])
+        tables = self._block_tables.get(request.request_id)
         if computed:
-            self._check_computed_blocks(request, table, computed)
-        num_covered = request.num_kv_tokens + len(computed) * self.block_size + num_new_tokens
-        num_to_allocate = -(-num_covered // self.block_size) - len(table) - len(computed)
+            self._check_computed_blocks(request, tables, computed)
+        bs = self.block_size
+        start = request.num_kv_tokens + len(computed) * bs  # the first new token's row
+        num_covered = start + num_new_tokens
+        if tables is None:
+            windowed = getattr(computed, "windowed", None) or [[] for _ in self.windows[1:]]
+            tables = [list(computed)] + [list(blocks) for blocks in windowed]
+            held = []  # blocks a hit hands over: referenced below, once the allocation is sure
+        else:
+            held = None
+            self._release_out_of_window(request.request_id, tables, start)
+        num_needed = -(-num_covered // bs)
+        firsts = [first_needed_block(w, start, bs) for w in self.windows]
+        num_to_allocate = sum(max(num_needed - max(len(t), first), 0) for t, first in zip(tables, firsts))
         if num_to_allocate > 0:
             # Hit blocks sitting in the evictable set are about to be revived, not evicted.
-            num_revived = sum(1 for block_id in computed if self._ref_counts[block_id] == 0)
+            num_revived = (0 if held is None else
+                           sum(1 for t in tables for b in t if b is not None and self._ref_counts[b] == 0))
             if num_to_allocate > self.num_free_blocks - num_revived:
                 return False
-        table = self._block_tables.setdefault(request.request_id, table)
-        num_listed = len(table)
         self._num_empty_slots -= self._empty_slots(request.request_id)
-        for block_id in computed:
-            self._take_ref(block_id)
-            table.append(block_id)
-        for _ in range(num_to_allocate):
-            table.append(self._allocate_block())
+        if held is not None:
+            self._block_tables[request.request_id] = tables
+            for block_id in (b for t in tables for b in t if b is not None):
+                self._take_ref(block_id)
+            self._num_table_blocks += sum(b is not None for t in tables for b in t)
+        for table, first in zip(tables, firsts):
+            table.extend([None] * max(first - len(table), 0))
+            for _ in range(num_needed - len(table)):
+                table.append(self._allocate_block())
+                self._num_table_blocks += 1
         self._num_covered_tokens[request.request_id] = num_covered
         self._num_empty_slots += self._empty_slots(request.request_id)
-        self._num_table_blocks += len(table) - num_listed
         self._peak_usage = (max(self._peak_usage[0], self._num_used_blocks),
                             max(self._peak_usage[1], self._num_table_blocks))
         if self.enable_prefix_caching:
-            num_full = self._num_cacheable_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
-            self._register_full_blocks(request, table, num_full)
+            num_full = self._num_cacheable_blocks(request, min(num_covered, request.num_tokens) // bs)
+            self._register_full_blocks(request, tables, num_full)
         return True
+
+    def _release_out_of_window(self, request_id: str, tables: list[list[int | None]], start: int) -> None:
+        """Let go of each local table's blocks before the first one a query from row `start` on reads."""
+        for window, table in zip(self.windows[1:], tables[1:]):
+            for i in range(min(first_needed_block(window, start, self.block_size), len(table))):
+                if table[i] is not None:
+                    self._drop_ref(table[i])
+                    table[i] = None
+                    self._num_table_blocks -= 1
 
     def free(self, request: Request) -> None:
         """Drop the request's references and its kept hashes.
@@ -210,17 +278,22 @@ class KVCacheManager:
         self._block_uids.pop(request.request_id, None)
         self._num_empty_slots -= self._empty_slots(request.request_id)
         self._num_covered_tokens.pop(request.request_id, None)
-        table = self._block_tables.pop(request.request_id, None) or []
-        self._num_table_blocks -= len(table)
-        for block_id in reversed(table):
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] > 0:
-                continue
-            self._num_used_blocks -= 1
-            if block_id in self._index:
-                self._evictable[block_id] = None  # most recently used end
-            else:
-                self._allocator.free(block_id)
+        for table in self._block_tables.pop(request.request_id, None) or []:
+            for block_id in reversed(table):
+                if block_id is not None:
+                    self._num_table_blocks -= 1
+                    self._drop_ref(block_id)
+
+    def _drop_ref(self, block_id: int) -> None:
+        """One reference less; an unreferenced block becomes evictable if cached, else free."""
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] > 0:
+            return
+        self._num_used_blocks -= 1
+        if self._cached_in(block_id) is not None:
+            self._evictable[block_id] = None  # most recently used end
+        else:
+            self._allocator.free(block_id)
 
     def truncate(self, request: Request, num_rows: int) -> None:
         """Keep only the blocks holding the request's first `num_rows` rows and free the rest: KV eviction
@@ -231,26 +304,39 @@ class KVCacheManager:
         Raises:
             ValueError: `num_rows` beyond what the table holds, or a block that is shared or cached.
         """
-        table = self._block_tables[request.request_id]
+        tables = self._block_tables[request.request_id]
         num_kept = -(-num_rows // self.block_size)
-        if num_rows < 0 or num_kept > len(table):
-            raise ValueError(f"cannot keep {num_rows} rows of a {len(table)}-block table")
-        dropped = table[num_kept:]
-        if any(self._ref_counts[b] != 1 or b in self._index for b in dropped):
+        if num_rows < 0 or num_kept > len(tables[0]):
+            raise ValueError(f"cannot keep {num_rows} rows of a {len(tables[0])}-block table")
+        dropped = [b for table in tables for b in table[num_kept:] if b is not None]
+        if any(self._ref_counts[b] != 1 or self._cached_in(b) is not None for b in dropped):
             raise ValueError("eviction may only free blocks its request alone holds")
         self._num_empty_slots -= self._empty_slots(request.request_id)
-        del table[num_kept:]
+        for table in tables:
+            del table[num_kept:]
         self._num_table_blocks -= len(dropped)
         for block_id in dropped:
-            self._ref_counts[block_id] = 0
-            self._num_used_blocks -= 1
-            self._allocator.free(block_id)
+            self._drop_ref(block_id)
         self._num_covered_tokens[request.request_id] = num_rows
         self._num_empty_slots += self._empty_slots(request.request_id)
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """A copy of the request's block table ([] if it holds none)."""
-        return list(self._block_tables.get(request_id, ()))
+        """A copy of the request's block table in the first group ([] if it holds none)."""
+        tables = self._block_tables.get(request_id)
+        return list(tables[0]) if tables else []
+
+    def get_group_block_ids(self, request_id: str) -> list[list[int | None]]:
+        """Copies of the request's tables in the later (local) groups, None where a window let a block go;
+        [] with one group."""
+        return [list(table) for table in self._block_tables.get(request_id, [[]])[1:]]
+
+    def max_blocks_needed(self, num_rows: int, max_step_tokens: int) -> int:
+        """The most blocks a request of `num_rows` rows holds at once, over every group, when a step computes
+        at most `max_step_tokens` of its tokens (a local group holds its window before the step's first
+        token, and the step)."""
+        bs = self.block_size
+        full = -(-num_rows // bs)
+        return sum(full if w is None else min(full, -(-(w - 1 + max_step_tokens) // bs) + 1) for w in self.windows)
 
     def get_ref_count(self, block_id: int) -> int:
         """How many block tables hold `block_id`."""
@@ -263,7 +349,8 @@ class KVCacheManager:
         for block_id in self._evictable:
             self._allocator.free(block_id)
         self._evictable.clear()
-        self._index.clear()
+        for index in self._indexes:
+            index.clear()
         return True
 
     # ---- blocks whose KV comes from elsewhere (prefill/decode disaggregation's KV pool) ----------
@@ -273,7 +360,11 @@ class KVCacheManager:
 
         Returns:
             block ids in prefix order, [] with prefix caching off.
+
+        Raises:
+            ValueError: a cache with local groups (their windows are not moved between engines).
         """
+        self._check_one_group("prefill/decode KV transfer")
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
@@ -329,6 +420,10 @@ class KVCacheManager:
                 self._evictable[block_id] = None  # most recently used end
         return new
 
+    def _check_one_group(self, what: str) -> None:
+        if len(self.windows) > 1:
+            raise ValueError(f"{what} does not support models with sliding-window layers (local KV-cache groups)")
+
     def _num_cacheable_blocks(self, request: Request, num_blocks: int) -> int:
         """`num_blocks` capped to the full blocks the request may share."""
         limit = request.num_cacheable_tokens
@@ -344,31 +439,44 @@ class KVCacheManager:
             hashes.append(self._hash_fn(parent_hash, tuple(tokens[i * bs:(i + 1) * bs]), salt))
         return hashes
 
-    def _check_computed_blocks(self, request: Request, table: list[int],
+    def _check_computed_blocks(self, request: Request, tables: list[list[int | None]] | None,
                                computed: list[int]) -> None:
         """Reject hit blocks handed over out of turn, or evicted since `get_computed_blocks`."""
         if not self.enable_prefix_caching:
             raise ValueError("new_computed_blocks given while prefix caching is off")
-        if table:
+        if tables:
             raise ValueError(f"request {request.request_id!r} already holds blocks; "
                              "new_computed_blocks are only accepted at admission")
+        windowed = getattr(computed, "windowed", [])
+        if len(windowed) != len(self.windows) - 1:
+            raise ValueError("a cache with local groups takes the PrefixHit of get_computed_blocks")
         bs, tokens = self.block_size, request.all_token_ids
-        parent_uid = None
-        for i, block_id in enumerate(computed):
-            content = self._index.get(block_id)
-            salt = request.kv_salt if i == 0 else None
-            if content is None or not content.holds(parent_uid, tuple(tokens[i * bs:(i + 1) * bs]),
-                                                     salt):
-                raise ValueError(f"block {block_id} no longer holds block {i} of request "
-                                 f"{request.request_id!r}")
-            parent_uid = content.uid
+        uids: list[int] = []
+        for group, table in enumerate([computed, *windowed]):
+            for i, block_id in enumerate(table):
+                if block_id is None:
+                    continue
+                content = self._indexes[group].get(block_id)
+                salt = request.kv_salt if i == 0 else None
+                if content is None or not content.holds(uids[i - 1] if i else None,
+                                                         tuple(tokens[i * bs:(i + 1) * bs]), salt):
+                    raise ValueError(f"block {block_id} no longer holds block {i} of request "
+                                     f"{request.request_id!r}")
+                if group == 0:
+                    uids.append(content.uid)
 
     def _empty_slots(self, request_id: str) -> int:
-        """Slots of the request's table past the tokens it last covered (0 before it has any)."""
+        """Slots of the request's tables past the tokens it last covered (0 before it has any); a table whose
+        last block a window let go of holds none."""
         num_covered = self._num_covered_tokens.get(request_id)
         if num_covered is None:
             return 0
-        return len(self._block_tables[request_id]) * self.block_size - num_covered
+        return sum(len(table) * self.block_size - num_covered
+                   for table in self._block_tables[request_id] if table and table[-1] is not None)
+
+    def _cached_in(self, block_id: int) -> BlockHashIndex | None:
+        """The index (of the group) caching `block_id`, or None."""
+        return next((index for index in self._indexes if block_id in index), None)
 
     def _take_ref(self, block_id: int) -> None:
         if self._ref_counts[block_id] == 0:
@@ -382,76 +490,39 @@ class KVCacheManager:
             block_id = self._allocator.allocate()
         else:
             block_id, _ = self._evictable.popitem(last=False)
-            self._index.remove(block_id)
+            self._cached_in(block_id).remove(block_id)
         self._ref_counts[block_id] = 1
         self._num_used_blocks += 1
         return block_id
 
-    def _register_full_blocks(self, request: Request, table: list[int], num_full: int) -> None:
-        """Cache every table block, up to `num_full`, not yet registered for this request."""
-        uids = self._block_uids.setdefault(request.request_id, [])
-        if num_full <= len(uids):
+    def _register_full_blocks(self, request: Request, tables: list[list[int | None]], num_full: int) -> None:
+        """Cache every table block, up to `num_full`, not yet registered for this request; each block's parent
+        is the first group's block before it."""
+        all_uids = self._block_uids.setdefault(request.request_id, [[] for _ in tables])
+        if num_full <= len(all_uids[0]):
             return
         hashes = self._hashes_for(request, num_full)
         bs, tokens = self.block_size, request.all_token_ids
-        parent_uid = uids[-1] if uids else None
-        for i in range(len(uids), num_full):
-            content = self._index.get(table[i])  # set for prefix-hit blocks
-            if content is None:
-                token_ids = tuple(tokens[i * bs:(i + 1) * bs])
-                salt = request.kv_salt if i == 0 else None
-                twin = self._index.lookup(hashes[i], parent_uid, token_ids, salt)
-                if twin is None:
-                    content = self._index.insert(table[i], hashes[i], parent_uid, token_ids, salt)
-                else:
-                    # Same KV computed concurrently by another request: keep one cached copy,
-                    # and chain this request's later blocks to it.
-                    content = self._index.get(twin)
-            uids.append(content.uid)
-            parent_uid = content.uid
+        chain = all_uids[0]
+        for index, table, uids in zip(self._indexes, tables, all_uids):
+            for i in range(len(uids), num_full):
+                block_id = table[i]
+                if block_id is None:  # a local group let it go before its tokens were known
+                    uids.append(None)
+                    continue
+                content = index.get(block_id)  # set for prefix-hit blocks
+                if content is None:
+                    token_ids, parent_uid = tuple(tokens[i * bs:(i + 1) * bs]), chain[i - 1] if i else None
+                    salt = request.kv_salt if i == 0 else None
+                    twin = index.lookup(hashes[i], parent_uid, token_ids, salt)
+                    if twin is None:
+                        content = index.insert(block_id, hashes[i], parent_uid, token_ids, salt)
+                    else:
+                        # Same KV computed concurrently by another request: keep one cached copy,
+                        # and chain this request's later blocks to it.
+                        content = index.get(twin)
+                uids.append(content.uid)
 
     def check_invariants(self) -> None:
-        """Raise AssertionError describing the first inconsistency found."""
-        self._allocator.check_invariants()
-        self._index.check_invariants(self.block_size)
-        assert self.enable_prefix_caching or len(self._index) == 0, "cached blocks with caching off"
-        expected_refs = [0] * self.num_blocks
-        for request_id, table in self._block_tables.items():
-            assert len(set(table)) == len(table), f"request {request_id!r} lists a block twice"
-            for block_id in table:
-                expected_refs[block_id] += 1
-            uids = self._block_uids.get(request_id, [])
-            assert len(uids) <= len(table), f"request {request_id!r} registered past its table"
-            for block_id, uid in zip(table, uids):
-                content = self._index.get(block_id)
-                assert content is None or content.uid == uid, (
-                    f"request {request_id!r}: block {block_id} uid {content.uid} != {uid}")
-        assert set(self._block_uids) <= set(self._block_tables), "uids kept for a freed request"
-        assert set(self._num_covered_tokens) <= set(self._block_tables), "tokens kept for a freed request"
-        empty = [self._empty_slots(request_id) for request_id in self._num_covered_tokens]
-        assert min(empty, default=0) >= 0, "a table covers fewer slots than its tokens"
-        assert sum(empty) == self._num_empty_slots, (
-            f"{sum(empty)} empty slots in the tables but {self._num_empty_slots} counted")
-        num_listed = sum(map(len, self._block_tables.values()))
-        assert num_listed == self._num_table_blocks, (
-            f"{num_listed} blocks listed by the tables but {self._num_table_blocks} counted")
-        self._check_block_states(expected_refs)
-
-    def _check_block_states(self, expected_refs: list[int]) -> None:
-        num_used = 0
-        for block_id, (refs, expected) in enumerate(zip(self._ref_counts, expected_refs)):
-            assert refs == expected, f"block {block_id} ref count {refs}, tables hold {expected}"
-            is_used = refs > 0
-            is_evictable = block_id in self._evictable
-            num_used += is_used
-            assert not (is_used and is_evictable), f"block {block_id} used yet evictable"
-            assert is_evictable == (not is_used and block_id in self._index), (
-                f"block {block_id}: evictable={is_evictable}, refs={refs}, "
-                f"cached={block_id in self._index}")
-            assert self._allocator.is_allocated(block_id) == (is_used or is_evictable), (
-                f"block {block_id}: allocator bit disagrees with refs={refs}, "
-                f"evictable={is_evictable}")
-        assert num_used == self._num_used_blocks, (
-            f"{num_used} blocks referenced but {self._num_used_blocks} counted")
-        assert self._allocator.num_free + len(self._evictable) + num_used == self.num_blocks, (
-            "free + evictable + used blocks do not add up to num_blocks")
+        """Raise AssertionError describing the first inconsistency found (`kv_cache.invariants`)."""
+        check_manager_invariants(self)

@@ -14,6 +14,8 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table after allocation
     # Draft tokens verified this step: the last `len(spec_token_ids)` of the `num_new_tokens` positions.
     spec_token_ids: list[int] = field(default_factory=list)
+    # With local KV-cache groups: the request's table in each later group (None: a block its window let go).
+    group_block_ids: list[list[int | None]] = field(default_factory=list)
 
 
 @dataclass

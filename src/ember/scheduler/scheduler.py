@@ -67,8 +67,8 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is request:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, num_new + len(spec),
-                                                  manager.get_block_ids(request.request_id), spec))
+            out.scheduled.append(ScheduledRequest(request, num_new + len(spec), manager.get_block_ids(request.request_id),
+                                                  spec, manager.get_group_block_ids(request.request_id)))
             budget -= num_new + len(spec)
             index += 1
         return budget
@@ -99,7 +99,8 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, manager.get_block_ids(request.request_id)))
+            out.scheduled.append(ScheduledRequest(request, num_new, manager.get_block_ids(request.request_id),
+                                                  group_block_ids=manager.get_group_block_ids(request.request_id)))
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:

@@ -78,7 +78,8 @@ def build_rank_engine(config: EngineConfig, parallel_config: ParallelConfig, ran
     else:
         model, local_config = build_pipeline_stage(model_config, state, dtype, policy, rank, group.world_size)
     del state
-    spec = KVCacheSpec.for_model(local_config, dtype, config.kv_cache_dtype, config.block_size)  # this rank's
+    spec = KVCacheSpec.for_model(local_config, dtype, config.kv_cache_dtype, config.block_size,
+                                 grouped=not config.disable_hybrid_kv_cache_manager)  # this rank's
     config = config.replace(num_kv_blocks=agreed_num_blocks(config, spec.bytes_per_block(), group))
     engine = LLMEngine(config, model, local_config, Tokenizer.from_path(path), config.model or "SmolLM2-135M-Instruct")
     if not tensor_parallel:  # the stage's runner takes over the engine's (and its KV caches) before any step
