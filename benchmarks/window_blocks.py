@@ -5,7 +5,8 @@ own that let go of the blocks behind the window (the default) against one table 
 Runs `--num-requests` random prompts of `--prompt-len` tokens (the W1 seed) with `--max-tokens` greedy tokens
 under a fixed KV budget, each setting in its own process, alternating; prints one JSON object: per setting the
 most KV bytes the requests held at once, the most requests running at once, preemptions, elapsed and output
-tokens/s, and whether both settings produced the same tokens.
+tokens/s, the most KV one request held while every running request was decoding, and whether both settings
+produced the same tokens.
 
     .venv/bin/python benchmarks/window_blocks.py --model gemma-3-270m --kv-cache-gib 0.15 --repeat 2
 """
@@ -56,16 +57,20 @@ def run_one(args: argparse.Namespace) -> dict:
     for i, prompt in enumerate(prompts(args.num_requests, args.prompt_len)):
         engine.add_request(str(i), prompt, params)
     tokens: dict[str, list[int]] = {}
-    max_running = 0
+    max_running, decode_blocks_per_request = 0, 0.0
     while engine.has_unfinished_requests():
         for output in engine.step():
             tokens[output.request_id] = list(output.outputs[0].token_ids)
-        max_running = max(max_running, len(engine.scheduler.running))
+        running = engine.scheduler.running
+        max_running = max(max_running, len(running))
+        if running and all(r.num_output_tokens > 1 for r in running):  # every running request decoding
+            decode_blocks_per_request = max(decode_blocks_per_request, manager.num_used_blocks / len(running))
     elapsed = time.perf_counter() - start
     bytes_per_block = engine.kv_spec.bytes_per_block()
     return {"setting": args.setting, "num_kv_groups": len(manager.windows), "num_blocks": manager.num_blocks,
             "bytes_per_block": bytes_per_block, "peak_blocks": manager.peak_usage[0],
             "peak_kv_mib": round(manager.peak_usage[0] * bytes_per_block / 2**20, 1),
+            "decode_kv_mib_per_request": round(decode_blocks_per_request * bytes_per_block / 2**20, 1),
             "max_running": max_running, "num_preemptions": engine.scheduler.num_preemptions_total,
             "elapsed_s": round(elapsed, 1),
             "output_tok_s": round(sum(map(len, tokens.values())) / elapsed, 2),
