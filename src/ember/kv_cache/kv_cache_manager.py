@@ -223,24 +223,23 @@ class KVCacheManager:
         bs = self.block_size
         start = request.num_kv_tokens + len(computed) * bs  # the first new token's row
         num_covered = start + num_new_tokens
-        if tables is None:
+        is_new = tables is None  # its tables (hit blocks first) are listed once the allocation is sure
+        if is_new:
             windowed = getattr(computed, "windowed", None) or [[] for _ in self.windows[1:]]
             tables = [list(computed)] + [list(blocks) for blocks in windowed]
-            held = []  # blocks a hit hands over: referenced below, once the allocation is sure
         else:
-            held = None
             self._release_out_of_window(request.request_id, tables, start)
         num_needed = -(-num_covered // bs)
         firsts = [first_needed_block(w, start, bs) for w in self.windows]
         num_to_allocate = sum(max(num_needed - max(len(t), first), 0) for t, first in zip(tables, firsts))
         if num_to_allocate > 0:
             # Hit blocks sitting in the evictable set are about to be revived, not evicted.
-            num_revived = (0 if held is None else
-                           sum(1 for t in tables for b in t if b is not None and self._ref_counts[b] == 0))
+            num_revived = (sum(1 for t in tables for b in t if b is not None and self._ref_counts[b] == 0)
+                           if is_new else 0)
             if num_to_allocate > self.num_free_blocks - num_revived:
                 return False
         self._num_empty_slots -= self._empty_slots(request.request_id)
-        if held is not None:
+        if is_new:
             self._block_tables[request.request_id] = tables
             for block_id in (b for t in tables for b in t if b is not None):
                 self._take_ref(block_id)
