@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -31,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank-by", action="append", default=None,
                         help="metric ranking the ops (repeat for several mixes; the first sizes the random controls)")
     parser.add_argument("--seeds", type=int, default=3, help="random controls")
+    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first random control")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint directories to score")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per evaluation play")
@@ -100,7 +100,8 @@ def main() -> None:
 
     settings = [("uniform", [])]
     settings += [(f"sensitivity {m} top {args.bf16_budget:.0%}", kept) for m, kept in mixes.items()]
-    settings += [(f"random seed {s}", random_plan(ops, shapes, chosen_bytes, s)) for s in range(args.seeds)]
+    settings += [(f"random seed {s}", random_plan(ops, shapes, chosen_bytes, s))
+                 for s in range(args.first_seed, args.first_seed + args.seeds)]
     rows = []
     base = None if "float" in args.skip else evaluation_ppl(None, args.dtype, args.max_tokens)
     with tempfile.TemporaryDirectory() as scratch:

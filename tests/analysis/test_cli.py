@@ -21,7 +21,7 @@ def report(tiny_llama_dir, tmp_path_factory):
 def test_report_shape_and_plot(report, tmp_path_factory):
     assert report["bits"] == 4 and report["group_size"] == 32 and report["method"] == "rtn"
     assert len(report["layers"]) == 2 * 4 + 1 and report["layers"][-1]["op"] == "lm_head"
-    assert set(report["layers"][0]) == {"layer", "op", "kl", "R", "energy", "skew", "dppl", "flag"}
+    assert set(report["layers"][0]) == {"layer", "op", "kl", "R", "energy", "skew", "dppl", "flag", "num_weights"}
     assert all(row["flag"] == "bf16" for row in report["layers"])  # --kl-threshold 0 flags every op
     assert set(report["spearman_vs_dppl"]) == {"kl", "R", "energy", "skew"}
 
@@ -106,3 +106,30 @@ def test_auto_latency_objective_measures_decode_time(report, tiny_llama_dir, tmp
     timed = [r for r in rows if r["tpot_ms"]]
     assert timed and all(float(r["tpot_ms"]) > 0 for r in timed)
     assert json.loads((out / "quantization_config.json").read_text())["module_precisions"]
+
+
+def test_restore_reuses_a_report_and_ranks_per_byte(report, tiny_llama_dir, tmp_path):
+    report_path = tmp_path / "sens.json"
+    report_path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="no restore_gain"):
+        main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--sensitivity", str(report_path), "--bf16-budget", "0.3", "--rank-by", "restore_per_byte",
+              "--output", str(tmp_path / "refused"), *CALIB])
+    with pytest.raises(SystemExit, match="measured with"):  # another group size than the report's
+        main(["analyze", "sensitivity", "--model", tiny_llama_dir, "--method", "rtn", "--group-size", "64",
+              "--restore", "--reuse", str(report_path), "--output", str(tmp_path / "x.json"), *CALIB])
+    restored = tmp_path / "restored.json"
+    main(["analyze", "sensitivity", "--model", tiny_llama_dir, "--method", "rtn", "--group-size", "32", "--restore",
+          "--reuse", str(report_path), "--no-plot", "--output", str(restored), *CALIB])
+    rows = json.loads(restored.read_text())["layers"]
+    assert [r["kl"] for r in rows] == [r["kl"] for r in report["layers"]]  # the single-op figures are kept
+    assert all("restore_gain" in r for r in rows) and rows[-1]["restore_gain"] == 0.0
+    out = tmp_path / "budget"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--sensitivity", str(restored), "--bf16-budget", "0.3", "--rank-by", "restore_per_byte",
+          "--output", str(out), *CALIB])
+    precisions = json.loads((out / "quantization_config.json").read_text())["module_precisions"]
+    top = max((r for r in rows if r["op"] != "lm_head"), key=lambda r: r["restore_gain"] / r["num_weights"])
+    linears = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
+               "down_proj": "mlp.down_proj"}
+    assert precisions[f"model.layers.{top['layer']}.{linears[top['op']]}"] == "bf16"

@@ -5,7 +5,8 @@ analysis records the KL divergence of the next-token distributions and the calib
 change with that op alone fake-quantized, and three statistics that need no perturbed forward: the
 dispersion of its input channels, the spectral energy of its weight and the skewness of its output.
 The model runs once unquantized to record reference log-probabilities, then layer by layer: the
-hidden states entering layer i are kept, so each perturbed forward runs layers i..L-1 only.
+hidden states entering layer i are kept, so each perturbed forward runs layers i..L-1 only. With
+``restore=True`` it also measures each op's leave-one-out gain (``ember.analysis.restore``).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def _observe(layer: nn.Module, inputs: LayerInputs) -> tuple[dict[str, torch.Ten
 def analyze_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], scheme: WeightScheme, *,
                         method: str = "rtn", thresholds: Thresholds = Thresholds(),
                         method_args: dict[str, Any] | None = None, progress: bool = False,
-                        info: dict[str, Any] | None = None) -> SensitivityReport:
+                        info: dict[str, Any] | None = None, restore: bool = False) -> SensitivityReport:
     """Sensitivity of every op of a float Hugging Face Llama-style causal LM to ``scheme`` under ``method``.
 
     Args:
@@ -138,6 +139,7 @@ def analyze_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], schem
         thresholds: when an op is flagged ``bf16``.
         progress: show a progress bar over the ops (stderr, terminal only: ``ember.progress``).
         info: model name and calibration description recorded in the report.
+        restore: also measure ``restore_gain`` (about as long again: every op restored in the quantized model).
     Returns:
         a ``SensitivityReport`` with one entry per op, layer by layer, ``lm_head`` last.
     """
@@ -163,14 +165,20 @@ def analyze_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], schem
                 nll, kl = scorer.nll_and_kl(_tail(model, layers, index, inputs))
             weight = torch.cat([lin.weight for lin in linears])
             results.append(OpSensitivity(OpRef(index, op), kl, dispersion(op_inputs[op]), spectral_energy(weight),
-                                         skewness(op_outputs[op]), _ppl_change(nll, base_nll)).flagged(thresholds))
+                                         skewness(op_outputs[op]), _ppl_change(nll, base_nll),
+                                         num_weights=weight.numel()).flagged(thresholds))
             bar.update()
         inputs = LayerInputs(outs, inputs.kwargs)
     results.append(_lm_head_sensitivity(model, quantize, head_inputs, scorer, base_nll, thresholds))
     bar.update()
     bar.close()
-    return SensitivityReport(method=method, scheme=scheme, thresholds=thresholds, ops=results,
-                             base_ppl=math.exp(base_nll), info=dict(info or {}))
+    report = SensitivityReport(method=method, scheme=scheme, thresholds=thresholds, ops=results,
+                               base_ppl=math.exp(base_nll), info=dict(info or {}))
+    if restore:
+        from ember.analysis.restore import with_restore_gains
+
+        report = with_restore_gains(report, model, batches, method_args=method_args, progress=progress)
+    return report
 
 
 def _lm_head_sensitivity(model: nn.Module, quantize: Quantizer, head_inputs: list[torch.Tensor], scorer: _Scorer,
@@ -183,4 +191,4 @@ def _lm_head_sensitivity(model: nn.Module, quantize: Quantizer, head_inputs: lis
     nll, kl = scorer.nll_and_kl(logprobs)
     logits = torch.cat([h[:256] @ head.weight.T for h in head_inputs])  # a sample: vocab-wide outputs are large
     return OpSensitivity(OpRef(None, LM_HEAD), kl, dispersion(x), spectral_energy(head.weight), skewness(logits),
-                         _ppl_change(nll, base_nll)).flagged(thresholds)
+                         _ppl_change(nll, base_nll), num_weights=head.weight.numel()).flagged(thresholds)

@@ -32,8 +32,11 @@ def register(subparsers) -> None:
     mixed.add_argument("--bf16-budget", type=float, default=None, metavar="FRACTION",
                        help="keep the most sensitive ops in bf16, up to this fraction of the linear weights "
                             "(ranked by the --keep-bf16 report, or by an analysis run now)")
-    mixed.add_argument("--rank-by", default="kl", choices=["kl", "dppl", "R", "energy", "skew"],
-                       help="metric that ranks ops for --bf16-budget and --auto")
+    mixed.add_argument("--rank-by", default="kl",
+                       choices=["kl", "dppl", "R", "energy", "skew", "restore", "restore_per_byte"],
+                       help="metric that ranks ops for --bf16-budget and --auto; restore: the leave-one-out gain "
+                            "(`analyze sensitivity --restore`), restore_per_byte: that gain per bf16 byte of the op, "
+                            "what a byte budget buys")
     mixed.add_argument("--sensitivity", metavar="REPORT", default=None,
                        help="sensitivity report that ranks the ops for --bf16-budget and --auto "
                             "(default: run the analysis first)")
@@ -134,9 +137,14 @@ def _sensitivity(args: argparse.Namespace, config, model, batches):
         raise SystemExit("mixed precision needs a weight-only config without rotation")
     path = args.sensitivity or args.keep_bf16
     if path:
-        return SensitivityReport.load(path)
+        report = SensitivityReport.load(path)
+        if args.rank_by.startswith("restore") and not report.has_restore:
+            raise SystemExit(f"--rank-by {args.rank_by}: {path} has no restore_gain (`ember analyze sensitivity "
+                             "--restore`)")
+        return report
     method = args.method if args.method in ("rtn", "gptq", "awq") else "rtn"
-    return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=not args.quiet)
+    return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=not args.quiet,
+                               restore=args.rank_by.startswith("restore"))
 
 
 def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokenizer) -> dict[str, str]:
