@@ -165,6 +165,25 @@ def test_options_the_transfer_cannot_serve_are_refused():
         create_pd_engine(EngineConfig(), ParallelConfig())
 
 
+def test_block_tables_per_window_group_are_refused():
+    """A sliding-window model's local layers keep tables of their own; the transfer moves one per request."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ember.attention.layer_cache import KVCacheSpec
+    from ember.distributed.kv_transfer import KVTransfer
+    from ember.models.config import ModelConfig
+
+    config = ModelConfig(architecture="gemma3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         layer_types=("sliding_attention", "full_attention"), sliding_window=8)
+    engine = SimpleNamespace(config=EngineConfig(),
+                             kv_spec=KVCacheSpec.for_model(config, torch.float32, grouped=True))
+    with pytest.raises(ValueError, match="disable-hybrid-kv-cache-manager"):
+        KVTransfer(engine, pool=None)
+
+
 @pytest.mark.slow
 def test_a_dead_decode_worker_fails_its_streams_and_the_rest_is_served(pd_engine, reference):
     """Runs last: Ray restarts the killed worker (a fresh model load)."""
