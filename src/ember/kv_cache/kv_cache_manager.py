@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 from ember.kv_cache.block_allocator import BlockAllocator
 from ember.kv_cache.block_hash import BlockHashIndex, HashFn, hash_block_tokens
+from ember.kv_cache.block_import import BlockImport
 from ember.kv_cache.groups import first_needed_block
 from ember.kv_cache.invariants import check_manager_invariants
 from ember.request import Request
@@ -21,7 +22,7 @@ class PrefixHit(list):
         self.windowed = windowed or []
 
 
-class KVCacheManager:
+class KVCacheManager(BlockImport):
     """Maps each request to the KV blocks holding its tokens, sharing full blocks by content.
 
     A block is in exactly one of three states:
@@ -162,31 +163,39 @@ class KVCacheManager:
         bs = self.block_size
         max_blocks = self._num_cacheable_blocks(request, max(0, (request.num_tokens - 1) // bs))
         hashes = self._hashes_for(request, max_blocks)
-        block_ids: list[int] = []
-        uids: list[int] = []
-        for i in range(max_blocks):
-            block_id = self._lookup(0, request, hashes, i, uids[-1] if uids else None)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
-            uids.append(self._index.get(block_id).uid)
+        block_ids, uids = self._cached_chain(request.all_token_ids, request.kv_salt, hashes)
         hit = self._window_hits(request, hashes, uids, block_ids)
         num_computed_tokens = len(hit) * bs
         self.num_queried_tokens += request.num_tokens
         self.num_hit_tokens += num_computed_tokens
         return hit, num_computed_tokens
 
-    def _lookup(self, group: int, request: Request, hashes: list[int], i: int, parent_uid: int | None) -> int | None:
-        """The block of `group` caching the request's full block i (its parent: the first group's block i - 1)."""
+    def _lookup(self, group: int, token_ids: list[int], salt, hashes: list[int], i: int,
+                parent_uid: int | None) -> int | None:
+        """The block of `group` caching full block i of `token_ids` (its parent: the first group's block i - 1;
+        `salt` keys block 0)."""
         bs = self.block_size
-        salt = request.kv_salt if i == 0 else None
-        return self._indexes[group].lookup(hashes[i], parent_uid, tuple(request.all_token_ids[i * bs:(i + 1) * bs]),
-                                           salt)
+        return self._indexes[group].lookup(hashes[i], parent_uid, tuple(token_ids[i * bs:(i + 1) * bs]),
+                                           salt if i == 0 else None)
+
+    def _cached_chain(self, token_ids: list[int], salt, hashes: list[int]) -> tuple[list[int], list[int]]:
+        """The first group's cached blocks holding the leading full blocks of `token_ids` (chained `hashes`, one
+        per block looked for), and their uids; it stops at the first miss."""
+        block_ids: list[int] = []
+        uids: list[int] = []
+        for i in range(len(hashes)):
+            block_id = self._lookup(0, token_ids, salt, hashes, i, uids[-1] if uids else None)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+            uids.append(self._index.get(block_id).uid)
+        return block_ids, uids
 
     def _window_hits(self, request: Request, hashes: list[int], uids: list[int], block_ids: list[int]) -> PrefixHit:
         """The first group's hit cut to the longest one every local group can serve, with their tables."""
         num_hit = len(block_ids)
-        found = [[self._lookup(g, request, hashes, i, uids[i - 1] if i else None) for i in range(num_hit)]
+        tokens, salt = request.all_token_ids, request.kv_salt
+        found = [[self._lookup(g, tokens, salt, hashes, i, uids[i - 1] if i else None) for i in range(num_hit)]
                  for g in range(1, len(self.windows))]
 
         def first(group: int, n: int) -> int:
@@ -228,7 +237,7 @@ class KVCacheManager:
             windowed = getattr(computed, "windowed", None) or [[] for _ in self.windows[1:]]
             tables = [list(computed)] + [list(blocks) for blocks in windowed]
         else:
-            self._release_out_of_window(request.request_id, tables, start)
+            self._release_out_of_window(tables, start)
         num_needed = -(-num_covered // bs)
         firsts = [first_needed_block(w, start, bs) for w in self.windows]
         num_to_allocate = sum(max(num_needed - max(len(t), first), 0) for t, first in zip(tables, firsts))
@@ -258,14 +267,18 @@ class KVCacheManager:
             self._register_full_blocks(request, tables, num_full)
         return True
 
-    def _release_out_of_window(self, request_id: str, tables: list[list[int | None]], start: int) -> None:
-        """Let go of each local table's blocks before the first one a query from row `start` on reads."""
+    def _release_out_of_window(self, tables: list[list[int | None]], start: int) -> None:
+        """Let go of each local table's blocks before the first one a query from row `start` on reads, oldest
+        first (the evictable set then evicts them first). The let-go entries are a prefix of the table, so only
+        the blocks after it are visited."""
         for window, table in zip(self.windows[1:], tables[1:]):
-            for i in range(min(first_needed_block(window, start, self.block_size), len(table))):
-                if table[i] is not None:
-                    self._drop_ref(table[i])
-                    table[i] = None
-                    self._num_table_blocks -= 1
+            end = first = min(first_needed_block(window, start, self.block_size), len(table))
+            while first > 0 and table[first - 1] is not None:
+                first -= 1
+            for i in range(first, end):
+                self._drop_ref(table[i])
+                table[i] = None
+            self._num_table_blocks -= end - first
 
     def free(self, request: Request) -> None:
         """Drop the request's references and its kept hashes.
@@ -352,77 +365,6 @@ class KVCacheManager:
             index.clear()
         return True
 
-    # ---- blocks whose KV comes from elsewhere (prefill/decode disaggregation's KV pool) ----------
-    def cached_prefix_blocks(self, token_ids: list[int], salt=None, max_blocks: int | None = None) -> list[int]:
-        """The cached blocks holding the leading full blocks of `token_ids` (the first keyed by `salt`, a
-        request's `kv_salt`), at most `max_blocks`. Takes no reference and leaves the hit counters alone.
-
-        Returns:
-            block ids in prefix order, [] with prefix caching off.
-
-        Raises:
-            ValueError: a cache with local groups (their windows are not moved between engines).
-        """
-        self._check_one_group("prefill/decode KV transfer")
-        if not self.enable_prefix_caching:
-            return []
-        bs = self.block_size
-        num_blocks = len(token_ids) // bs if max_blocks is None else min(max_blocks, len(token_ids) // bs)
-        block_ids: list[int] = []
-        block_hash, parent_uid = None, None
-        for i in range(num_blocks):
-            tokens, block_salt = tuple(token_ids[i * bs:(i + 1) * bs]), salt if i == 0 else None
-            block_hash = self._hash_fn(block_hash, tokens, block_salt)
-            block_id = self._index.lookup(block_hash, parent_uid, tokens, block_salt)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
-            parent_uid = self._index.get(block_id).uid
-        return block_ids
-
-    def insert_cached_blocks(self, token_ids: list[int], num_blocks: int, salt=None) -> list[int]:
-        """Cache the first `num_blocks` full blocks of `token_ids` with KV the caller writes (fetched from
-        a KV pool): the leading ones cached already stay, each other one gets a block of its own that is
-        registered as cached and left evictable, so a request's `get_computed_blocks` finds it.
-
-        The caller must write the new blocks' KV before the next step runs. Like `free`, the blocks join
-        the evictable set tail first (a prefix's head is evicted last).
-
-        Returns:
-            the ids of the newly registered blocks, in prefix order (positions len(cached) .. num_blocks - 1).
-
-        Raises:
-            ValueError: prefix caching off, `num_blocks` beyond the full blocks of `token_ids`, or fewer free
-                blocks than the new ones need (nothing changes then).
-        """
-        bs = self.block_size
-        if not self.enable_prefix_caching:
-            raise ValueError("cached blocks can only be inserted with prefix caching on")
-        if not 0 <= num_blocks <= len(token_ids) // bs:
-            raise ValueError(f"{len(token_ids)} tokens hold {len(token_ids) // bs} full blocks, not {num_blocks}")
-        cached = self.cached_prefix_blocks(token_ids, salt, num_blocks)
-        if num_blocks - len(cached) > self.num_free_blocks - sum(self._ref_counts[b] == 0 for b in cached):
-            raise ValueError(f"{num_blocks - len(cached)} blocks to insert but {self.num_free_blocks} free")
-        for block_id in cached:  # held while allocating, so the head cannot be evicted under it
-            self._take_ref(block_id)
-        new = [self._allocate_block() for _ in range(num_blocks - len(cached))]
-        content = self._index.get(cached[-1]) if cached else None
-        block_hash, parent_uid = (content.block_hash, content.uid) if content else (None, None)
-        for i, block_id in enumerate(new, start=len(cached)):
-            tokens, block_salt = tuple(token_ids[i * bs:(i + 1) * bs]), salt if i == 0 else None
-            block_hash = self._hash_fn(block_hash, tokens, block_salt)
-            parent_uid = self._index.insert(block_id, block_hash, parent_uid, tokens, block_salt).uid
-        for block_id in reversed(cached + new):
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._num_used_blocks -= 1
-                self._evictable[block_id] = None  # most recently used end
-        return new
-
-    def _check_one_group(self, what: str) -> None:
-        if len(self.windows) > 1:
-            raise ValueError(f"{what} does not support models with sliding-window layers (local KV-cache groups)")
-
     def _num_cacheable_blocks(self, request: Request, num_blocks: int) -> int:
         """`num_blocks` capped to the full blocks the request may share."""
         limit = request.num_cacheable_tokens
@@ -431,11 +373,14 @@ class KVCacheManager:
     def _hashes_for(self, request: Request, num_blocks: int) -> list[int]:
         """The request's chained hashes for its first `num_blocks` full blocks, computed once."""
         hashes = self._block_hashes.setdefault(request.request_id, [])
-        bs, tokens = self.block_size, request.all_token_ids
+        return self._chain_hashes(hashes, request.all_token_ids, request.kv_salt, num_blocks)
+
+    def _chain_hashes(self, hashes: list[int], token_ids: list[int], salt, num_blocks: int) -> list[int]:
+        """`hashes` (those of the leading blocks of `token_ids`) extended in place to `num_blocks` chained hashes."""
+        bs = self.block_size
         for i in range(len(hashes), num_blocks):
-            parent_hash = hashes[i - 1] if i > 0 else None
-            salt = request.kv_salt if i == 0 else None
-            hashes.append(self._hash_fn(parent_hash, tuple(tokens[i * bs:(i + 1) * bs]), salt))
+            hashes.append(self._hash_fn(hashes[i - 1] if i else None, tuple(token_ids[i * bs:(i + 1) * bs]),
+                                        salt if i == 0 else None))
         return hashes
 
     def _check_computed_blocks(self, request: Request, tables: list[list[int | None]] | None,
