@@ -47,18 +47,25 @@ class AttentionMetadata:
         return self.groups[group] if self.groups else self
 
 
-def with_group_tables(meta: AttentionMetadata, group_tables: list[list[list[int | None]]], context_lens: list[int],
-                      query_lens: list[int], block_size: int, positions: torch.Tensor | None) -> AttentionMetadata:
+def with_group_tables(meta: AttentionMetadata, group_tables: list[list[list[int | None]]], query_lens: list[int],
+                      block_size: int, positions: torch.Tensor) -> AttentionMetadata:
     """`meta` (group 0's) with the other groups' metadata attached: `group_tables[g - 1]` holds each sequence's
     block table in group g, None where a local group let go of a block (no query reads it: only the rows of
-    its window are, and the decode path masks what a batch's widest gather takes in). The groups share one
-    cache of window masks: a mask depends on lengths, not on blocks."""
+    its window are, and the decode path masks what a batch's widest gather takes in). A group differs only in
+    its tables and slots; lengths, chunks and the cache of window masks (which depend on lengths alone) are
+    group 0's. `positions`: every new token's cache row (groups never run with KV eviction, so its position).
+    """
+    row_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
+    block_index, offset = positions // block_size, positions % block_size
+    num_decode = meta.num_decode_tokens
     meta.groups = [meta]
     for tables in group_tables:
-        group_meta = build_attention_metadata([[0 if b is None else b for b in t] for t in tables], context_lens,
-                                              query_lens, block_size, positions)
-        group_meta.window_masks = meta.window_masks
-        meta.groups.append(group_meta)
+        padded = _pad_tables([[0 if b is None else b for b in t] for t in tables])
+        chunks = [PrefillChunk(c.query_start, c.query_len, c.context_len, padded[row, :len(tables[row])], c.mask)
+                  for row, c in enumerate(meta.prefills, start=num_decode)]
+        meta.groups.append(AttentionMetadata(padded[row_of_token, block_index] * block_size + offset, num_decode,
+                                             padded[:num_decode] if num_decode else None, meta.decode_seq_lens,
+                                             chunks, window_masks=meta.window_masks))
     return meta
 
 

@@ -162,7 +162,7 @@ class ModelRunner:
         positions_or_none = None if evicted else positions_t
         meta = build_attention_metadata(tables, context_lens, query_lens, self.block_size, positions_or_none)
         if group_tables:
-            with_group_tables(meta, group_tables, context_lens, query_lens, self.block_size, positions_or_none)
+            with_group_tables(meta, group_tables, query_lens, self.block_size, positions_t)
         return torch.tensor(input_ids, dtype=torch.int64), positions_t, meta, logits_rows, sampled
 
 
