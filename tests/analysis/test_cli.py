@@ -1,5 +1,6 @@
 """`ember analyze sensitivity` then `ember quantize --keep-bf16 / --bf16-budget / --auto` on a tiny local
 checkpoint; the written directories load with no flags and keep exactly the chosen ops in float."""
+import csv
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from ember import LLM, SamplingParams
 from ember.cli.main import main
 
 CALIB = ["--num-samples", "2", "--calib-seq-len", "32", "--num-threads", "1"]
+SEARCH = ["--search-samples", "2", "--search-seq-len", "48"]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +59,11 @@ def test_auto_writes_plan_csv_and_plot(report, tiny_llama_dir, tmp_path):
     report_path.write_text(json.dumps(report))
     out = tmp_path / "auto"
     main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--auto",
-          "--sensitivity", str(report_path), "--max-ppl-increase", "1000", "--output", str(out), *CALIB])
+          "--sensitivity", str(report_path), "--max-ppl-increase", "1000", "--output", str(out), *CALIB, *SEARCH])
     rows = (out / "precision_search.csv").read_text().splitlines()
     assert rows[0].startswith("label,int4,int8,bf16,weight_bytes,ppl,dppl_percent") and len(rows) >= 2
+    written = [r for r in csv.DictReader((out / "precision_search.csv").open()) if r["written_dppl_percent"]]
+    assert len(written) == 1 and written[0]["label"] == "bf16=0 int8=0"  # the choice, checked as written
     assert (out / "precision_search.png").stat().st_size > 10_000
     precisions = json.loads((out / "quantization_config.json").read_text())["module_precisions"]
     assert set(precisions.values()) == {"int4"}  # a bound this loose keeps everything at int4
@@ -67,7 +71,7 @@ def test_auto_writes_plan_csv_and_plot(report, tiny_llama_dir, tmp_path):
     with pytest.raises(SystemExit, match="no plan"):
         main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--auto", "--sensitivity", str(report_path), "--max-ppl-increase", "-50",
-              "--output", str(tmp_path / "none"), *CALIB])
+              "--output", str(tmp_path / "none"), *CALIB, *SEARCH])
 
 
 def test_fallback_copies_and_drift_reference(report, tiny_llama_dir, tmp_path):
@@ -100,8 +104,7 @@ def test_auto_latency_objective_measures_decode_time(report, tiny_llama_dir, tmp
     out = tmp_path / "latency"
     main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--auto",
           "--objective", "latency", "--dtype", "float32", "--sensitivity", str(report_path),
-          "--max-ppl-increase", "1000", "--output", str(out), *CALIB])
-    import csv
+          "--max-ppl-increase", "1000", "--output", str(out), *CALIB, *SEARCH])
     rows = list(csv.DictReader((out / "precision_search.csv").open()))
     timed = [r for r in rows if r["tpot_ms"]]
     assert timed and all(float(r["tpot_ms"]) > 0 for r in timed)

@@ -1,9 +1,12 @@
-"""Automatic per-op precision search among int4, int8 and bf16, scored by measured calibration perplexity.
+"""Automatic per-op precision search among int4, int8 and bf16, scored by measured perplexity on held-out text.
 
 Every decoder op is quantized once to int4 and once to int8 (GPTQ on the float model's calibration
-inputs, or RTN); a candidate plan swaps those weights in and runs the calibration batches. Seeded by
-the sensitivity ranking, the search promotes the top ``j`` ops to bf16 and the next ``k`` to int8, and
-for each ``j`` bisects on the smallest ``k`` that meets the perplexity bound.
+inputs, or RTN); a candidate plan swaps those weights in and scores the search windows, text kept apart
+from both the calibration and the evaluation plays. Seeded by the sensitivity ranking, the search
+promotes the top ``j`` ops to bf16 and the next ``k`` to int8, and for each ``j`` bisects on the smallest
+``k`` that meets the perplexity bound. The chosen plan is then quantized as the checkpoint will be (GPTQ
+in order, each layer on the quantized ones before it) and scored again; while that written model misses
+the bound, the search goes on under a bound lowered by the gap it measured (``verified_search``).
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ class Candidate:
     plan: dict[OpRef, str]
     weight_bytes: int
     ppl: float
-    dppl: float  # % of the float model's calibration perplexity
+    dppl: float  # % of the float model's perplexity on the search windows
     label: str
     tpot_ms: float | None = None  # measured single-stream decode time per token (latency objective)
+    written_dppl: float | None = None  # the plan quantized as the checkpoint is, scored on the same windows
 
     def counts(self) -> dict[str, int]:
         return {p: sum(1 for v in self.plan.values() if v == p) for p in ("int4", "int8", "bf16")}
@@ -39,15 +43,39 @@ class Candidate:
     def to_row(self) -> dict[str, Any]:
         return {"label": self.label, **self.counts(), "weight_bytes": self.weight_bytes, "ppl": self.ppl,
                 "dppl_percent": self.dppl, "tpot_ms": self.tpot_ms, "bf16_ops": " ".join(r.key() for r, p in self.plan.items() if p == "bf16"),
-                "int8_ops": " ".join(r.key() for r, p in self.plan.items() if p == "int8")}
+                "int8_ops": " ".join(r.key() for r, p in self.plan.items() if p == "int8"),
+                "written_dppl_percent": self.written_dppl}
+
+
+@torch.no_grad()
+def windows_nll(model: nn.Module, windows: Sequence[torch.Tensor], score_from: int = 0) -> float:
+    """Mean next-token NLL of ``model`` over ``windows`` ([batch, seq] ids), counting the targets at
+    positions ``score_from`` and later of each window (strided evaluation windows score only the tokens
+    that have the first part of the window as context)."""
+    total, count = 0.0, 0
+    first = max(score_from - 1, 0)  # logits at position p predict the token at p + 1
+    for window in windows:
+        logits = model(input_ids=window, use_cache=False).logits[:, first:-1].float()
+        targets = window[:, first + 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                         reduction="sum"))
+        count += targets.numel()
+    return total / count
 
 
 class PlanEvaluator:
-    """Holds each op's int4 and int8 fake-quantized weights and scores plans on the calibration batches."""
+    """Holds each op's int4 and int8 fake-quantized weights and scores plans on the search windows.
+
+    ``batches`` calibrate the quantizers; ``score_windows`` (default: ``batches``) are what a plan is
+    scored on, counting the targets from position ``score_from`` of each.
+    """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], group_size: int = 64,
-                 method: str = "gptq") -> None:
+                 method: str = "gptq", score_windows: Sequence[torch.Tensor] | None = None,
+                 score_from: int = 0) -> None:
         self.model, self.batches = model, list(batches)
+        self.score_windows = list(self.batches if score_windows is None else score_windows)
+        self.score_from = score_from
         _, layers = find_decoder_layers(model)
         self.ops = [OpRef(i, op) for i in range(len(layers)) for op in OP_LINEARS]
         self.shapes = op_shapes(model, self.ops)
@@ -75,15 +103,13 @@ class PlanEvaluator:
                     out[(OpRef(index, op), precision)] = quantize(op, linears, x, layer)
         return out
 
-    @torch.no_grad()
-    def _nll(self) -> float:
-        total, count = 0.0, 0
-        for batch in self.batches:
-            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-        return total / count
+    def _nll(self, model: nn.Module | None = None) -> float:
+        return windows_nll(self.model if model is None else model, self.score_windows, self.score_from)
+
+    def dppl(self, model: nn.Module) -> float:
+        """Perplexity increase of ``model`` (e.g. a really quantized copy) on the search windows, % of
+        the float model's."""
+        return 100.0 * (math.exp(self._nll(model) - self.base_nll) - 1)
 
     def weight_bytes(self, plan: dict[OpRef, str]) -> int:
         return sum(op_weight_bytes(self.shapes[ref], p, self.group_size) for ref, p in plan.items())
@@ -114,15 +140,18 @@ def tiered_plan(ranking: Sequence[OpRef], num_bf16: int, num_int8: int) -> dict[
 
 def search_precisions(evaluator: PlanEvaluator, ranking: Sequence[OpRef], max_ppl_increase: float,
                       bf16_counts: Sequence[int] = BF16_COUNTS,
-                      on_candidate: Callable[[Candidate], None] | None = None) -> tuple[Candidate | None, list[Candidate]]:
-    """Smallest-memory plan within ``max_ppl_increase`` (% of calibration perplexity), and every candidate.
+                      on_candidate: Callable[[Candidate], None] | None = None,
+                      seen: dict[tuple[int, int], Candidate] | None = None) -> tuple[Candidate | None, list[Candidate]]:
+    """Smallest-memory plan within ``max_ppl_increase`` (% of the float model's perplexity on the search
+    windows), and every candidate.
 
     For each count j of bf16 ops, bisect on the count k of int8 ops after them (perplexity falls as k
     grows, which the bisection assumes; every evaluated point is kept, so a non-monotone step shows
-    in the candidate list). Returns (the feasible candidate with the fewest weight bytes or None, all).
+    in the candidate list). ``seen`` caches the scored (j, k) across calls. Returns (the feasible
+    candidate with the fewest weight bytes or None, all).
     """
     ranking = [ref for ref in ranking if ref in evaluator.shapes]
-    seen: dict[tuple[int, int], Candidate] = {}
+    seen = {} if seen is None else seen
 
     def score(j: int, k: int) -> Candidate:
         if (j, k) not in seen:
@@ -144,8 +173,59 @@ def search_precisions(evaluator: PlanEvaluator, ranking: Sequence[OpRef], max_pp
             else:
                 lo = mid + 1
     candidates = list(seen.values())
+    return smallest_feasible(candidates, max_ppl_increase), candidates
+
+
+def smallest_feasible(candidates: Sequence[Candidate], max_ppl_increase: float) -> Candidate | None:
+    """The memory objective: the feasible candidate with the fewest weight bytes."""
     feasible = [c for c in candidates if c.dppl <= max_ppl_increase]
-    return (min(feasible, key=lambda c: c.weight_bytes) if feasible else None), candidates
+    return min(feasible, key=lambda c: c.weight_bytes) if feasible else None
+
+
+def verified_search(evaluator: PlanEvaluator, ranking: Sequence[OpRef], max_ppl_increase: float,
+                    written: Callable[[Candidate], float], *,
+                    pick: Callable[[list[Candidate], float], Candidate | None] = smallest_feasible,
+                    bf16_counts: Sequence[int] = BF16_COUNTS, on_candidate: Callable[[Candidate], None] | None = None,
+                    max_rounds: int = 4) -> tuple[Candidate | None, list[Candidate]]:
+    """The chosen plan, checked as it will be written: ``written(candidate)`` gives the Δppl of the
+    really quantized model on the same windows.
+
+    Round 1 searches under ``max_ppl_increase`` and ``pick`` chooses among the candidates. When the
+    written model misses the bound by more than its candidate scored (a gap g between the stand-in
+    weights and the real ones), the next round searches under ``max_ppl_increase - g``, which rules
+    that candidate out. Returns (the first written candidate within the bound or None after
+    ``max_rounds``, every candidate, ``written_dppl`` set on those that were written).
+    """
+    seen: dict[tuple[int, int], Candidate] = {}
+    checked: dict[str, Candidate] = {}
+    target, chosen = max_ppl_increase, None
+    for _ in range(max_rounds):
+        search_precisions(evaluator, ranking, target, bf16_counts, on_candidate, seen=seen)
+        best = pick(list(seen.values()), target)
+        if best is None or best.label in checked:
+            break
+        best = dataclasses.replace(best, written_dppl=written(best))
+        checked[best.label] = best
+        if best.written_dppl <= max_ppl_increase:
+            chosen = best
+            break
+        target = max_ppl_increase - (best.written_dppl - best.dppl)
+    return chosen, [checked.get(c.label, c) for c in seen.values()]
+
+
+def written_dppl(evaluator: PlanEvaluator, config, plan: dict[OpRef, str]) -> float:
+    """Δppl on the search windows of ``plan`` quantized as the checkpoint is: ``quantize_model`` on a copy
+    of the float model with ``config`` (bits 4) and the plan's int8 and bf16 ops, calibrated on the
+    evaluator's batches."""
+    import copy
+
+    from ember.quant import quantize_model
+    from ember.quant.plan import linear_precisions
+
+    precisions = {name: p for name, p in linear_precisions(plan).items() if p != "int4"}
+    model = copy.deepcopy(evaluator.model)
+    quantize_model(model, dataclasses.replace(config, precisions=precisions), calib_batches=evaluator.batches)
+    return evaluator.dppl(model)
 
 
 def frontier_candidates(candidates: Sequence[Candidate], max_ppl_increase: float) -> list[Candidate]:
@@ -212,8 +292,8 @@ def write_candidates_csv(candidates: Sequence[Candidate], path: str) -> None:
 
 def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate | None, bound: float, base_ppl: float,
                     path: str) -> None:
-    """Calibration perplexity against weight bytes (every candidate, the Pareto front, the bound, the
-    choice) and, when decode times were measured, against TPOT."""
+    """Perplexity on the search windows against weight bytes (every candidate, the Pareto front, the plans
+    as written, the bound, the choice) and, when decode times were measured, against TPOT."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,6 +304,9 @@ def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate | None, b
     ax.scatter([c.weight_bytes / 1e6 for c in candidates], [c.ppl for c in candidates], s=14, label="candidates")
     front = pareto_front(candidates)
     ax.plot([c.weight_bytes / 1e6 for c in front], [c.ppl for c in front], color="C1", label="Pareto front")
+    written = [c for c in candidates if c.written_dppl is not None]
+    ax.scatter([c.weight_bytes / 1e6 for c in written], [base_ppl * (1 + c.written_dppl / 100) for c in written],
+               s=40, marker="x", color="C4", label="as written (quantized in order)", zorder=3)
     ax.set_xlabel("linear weight bytes (MB)")
     if timed:
         axes[0][1].scatter([c.tpot_ms for c in timed], [c.ppl for c in timed], s=20, label="measured plans")
@@ -232,7 +315,7 @@ def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate | None, b
         panel.axhline(base_ppl * (1 + bound / 100), color="C2", linestyle="--", label=f"+{bound:g}% bound")
         if chosen is not None and x_of(chosen) is not None:
             panel.scatter([x_of(chosen)], [chosen.ppl], s=90, marker="*", color="C3", label="chosen", zorder=3)
-        panel.set_ylabel("calibration perplexity")
+        panel.set_ylabel("perplexity on the search windows")
         panel.grid(alpha=0.3)
         panel.legend()
     fig.tight_layout()

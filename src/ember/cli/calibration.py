@@ -36,3 +36,34 @@ def load_calibration(args: argparse.Namespace, tokenizer) -> list:
 
     ids = torch.tensor(tokenizer.encode(read_texts(calibration_files(args)), add_special_tokens=False))
     return sample_calibration_batches(ids, args.calib_samples, args.calib_seq_len, seed=0)
+
+
+def add_search_args(group) -> None:
+    """Where `ember quantize --auto` scores its plans: held-out text, longer windows than calibration."""
+    group.add_argument("--search-file", action="append", default=None,
+                       help="--auto: text the plans are scored on, repeat for several (default: Shakespeare plays "
+                            "kept apart from both the calibration and the evaluation plays)")
+    group.add_argument("--search-samples", type=int, default=16, help="--auto: random windows of the search text")
+    group.add_argument("--search-seq-len", type=int, default=512,
+                       help="--auto: tokens per search window; the second half of each is scored, as the "
+                            "evaluation's windows of 512 with stride 256 score theirs")
+
+
+def load_search_windows(args: argparse.Namespace, tokenizer) -> list:
+    """Random windows (seed 0) of the search text, each a [1, search_seq_len] tensor."""
+    import torch
+
+    from ember.eval.datasets import SEARCH_PLAYS, play_paths, read_texts
+    from ember.quant.calibration import sample_calibration_batches
+
+    ids = torch.tensor(tokenizer.encode(read_texts(args.search_file or play_paths(SEARCH_PLAYS)),
+                                        add_special_tokens=False))
+    return sample_calibration_batches(ids, args.search_samples, args.search_seq_len, seed=0)
+
+
+def describe_search(args: argparse.Namespace) -> dict[str, Any]:
+    from ember.eval.datasets import SEARCH_PLAYS
+
+    return {"files": [f.rsplit("/", 1)[-1] for f in args.search_file or SEARCH_PLAYS],
+            "num_samples": args.search_samples, "seq_len": args.search_seq_len, "scored_from": args.search_seq_len // 2,
+            "seed": 0}

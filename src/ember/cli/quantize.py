@@ -8,7 +8,7 @@ import dataclasses
 import json
 import time
 
-from ember.cli.calibration import add_calibration_args
+from ember.cli.calibration import add_calibration_args, add_search_args
 from ember.progress import add_quiet_arg
 
 
@@ -43,12 +43,14 @@ def register(subparsers) -> None:
     mixed.add_argument("--auto", action="store_true",
                        help="search each op's precision among int4, int8 and bf16 (GPTQ/RTN, weight-only)")
     mixed.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT",
-                       help="--auto: the largest calibration perplexity increase allowed, in percent")
+                       help="--auto: the largest perplexity increase allowed on the search windows, in percent, "
+                            "checked on the chosen plan as written")
     mixed.add_argument("--objective", default="memory", choices=["memory", "latency"],
                        help="--auto: among plans within the bound, the fewest weight bytes, or the lowest measured "
                             "single-stream decode time per token (W2)")
     mixed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                        help="--auto --objective latency: the engine dtype the decode time is measured in")
+    add_search_args(mixed)
     mixed.add_argument("--fallback-copies", default="none", choices=["none", "sensitive", "all"],
                        help="also store float copies of the quantized ops the report flags (sensitive) or of "
                             "every quantized op (all), for per-request precision fallback at run time")
@@ -153,30 +155,41 @@ def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokeniz
     import os
 
     from ember.analysis.precision_search import (PlanEvaluator, frontier_candidates, measure_tpot, plot_candidates,
-                                                 search_precisions, write_candidates_csv)
+                                                 smallest_feasible, verified_search, write_candidates_csv,
+                                                 written_dppl)
+    from ember.cli.calibration import describe_search, load_search_windows
     from ember.progress import progress
     from ember.quant.plan import linear_precisions
 
     if config.bits != 4 or config.method not in ("rtn", "gptq"):
         raise SystemExit("--auto searches from int4: use --bits 4 --group-size G with --method gptq or rtn")
-    evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method)
+    evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method,
+                              score_windows=load_search_windows(args, tokenizer), score_from=args.search_seq_len // 2)
+    tpot: dict[str, float] = {}
+
+    def fastest(candidates, bound):  # the latency objective: measure each bf16 count's cheapest feasible plan
+        for cand in frontier_candidates(candidates, bound):
+            if cand.label not in tpot:
+                tpot[cand.label] = measure_tpot(model, cand.plan, config.group_size, tokenizer.hf, args.dtype)
+        timed = [c for c in candidates if c.dppl <= bound and c.label in tpot]
+        return min(timed, key=lambda c: tpot[c.label]) if timed else None
+
     bar = progress(desc="precision search", unit="plan", enabled=not args.quiet)
-    best, candidates = search_precisions(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,
-                                         on_candidate=lambda c: bar.update())
+    best, candidates = verified_search(evaluator, report.ranking(args.rank_by), args.max_ppl_increase,
+                                       lambda c: written_dppl(evaluator, config, c.plan),
+                                       pick=fastest if args.objective == "latency" else smallest_feasible,
+                                       on_candidate=lambda c: bar.update())
     bar.close()
-    if args.objective == "latency":
-        timed = [dataclasses.replace(c, tpot_ms=measure_tpot(model, c.plan, config.group_size, tokenizer.hf, args.dtype))
-                 for c in progress(frontier_candidates(candidates, args.max_ppl_increase), desc="W2 TPOT",
-                                   enabled=not args.quiet)]
-        candidates = [c for c in candidates if c.label not in {t.label for t in timed}] + timed
-        best = min(timed, key=lambda c: c.tpot_ms) if timed else None
+    candidates = [dataclasses.replace(c, tpot_ms=tpot.get(c.label)) for c in candidates]
+    best = best and dataclasses.replace(best, tpot_ms=tpot.get(best.label))
     os.makedirs(args.output, exist_ok=True)
     write_candidates_csv(candidates, os.path.join(args.output, "precision_search.csv"))
     plot_candidates(candidates, best, args.max_ppl_increase, math.exp(evaluator.base_nll),
                     os.path.join(args.output, "precision_search.png"))
     if best is None:
-        raise SystemExit(f"no plan within +{args.max_ppl_increase}% calibration perplexity (see precision_search.csv)")
-    print(json.dumps({"chosen": best.to_row()}, indent=1))
+        raise SystemExit(f"no plan within +{args.max_ppl_increase}% perplexity on the search windows, as written "
+                         "(see precision_search.csv)")
+    print(json.dumps({"search": describe_search(args), "chosen": best.to_row()}, indent=1))
     return {name: p for name, p in linear_precisions(best.plan).items() if p != "int4"}
 
 

