@@ -26,9 +26,11 @@ def test_identity_follows_the_cpu_flag_set():
     cpu = cpu_features()
     spec = EXTENSIONS["quant"]
     assert build_identity(spec, cpu) == build_identity(spec, replace(cpu, model_name="another name"))
-    zen4 = replace(cpu, flags=cpu.flags | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"})
+    avx2 = replace(cpu, flags=frozenset(f for f in cpu.flags if not f.startswith(("avx512", "amx"))), amx_granted=False)
+    assert build_identity(spec, avx2) == build_identity(spec, replace(avx2, model_name="another name"))
+    zen4 = replace(avx2, flags=avx2.flags | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"})
     amx = replace(zen4, flags=zen4.flags | {"amx_tile", "amx_bf16", "amx_int8"}, amx_granted=True)
-    identities = {build_identity(spec, c) for c in (cpu, zen4, amx)}
+    identities = {build_identity(spec, c) for c in (avx2, zen4, amx)}
     assert len(identities) == 3  # a build made for one of these CPUs is never found by another
     assert build_identity(spec, amx).startswith("amx-") and build_identity(spec, zen4).startswith("avx512bf16-")
     assert build_identity(EXTENSIONS["core"], cpu) != build_identity(spec, cpu)
