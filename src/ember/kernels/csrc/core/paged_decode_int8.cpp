@@ -5,8 +5,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -147,6 +149,113 @@ void decode_int8_kernel(const torch::Tensor& q, const Int8Rows& k, const Int8Row
   });
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include "simd_bf16.h"
+#define EMBER_HAS_AVX512 1
+
+constexpr int kMaxVecs = 16;   // head_dim up to 256
+constexpr int kMaxHeads = 32;  // query heads per sequence
+constexpr int kChunk = 16;     // positions per softmax step: one vector of scores
+
+// 16 codes of a row -> 16 floats, natural order.
+inline __m512 widen_codes(const int8_t* row, int j) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j))));
+}
+
+// One sequence, bfloat16 queries, AVX-512, head_dim = 16 * NV, no residuals. Positions go in chunks
+// of 16; per chunk and KV head every K and V row is widened once and serves all query heads of its
+// group. Per-token scales multiply the scores (K) and the probabilities (V, after the row sum took
+// them); per-channel scales are folded into q (K) and the output (V). Softmax in base 2, float32.
+template <int NV>
+void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8Rows& v, const int64_t* table,
+                            int64_t seq_len, int64_t block_size, int64_t num_kv_heads, int64_t group, float scale,
+                            at::BFloat16* out) {
+  constexpr int kHeadDim = 16 * NV;
+  const int64_t num_heads = num_kv_heads * group;
+  __m512 qv[kMaxHeads][NV], acc[kMaxHeads][NV];
+  float row_max[kMaxHeads], row_sum[kMaxHeads];
+  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float* ks = k.per_token ? nullptr : k.scales + (h / group) * kHeadDim;
+    for (int j = 0; j < NV; ++j) {
+      qv[h][j] = _mm512_mul_ps(ember_simd::load_bf16x16(q + h * kHeadDim + 16 * j), q_scale);
+      if (ks != nullptr) qv[h][j] = _mm512_mul_ps(qv[h][j], _mm512_loadu_ps(ks + 16 * j));
+      acc[h][j] = _mm512_setzero_ps();
+    }
+    row_max[h] = -1e30f;  // finite: the build uses -ffast-math
+    row_sum[h] = 0.f;
+  }
+  alignas(64) float scores[kMaxHeads][kChunk];
+  alignas(64) float k_scale[kChunk], v_scale[kChunk];
+  int64_t rows[kChunk];
+  for (int64_t start = 0; start < seq_len; start += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, seq_len - start));
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    for (int t = 0; t < n; ++t) {
+      const int64_t pos = start + t;
+      rows[t] = (table[pos / block_size] * block_size + pos % block_size) * num_kv_heads;  // [slot, kv head 0]
+    }
+    for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+      for (int t = 0; t < kChunk; ++t) {
+        k_scale[t] = t < n && k.per_token ? k.scales[rows[t] + kv] : 1.f;
+        v_scale[t] = t < n && v.per_token ? v.scales[rows[t] + kv] : 1.f;
+      }
+      const int64_t h0 = kv * group;
+      for (int t = 0; t < n; ++t) {
+        const int8_t* row = k.codes + (rows[t] + kv) * kHeadDim;
+        __m512 kr[NV];
+        for (int j = 0; j < NV; ++j) kr[j] = widen_codes(row, j);
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 dot = _mm512_mul_ps(qv[h0 + g][0], kr[0]);
+          for (int j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(qv[h0 + g][j], kr[j], dot);
+          scores[g][t] = _mm512_reduce_add_ps(dot);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = h0 + g;
+        __m512 x = _mm512_mul_ps(_mm512_load_ps(scores[g]), _mm512_load_ps(k_scale));
+        x = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), valid, x);
+        const float new_max = std::max(row_max[h], _mm512_reduce_max_ps(x));
+        const __m512 probs = ember_simd::exp2_512(_mm512_sub_ps(x, _mm512_set1_ps(new_max)));
+        const float correction = std::exp2(row_max[h] - new_max);
+        row_sum[h] = row_sum[h] * correction + _mm512_reduce_add_ps(probs);
+        row_max[h] = new_max;
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int j = 0; j < NV; ++j) acc[h][j] = _mm512_mul_ps(acc[h][j], c);
+        _mm512_store_ps(scores[g], _mm512_mul_ps(probs, _mm512_load_ps(v_scale)));
+      }
+      for (int t = 0; t < n; ++t) {
+        const int8_t* row = v.codes + (rows[t] + kv) * kHeadDim;
+        __m512 vr[NV];
+        for (int j = 0; j < NV; ++j) vr[j] = widen_codes(row, j);
+        for (int64_t g = 0; g < group; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g][t]);
+          for (int j = 0; j < NV; ++j) acc[h0 + g][j] = _mm512_fmadd_ps(p, vr[j], acc[h0 + g][j]);
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const __m512 inv = _mm512_set1_ps(row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f);
+    const float* vs = v.per_token ? nullptr : v.scales + (h / group) * kHeadDim;
+    for (int j = 0; j < NV; ++j) {
+      __m512 o = _mm512_mul_ps(acc[h][j], inv);
+      if (vs != nullptr) o = _mm512_mul_ps(o, _mm512_loadu_ps(vs + 16 * j));
+      ember_simd::store_bf16x16(out + h * kHeadDim + 16 * j, ember_simd::round_bf16(o));
+    }
+  }
+}
+
+using DecodeSeqInt8Fn = decltype(&decode_seq_int8_avx512<1>);
+
+template <int... I>
+constexpr std::array<DecodeSeqInt8Fn, sizeof...(I)> int8_seq_table(std::integer_sequence<int, I...>) {
+  return {&decode_seq_int8_avx512<I + 1>...};
+}
+constexpr auto kDecodeSeqInt8Fns = int8_seq_table(std::make_integer_sequence<int, kMaxVecs>{});  // by head_dim / 16 - 1
+#endif
+
 void check_rows(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& res_index,
                 const torch::Tensor& res_codes, const torch::Tensor& res_scales, const char* name) {
   TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
@@ -192,6 +301,25 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes
   if (q.scalar_type() == torch::kFloat32) {
     decode_int8_kernel<float>(q, k, v, block_size, num_kv_heads, block_tables, seq_lens, scale, out);
   } else if (q.scalar_type() == torch::kBFloat16) {
+#ifdef EMBER_HAS_AVX512
+    const int64_t heads = q.size(1), head_dim = q.size(2);
+    if (k.res_index == nullptr && v.res_index == nullptr && head_dim % 16 == 0 && head_dim <= 16 * kMaxVecs &&
+        heads <= kMaxHeads) {
+      const DecodeSeqInt8Fn decode_seq = kDecodeSeqInt8Fns[head_dim / 16 - 1];
+      const int64_t max_blocks = block_tables.size(1), group = heads / num_kv_heads;
+      const auto* qp = q.data_ptr<at::BFloat16>();
+      auto* op = out.data_ptr<at::BFloat16>();
+      const auto* tp = block_tables.data_ptr<int64_t>();
+      const auto* lp = seq_lens.data_ptr<int64_t>();
+      at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          decode_seq(qp + s * heads * head_dim, k, v, tp + s * max_blocks, std::min(lp[s], max_blocks * block_size),
+                     block_size, num_kv_heads, group, static_cast<float>(scale), op + s * heads * head_dim);
+        }
+      });
+      return out;
+    }
+#endif
     decode_int8_kernel<at::BFloat16>(q, k, v, block_size, num_kv_heads, block_tables, seq_lens, scale, out);
   } else {
     TORCH_CHECK(false, "paged_decode_attention_int8 supports float32 and bfloat16 queries");
