@@ -147,24 +147,13 @@ inline __m512 broadcast_max(__m512 x) {
   return _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
 }
 
-// Transposed reduction: 16 vectors of partial dot products -> one vector of 16 sums, one
-// lane-crossing shuffle and one or two blends per pair combined (15 pairs) instead of 16
-// horizontal sums. Lane p of the result sums input bit_reverse4(p), so group_scores feeds token
-// kBitReverse4[i] as input i.
-inline __m512 add_halves(__m512 a, __m512 b) {  // 256-bit halves: a in lanes 0-1, b in 2-3
-  return _mm512_add_ps(_mm512_mask_blend_ps(0xFF00, a, b), _mm512_shuffle_f32x4(a, b, 0x4E));
-}
-inline __m512 add_quarters(__m512 a, __m512 b) {  // 128-bit lanes, alternating a and b
-  const __m512 swapped = _mm512_mask_blend_ps(0x0F0F, a, b);
-  return _mm512_add_ps(_mm512_mask_blend_ps(0xF0F0, a, b), _mm512_shuffle_f32x4(swapped, swapped, 0xB1));
-}
-inline __m512 add_pairs(__m512 a, __m512 b) {  // within 128-bit lanes: 2 floats each
-  return _mm512_add_ps(_mm512_mask_blend_ps(0xCCCC, a, b), _mm512_shuffle_ps(a, b, 0x4E));
-}
-inline __m512 add_neighbours(__m512 a, __m512 b) {  // within 128-bit lanes: 1 float each
-  return _mm512_add_ps(_mm512_mask_blend_ps(0xAAAA, a, b), _mm512_permute_ps(_mm512_mask_blend_ps(0x5555, a, b), 0xB1));
-}
-constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+// Transposed reduction of 16 dot products (simd_bf16.h): group_scores feeds token kBitReverse4[i]
+// as input i, so lane t of the result is token t.
+using ember_simd::add_halves;
+using ember_simd::add_neighbours;
+using ember_simd::add_pairs;
+using ember_simd::add_quarters;
+using ember_simd::kBitReverse4;
 
 // One KV head's K and V rows over a chunk (the zero row past the end), and its rows over the next
 // chunk: those are prefetched a few lines at a time while this chunk is computed, since blocks sit

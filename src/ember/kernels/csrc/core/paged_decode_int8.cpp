@@ -163,9 +163,30 @@ inline __m512 widen_codes(const int8_t* row, int j) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j))));
 }
 
+// One head's scores against a chunk's 16 widened K rows, token t in lane t: the dot products are
+// combined pairwise as they are ready (simd_bf16.h's transposed reduction), not summed one by one.
+template <int NV>
+inline __m512 chunk_scores(const __m512* q, const __m512 (*keys)[NV]) {
+  __m512 quads[4];
+  for (int quad = 0; quad < 4; ++quad) {
+    __m512 halves[2];
+    for (int half = 0; half < 2; ++half) {
+      __m512 dots[2];
+      for (int i = 0; i < 2; ++i) {
+        const __m512* key = keys[ember_simd::kBitReverse4[4 * quad + 2 * half + i]];
+        dots[i] = _mm512_mul_ps(q[0], key[0]);
+        for (int j = 1; j < NV; ++j) dots[i] = _mm512_fmadd_ps(q[j], key[j], dots[i]);
+      }
+      halves[half] = ember_simd::add_halves(dots[0], dots[1]);
+    }
+    quads[quad] = ember_simd::add_quarters(halves[0], halves[1]);
+  }
+  return ember_simd::add_neighbours(ember_simd::add_pairs(quads[0], quads[1]), ember_simd::add_pairs(quads[2], quads[3]));
+}
+
 // One sequence, bfloat16 queries, AVX-512, head_dim = 16 * NV, no residuals. Positions go in chunks
 // of 16; per chunk and KV head every K and V row is widened once and serves all query heads of its
-// group. Per-token scales multiply the scores (K) and the probabilities (V, after the row sum took
+// group, and each head's 16 scores come out of one transposed reduction. Per-token scales multiply the scores (K) and the probabilities (V, after the row sum took
 // them); per-channel scales are folded into q (K) and the output (V). Softmax in base 2, float32.
 template <int NV>
 void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8Rows& v, const int64_t* table,
@@ -188,30 +209,42 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
   }
   alignas(64) float scores[kMaxHeads][kChunk];
   alignas(64) float k_scale[kChunk], v_scale[kChunk];
-  int64_t rows[kChunk];
-  for (int64_t start = 0; start < seq_len; start += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, seq_len - start));
-    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-    for (int t = 0; t < n; ++t) {
+  __m512 keys[kChunk][NV];
+  int64_t rows[2][kChunk];  // [slot, kv head 0] row of each position: this chunk's and the next one's
+  const auto chunk_rows = [&](int64_t start, int64_t* out_rows) {
+    const int count = static_cast<int>(std::clamp<int64_t>(seq_len - start, 0, kChunk));
+    for (int t = 0; t < count; ++t) {
       const int64_t pos = start + t;
-      rows[t] = (table[pos / block_size] * block_size + pos % block_size) * num_kv_heads;  // [slot, kv head 0]
+      out_rows[t] = (table[pos / block_size] * block_size + pos % block_size) * num_kv_heads;
     }
+    return count;
+  };
+  chunk_rows(0, rows[0]);
+  for (int64_t start = 0, c = 0; start < seq_len; start += kChunk, c ^= 1) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, seq_len - start));
+    const int next_n = chunk_rows(start + kChunk, rows[c ^ 1]);
+    const int64_t* here = rows[c];
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
       for (int t = 0; t < kChunk; ++t) {
-        k_scale[t] = t < n && k.per_token ? k.scales[rows[t] + kv] : 1.f;
-        v_scale[t] = t < n && v.per_token ? v.scales[rows[t] + kv] : 1.f;
+        k_scale[t] = t < n && k.per_token ? k.scales[here[t] + kv] : 1.f;
+        v_scale[t] = t < n && v.per_token ? v.scales[here[t] + kv] : 1.f;
       }
       const int64_t h0 = kv * group;
-      for (int t = 0; t < n; ++t) {
-        const int8_t* row = k.codes + (rows[t] + kv) * kHeadDim;
-        __m512 kr[NV];
-        for (int j = 0; j < NV; ++j) kr[j] = widen_codes(row, j);
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 dot = _mm512_mul_ps(qv[h0 + g][0], kr[0]);
-          for (int j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(qv[h0 + g][j], kr[j], dot);
-          scores[g][t] = _mm512_reduce_add_ps(dot);
+      for (int t = 0; t < kChunk; ++t) {  // the chunk's K rows widened once (zeros past the end)
+        for (int j = 0; j < NV; ++j)
+          keys[t][j] = t < n ? widen_codes(k.codes + (here[t] + kv) * kHeadDim, j) : _mm512_setzero_ps();
+      }
+      // The next chunk's rows of this KV head into L2 while this one is computed (blocks sit where
+      // the hardware prefetcher cannot guess), as the bf16 kernel does.
+      for (int t = 0; t < next_n; ++t) {
+        const int64_t offset = (rows[c ^ 1][t] + kv) * kHeadDim;
+        for (int byte = 0; byte < kHeadDim; byte += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(k.codes + offset + byte), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(v.codes + offset + byte), _MM_HINT_T1);
         }
       }
+      for (int64_t g = 0; g < group; ++g) _mm512_store_ps(scores[g], chunk_scores<NV>(qv[h0 + g], keys));
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = h0 + g;
         __m512 x = _mm512_mul_ps(_mm512_load_ps(scores[g]), _mm512_load_ps(k_scale));
@@ -226,7 +259,7 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
         _mm512_store_ps(scores[g], _mm512_mul_ps(probs, _mm512_load_ps(v_scale)));
       }
       for (int t = 0; t < n; ++t) {
-        const int8_t* row = v.codes + (rows[t] + kv) * kHeadDim;
+        const int8_t* row = v.codes + (here[t] + kv) * kHeadDim;
         __m512 vr[NV];
         for (int j = 0; j < NV; ++j) vr[j] = widen_codes(row, j);
         for (int64_t g = 0; g < group; ++g) {

@@ -1,5 +1,5 @@
-// AVX-512 helpers shared by the native attention and elementwise kernels: bfloat16 <-> float32 and a
-// vector 2^x. The rounding is c10's (round to nearest even, NaN to the canonical quiet NaN), so the
+// AVX-512 helpers shared by the native attention and elementwise kernels: bfloat16 <-> float32, a
+// vector 2^x and the transposed reduction of 16 dot products. The rounding is c10's (round to nearest even, NaN to the canonical quiet NaN), so the
 // vector kernels round exactly where and as the PyTorch ops they replace.
 #pragma once
 
@@ -40,6 +40,25 @@ inline __m512 exp2_512(__m512 x) {
   for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
+
+// Transposed reduction: 16 vectors of partial dot products -> one vector of 16 sums, one
+// lane-crossing shuffle and one or two blends per pair combined (15 pairs) instead of 16
+// horizontal sums. Lane p of the result sums input bit_reverse4(p), so a caller that feeds token
+// kBitReverse4[i] as input i gets token t in lane t.
+inline __m512 add_halves(__m512 a, __m512 b) {  // 256-bit halves: a in lanes 0-1, b in 2-3
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xFF00, a, b), _mm512_shuffle_f32x4(a, b, 0x4E));
+}
+inline __m512 add_quarters(__m512 a, __m512 b) {  // 128-bit lanes, alternating a and b
+  const __m512 swapped = _mm512_mask_blend_ps(0x0F0F, a, b);
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xF0F0, a, b), _mm512_shuffle_f32x4(swapped, swapped, 0xB1));
+}
+inline __m512 add_pairs(__m512 a, __m512 b) {  // within 128-bit lanes: 2 floats each
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xCCCC, a, b), _mm512_shuffle_ps(a, b, 0x4E));
+}
+inline __m512 add_neighbours(__m512 a, __m512 b) {  // within 128-bit lanes: 1 float each
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xAAAA, a, b), _mm512_permute_ps(_mm512_mask_blend_ps(0x5555, a, b), 0xB1));
+}
+constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
 }  // namespace ember_simd
 #endif
