@@ -186,8 +186,9 @@ inline __m512 chunk_scores(const __m512* q, const __m512 (*keys)[NV]) {
 
 // One sequence, bfloat16 queries, AVX-512, head_dim = 16 * NV, no residuals. Positions go in chunks
 // of 16; per chunk and KV head every K and V row is widened once and serves all query heads of its
-// group, and each head's 16 scores come out of one transposed reduction. Per-token scales multiply the scores (K) and the probabilities (V, after the row sum took
-// them); per-channel scales are folded into q (K) and the output (V). Softmax in base 2, float32.
+// group, and each head's 16 scores come out of one transposed reduction. Per-token scales multiply
+// the scores (K) and the probabilities (V, after the row sum took them); per-channel scales are
+// folded into q (K) and the output (V). Softmax in base 2, float32.
 template <int NV>
 void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8Rows& v, const int64_t* table,
                             int64_t seq_len, int64_t block_size, int64_t num_kv_heads, int64_t group, float scale,
