@@ -18,14 +18,22 @@ class BlockImport:
         Raises:
             ValueError: a cache with local groups (their windows are not moved between engines).
         """
-        if len(self.windows) > 1:
-            raise ValueError("prefill/decode KV transfer does not support models with sliding-window layers "
-                             "(local KV-cache groups)")
+        self._check_one_group()
         if not self.enable_prefix_caching:
             return []
         num_blocks = len(token_ids) // self.block_size
-        hashes = self._chain_hashes([], token_ids, salt, num_blocks if max_blocks is None else min(max_blocks, num_blocks))
-        return self._cached_chain(token_ids, salt, hashes)[0]
+        return self._cached_prefix(token_ids, salt, num_blocks if max_blocks is None else min(max_blocks, num_blocks))[0]
+
+    def _check_one_group(self) -> None:
+        if len(self.windows) > 1:
+            raise ValueError("prefill/decode KV transfer does not support models with sliding-window layers "
+                             "(local KV-cache groups)")
+
+    def _cached_prefix(self, token_ids: list[int], salt, num_blocks: int) -> tuple[list[int], list[int]]:
+        """(the cached blocks holding the leading ones of the first `num_blocks` full blocks of `token_ids`, the
+        chained hashes of all `num_blocks`)."""
+        hashes = self._chain_hashes([], token_ids, salt, num_blocks)
+        return self._cached_chain(token_ids, salt, hashes)[0], hashes
 
     def insert_cached_blocks(self, token_ids: list[int], num_blocks: int, salt=None) -> list[int]:
         """Cache the first `num_blocks` full blocks of `token_ids` with KV the caller writes (fetched from
@@ -47,18 +55,17 @@ class BlockImport:
             raise ValueError("cached blocks can only be inserted with prefix caching on")
         if not 0 <= num_blocks <= len(token_ids) // bs:
             raise ValueError(f"{len(token_ids)} tokens hold {len(token_ids) // bs} full blocks, not {num_blocks}")
-        cached = self.cached_prefix_blocks(token_ids, salt, num_blocks)
+        self._check_one_group()
+        cached, hashes = self._cached_prefix(token_ids, salt, num_blocks)
         if num_blocks - len(cached) > self.num_free_blocks - sum(self._ref_counts[b] == 0 for b in cached):
             raise ValueError(f"{num_blocks - len(cached)} blocks to insert but {self.num_free_blocks} free")
         for block_id in cached:  # held while allocating, so the head cannot be evicted under it
             self._take_ref(block_id)
         new = [self._allocate_block() for _ in range(num_blocks - len(cached))]
-        content = self._index.get(cached[-1]) if cached else None
-        block_hash, parent_uid = (content.block_hash, content.uid) if content else (None, None)
+        parent_uid = self._index.get(cached[-1]).uid if cached else None
         for i, block_id in enumerate(new, start=len(cached)):
             tokens, block_salt = tuple(token_ids[i * bs:(i + 1) * bs]), salt if i == 0 else None
-            block_hash = self._hash_fn(block_hash, tokens, block_salt)
-            parent_uid = self._index.insert(block_id, block_hash, parent_uid, tokens, block_salt).uid
+            parent_uid = self._index.insert(block_id, hashes[i], parent_uid, tokens, block_salt).uid
         for block_id in reversed(cached + new):
             self._drop_ref(block_id)  # cached: each unreferenced one turns evictable
         return new
