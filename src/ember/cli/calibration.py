@@ -29,13 +29,18 @@ def describe_calibration(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_calibration(args: argparse.Namespace, tokenizer) -> list:
     """Random windows (seed 0) of the tokenized calibration text, each a [1, seq_len] tensor."""
+    return _windows(calibration_files(args), tokenizer, args.calib_samples, args.calib_seq_len)
+
+
+def _windows(files: list[str], tokenizer, num_samples: int, seq_len: int) -> list:
+    """Random windows (seed 0) of the tokenized text of `files`, each a [1, seq_len] tensor."""
     import torch
 
     from ember.eval.datasets import read_texts
     from ember.quant.calibration import sample_calibration_batches
 
-    ids = torch.tensor(tokenizer.encode(read_texts(calibration_files(args)), add_special_tokens=False))
-    return sample_calibration_batches(ids, args.calib_samples, args.calib_seq_len, seed=0)
+    ids = torch.tensor(tokenizer.encode(read_texts(files), add_special_tokens=False))
+    return sample_calibration_batches(ids, num_samples, seq_len, seed=0)
 
 
 def add_search_args(group) -> None:
@@ -51,14 +56,9 @@ def add_search_args(group) -> None:
 
 def load_search_windows(args: argparse.Namespace, tokenizer) -> list:
     """Random windows (seed 0) of the search text, each a [1, search_seq_len] tensor."""
-    import torch
+    from ember.eval.datasets import SEARCH_PLAYS, play_paths
 
-    from ember.eval.datasets import SEARCH_PLAYS, play_paths, read_texts
-    from ember.quant.calibration import sample_calibration_batches
-
-    ids = torch.tensor(tokenizer.encode(read_texts(args.search_file or play_paths(SEARCH_PLAYS)),
-                                        add_special_tokens=False))
-    return sample_calibration_batches(ids, args.search_samples, args.search_seq_len, seed=0)
+    return _windows(args.search_file or play_paths(SEARCH_PLAYS), tokenizer, args.search_samples, args.search_seq_len)
 
 
 def describe_search(args: argparse.Namespace) -> dict[str, Any]:
