@@ -208,7 +208,7 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
     row_max[h] = -1e30f;  // finite: the build uses -ffast-math
     row_sum[h] = 0.f;
   }
-  alignas(64) float scores[kMaxHeads][kChunk];
+  alignas(64) float probs[kMaxHeads][kChunk];  // per head of a KV head's group, V's per-token scales applied
   alignas(64) float k_scale[kChunk], v_scale[kChunk];
   __m512 keys[kChunk][NV];
   int64_t rows[2][kChunk];  // [slot, kv head 0] row of each position: this chunk's and the next one's
@@ -245,26 +245,25 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
           _mm_prefetch(reinterpret_cast<const char*>(v.codes + offset + byte), _MM_HINT_T1);
         }
       }
-      for (int64_t g = 0; g < group; ++g) _mm512_store_ps(scores[g], chunk_scores<NV>(qv[h0 + g], keys));
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = h0 + g;
-        __m512 x = _mm512_mul_ps(_mm512_load_ps(scores[g]), _mm512_load_ps(k_scale));
+        __m512 x = _mm512_mul_ps(chunk_scores<NV>(qv[h], keys), _mm512_load_ps(k_scale));
         x = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), valid, x);
         const float new_max = std::max(row_max[h], _mm512_reduce_max_ps(x));
-        const __m512 probs = ember_simd::exp2_512(_mm512_sub_ps(x, _mm512_set1_ps(new_max)));
+        const __m512 p = ember_simd::exp2_512(_mm512_sub_ps(x, _mm512_set1_ps(new_max)));
         const float correction = std::exp2(row_max[h] - new_max);
-        row_sum[h] = row_sum[h] * correction + _mm512_reduce_add_ps(probs);
+        row_sum[h] = row_sum[h] * correction + _mm512_reduce_add_ps(p);
         row_max[h] = new_max;
-        const __m512 c = _mm512_set1_ps(correction);
-        for (int j = 0; j < NV; ++j) acc[h][j] = _mm512_mul_ps(acc[h][j], c);
-        _mm512_store_ps(scores[g], _mm512_mul_ps(probs, _mm512_load_ps(v_scale)));
+        const __m512 rescale = _mm512_set1_ps(correction);
+        for (int j = 0; j < NV; ++j) acc[h][j] = _mm512_mul_ps(acc[h][j], rescale);
+        _mm512_store_ps(probs[g], _mm512_mul_ps(p, _mm512_load_ps(v_scale)));
       }
       for (int t = 0; t < n; ++t) {
         const int8_t* row = v.codes + (here[t] + kv) * kHeadDim;
         __m512 vr[NV];
         for (int j = 0; j < NV; ++j) vr[j] = widen_codes(row, j);
         for (int64_t g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g][t]);
+          const __m512 p = _mm512_set1_ps(probs[g][t]);
           for (int j = 0; j < NV; ++j) acc[h0 + g][j] = _mm512_fmadd_ps(p, vr[j], acc[h0 + g][j]);
         }
       }
