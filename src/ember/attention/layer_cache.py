@@ -16,7 +16,7 @@ from ember.attention.kv_quant import dequantize, quantize_per_channel, quantize_
 from ember.attention.residuals import RESIDUAL_POOL_FRACTION, ResidualPool
 from ember.attention.metadata import AttentionMetadata
 from ember.config import check_kv_cache_options
-from ember.kernels.ops import core_ops
+from ember.kernels.ops import core_ops, quant_ops
 from ember.kv_cache.groups import KVCacheGroup, buffer_of_layers, kv_cache_groups
 
 
@@ -154,9 +154,14 @@ class QuantizedRows:
             ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim, spec.outlier_factor)
             if spec.outlier_residual else None)
         self.kernel_args = self._make_kernel_args()
+        ops = quant_ops()
+        self.native_write = ops.write_rows_int8 if ops is not None and self.residuals is None else None
 
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kvh, dim = x.shape[1], x.shape[2]
+        if self.per_token and self.native_write is not None and x.dtype in (torch.float32, torch.bfloat16):
+            self.native_write(x, slot_mapping, self.codes, self.scales)  # quantize_per_token's rounding, one call
+            return
         if self.per_token:
             codes, scales = quantize_per_token(x)
             self.scales.view(-1, kvh).index_copy_(0, slot_mapping, scales)

@@ -111,42 +111,43 @@ inline __m512 load_f32x16(const at::BFloat16* p) {  // bf16 is the high half of 
 }
 #endif
 
-// Dynamic symmetric int8 per row: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x / scale)
-// with ties to even. The vector loops divide and round exactly as the scalar tails do.
+// Dynamic symmetric int8 of one row: scale = max|x| / 127 (at least 1e-8 / 127), code = round(x / scale)
+// with ties to even. The vector loop divides and rounds exactly as the scalar tail does.
+template <typename T>
+void quantize_row(const T* row, int64_t cols, int8_t* out, float* scale_out, int8_t flip) {
+  float amax = 0.f;
+  int64_t k = 0;
+#ifdef EMBER_QUANT_AVX512
+  __m512 vmax = _mm512_setzero_ps();
+  for (; k + 16 <= cols; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_f32x16(row + k)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; k < cols; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+  const float scale = std::max(amax, 1e-8f) / 127.f;
+  *scale_out = scale;
+  k = 0;
+#ifdef EMBER_QUANT_AVX512
+  const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (; k + 16 <= cols; k += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_f32x16(row + k), vscale),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+    const __m128i codes = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm_xor_si128(codes, _mm_set1_epi8(flip)));
+  }
+#endif
+  for (; k < cols; ++k) {
+    const float q = std::nearbyint(static_cast<float>(row[k]) / scale);
+    out[k] = static_cast<int8_t>(static_cast<int8_t>(std::min(127.f, std::max(-127.f, q))) ^ flip);
+  }
+}
+
 template <typename T>
 void quantize_rows(const T* src, int64_t rows, int64_t cols, int8_t* dst, float* scales, bool shift128) {
   // shift128: store code + 128 as uint8 (flip the sign bit), the zero-point form oneDNN's u8 x s8 matmul takes
   const int8_t flip = shift128 ? static_cast<int8_t>(0x80) : 0;
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = src + r * cols;
-      int8_t* out = dst + r * cols;
-      float amax = 0.f;
-      int64_t k = 0;
-#ifdef EMBER_QUANT_AVX512
-      __m512 vmax = _mm512_setzero_ps();
-      for (; k + 16 <= cols; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_f32x16(row + k)));
-      amax = _mm512_reduce_max_ps(vmax);
-#endif
-      for (; k < cols; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
-      const float scale = std::max(amax, 1e-8f) / 127.f;
-      scales[r] = scale;
-      k = 0;
-#ifdef EMBER_QUANT_AVX512
-      const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-      for (; k + 16 <= cols; k += 16) {
-        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_f32x16(row + k), vscale),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
-        const __m128i codes = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm_xor_si128(codes, _mm_set1_epi8(flip)));
-      }
-#endif
-      for (; k < cols; ++k) {
-        const float q = std::nearbyint(static_cast<float>(row[k]) / scale);
-        out[k] = static_cast<int8_t>(static_cast<int8_t>(std::min(127.f, std::max(-127.f, q))) ^ flip);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) quantize_row(src + r * cols, cols, dst + r * cols, scales + r, flip);
   });
 }
 
@@ -163,6 +164,44 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, boo
     quantize_rows(x.data_ptr<float>(), rows, cols, codes.data_ptr<int8_t>(), scales.data_ptr<float>(), shift128);
   }
   return {shift128 ? codes.view(torch::kUInt8) : codes, scales};
+}
+
+// The int8 KV cache's write with per-token scales: the KVH rows of x [T, KVH, D] of token t quantized
+// as quantize_rows_int8 does, straight into slot slot_mapping[t] of codes [B, bs, KVH, D] and scales
+// [B, bs, KVH]. One call in place of the PyTorch ops and two index_copy_ per tensor.
+void write_rows_int8(torch::Tensor x, torch::Tensor slot_mapping, torch::Tensor codes, torch::Tensor scales) {
+  TORCH_CHECK(x.dim() == 3 && codes.dim() == 4 && scales.dim() == 3, "x must be [T, KVH, D], codes [B, bs, KVH, D], scales [B, bs, KVH]");
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 && codes.is_contiguous() &&
+              scales.is_contiguous(), "codes must be contiguous int8 and scales contiguous float32");
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2);
+  TORCH_CHECK(codes.size(2) == heads && codes.size(3) == dim && scales.size(0) == codes.size(0) &&
+              scales.size(1) == codes.size(1) && scales.size(2) == heads, "x, codes and scales must agree in KVH and D");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == tokens, "slot_mapping must be [T]");
+  x = x.contiguous();
+  slot_mapping = slot_mapping.to(torch::kInt64).contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = codes.size(0) * codes.size(1);
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " is outside the cache's ", num_slots, " slots");
+  }
+  int8_t* code_ptr = codes.data_ptr<int8_t>();
+  float* scale_ptr = scales.data_ptr<float>();
+  const auto write = [&](const auto* src) {
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t row = slots[t] * heads + h;
+          quantize_row(src + (t * heads + h) * dim, dim, code_ptr + row * dim, scale_ptr + row, 0);
+        }
+      }
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    write(x.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bfloat16 or float32");
+    write(x.data_ptr<float>());
+  }
 }
 
 // y = acc * x_scale[m] * w_scale[n] (+ bias[n]) in float32, stored as T.
@@ -250,6 +289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "packed int8/int4 weight -> bfloat16 [N, K]");
   m.def("quantize_rows_int8", &quantize_rows_int8, "dynamic symmetric int8 per row (uint8 code + 128 if shift128)",
         pybind11::arg("x"), pybind11::arg("shift128") = false);
+  m.def("write_rows_int8", &write_rows_int8, "per-token int8 K or V rows quantized into their slots of a paged cache");
   m.def("rescale_rows", &rescale_rows, "accumulators * row scale * column scale (+ bias)");
   m.def("w8a8_linear_gemv", &w8a8_linear_gemv, "W8A8 linear for <= 4 tokens: quantize_rows_int8, VNNI GEMV, rescale_rows");
   register_woq(m);
