@@ -27,6 +27,33 @@ def test_per_token_codes_round_to_nearest_with_absmax_scale():
     assert ((dequantize(codes, scales, per_token=True) - x).abs() <= scales[..., None] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 24])
+def test_native_cache_write_equals_quantize_per_token_at_the_slots(dtype, dim):
+    """The int8 cache's one-call write stores what quantize_per_token + index_copy_ store, bit for bit: ties
+    round to even, an all-zero row gets the smallest scale, and a slot outside the cache is refused."""
+    from ember.kernels.ops import quant_ops
+
+    if quant_ops() is None:
+        pytest.skip("no native build: the PyTorch write is the one in use")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, KV_HEADS, dim, generator=gen) * 3).to(dtype)
+    x[0, 0] = 0.0
+    x[1, 0, :3] = torch.tensor([127.0, 2.5, -3.5])  # scale 1: codes 127, 2, -4 (half to even)
+    x[1, 0, 3:] = 0.0
+    cache = Int8LayerCache(16, spec(block_size=4, dtype=dtype, dim=dim))
+    assert cache.key.native_write is not None
+    slots = torch.randperm(64, generator=gen)[:40]
+    cache.key.write(x, slots)
+    codes, scales = quantize_per_token(x)
+    assert torch.equal(cache.key.codes.view(-1, KV_HEADS, dim)[slots], codes)
+    assert torch.equal(cache.key.scales.view(-1, KV_HEADS)[slots], scales)
+    assert cache.key.codes.view(-1, KV_HEADS, dim)[slots[1], 0, :3].tolist() == [127, 2, -4]
+    assert cache.key.scales.view(-1, KV_HEADS)[slots[0], 0] > 0
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cache.key.write(x[:1], torch.tensor([64]))
+
+
 def test_per_channel_codes_saturate_outside_the_calibrated_range():
     scales = torch.full((KV_HEADS, DIM), 0.01)
     x = torch.zeros(3, KV_HEADS, DIM)
@@ -94,7 +121,7 @@ def _filled_cache(cache_dtype, num_blocks, block_size, kv_heads, dim, dtype, gen
 
 @pytest.mark.parametrize("cache_dtype,residual", [("int8", False), ("int8-static", False), ("int8-static", True)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("block_size,head_dim,group", [(16, 64, 3), (5, 64, 1), (4, 48, 2)])
+@pytest.mark.parametrize("block_size,head_dim,group", [(16, 64, 3), (5, 64, 1), (4, 48, 2), (7, 128, 2)])
 def test_native_int8_decode_matches_naive_attention_on_dequantized_cache(cache_dtype, residual, dtype, tol,
                                                                          block_size, head_dim, group):
     from ember.kernels.ops import core_ops
@@ -119,6 +146,36 @@ def test_native_int8_decode_matches_naive_attention_on_dequantized_cache(cache_d
         torch.testing.assert_close(out[seq].float(), expected[0], atol=tol, rtol=tol)
     reference = decode_attention_reference(q, cache, meta, head_dim ** -0.5)
     torch.testing.assert_close(out.float(), reference.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "int8-static"])
+@pytest.mark.parametrize("head_dim,group", [(64, 3), (256, 4)])
+def test_native_int8_decode_of_bf16_queries_adds_no_error_beyond_the_output_rounding(cache_dtype, head_dim, group):
+    """The AVX-512 kernel multiplies integer codes (the query and the softmax weights as int16 with one step
+    per head and chunk): against float64 attention over the same codes, its error over 1,000 positions
+    stays within 1.05x of what rounding the exact output to bfloat16 costs by itself."""
+    from ember.kernels.ops import core_ops
+
+    if core_ops() is None:
+        pytest.skip("no native build: the reference path is the one in use")
+    gen = torch.Generator().manual_seed(11)
+    block_size, kv_heads, seq_lens = 16, 3, torch.tensor([1000, 333, 64])
+    max_blocks = -(-int(seq_lens.max()) // block_size)
+    num_blocks = len(seq_lens) * max_blocks
+    cache = _filled_cache(cache_dtype, num_blocks, block_size, kv_heads, head_dim, torch.bfloat16, gen, False)
+    tables = torch.randperm(num_blocks, generator=gen).view(len(seq_lens), max_blocks)
+    q = (3 * torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)).bfloat16()
+    meta = build_attention_metadata(tables.tolist(), (seq_lens - 1).tolist(), [1] * len(seq_lens), block_size)
+    meta.slot_mapping = torch.empty(0, dtype=torch.int64)
+    out = cache.decode(q, meta, head_dim ** -0.5).double()
+    keys, values = cache.key.read(tables).double(), cache.value.read(tables).double()
+    for seq, length in enumerate(seq_lens.tolist()):
+        k = keys[seq, :length].repeat_interleave(group, dim=1)
+        v = values[seq, :length].repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,khd->hk", q[seq].double(), k) * head_dim ** -0.5, dim=-1)
+        exact = torch.einsum("hk,khd->hd", probs, v)
+        rounding = (exact.bfloat16().double() - exact).norm()
+        assert (out[seq] - exact).norm() <= 1.05 * rounding
 
 
 @pytest.mark.parametrize("cache_dtype", ["int8", "int8-static"])

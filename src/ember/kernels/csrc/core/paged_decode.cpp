@@ -137,15 +137,8 @@ inline __m256i to_bf16x16(__m512 x) {
 #endif
 }
 
-using ember_simd::exp2_512;  // simd_bf16.h
-
-// The maximum of the 16 lanes, in every lane (no scalar round trip).
-inline __m512 broadcast_max(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
-  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
-  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
-  return _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
-}
+using ember_simd::broadcast_max;  // simd_bf16.h
+using ember_simd::exp2_512;
 
 // Transposed reduction of 16 dot products (simd_bf16.h): group_scores feeds token kBitReverse4[i]
 // as input i, so lane t of the result is token t.

@@ -1,5 +1,5 @@
 // Decode attention over an int8 paged KV cache: codes are read block by block through the block table
-// and never widened into a float copy. A per-token scale multiplies a whole score (K) or probability
+// and never widened into a float copy; with AVX512-VNNI they are multiplied as integers. A per-token scale multiplies a whole score (K) or probability
 // (V); per-channel scales are folded into the query (K) and into the output (V). Outlier tokens add
 // a 4-bit residual, found through a slot -> residual-row index. Online softmax in float32.
 #include <torch/extension.h>
@@ -149,68 +149,190 @@ void decode_int8_kernel(const torch::Tensor& q, const Int8Rows& k, const Int8Row
   });
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #include "simd_bf16.h"
-#define EMBER_HAS_AVX512 1
+#define EMBER_HAS_INT8_VNNI 1
 
-constexpr int kMaxVecs = 16;   // head_dim up to 256
+constexpr int kMaxTiles = 4;   // head_dim up to 256, in tiles of 64
 constexpr int kMaxHeads = 32;  // query heads per sequence
 constexpr int kChunk = 16;     // positions per softmax step: one vector of scores
+constexpr int kHeadTile = 3;   // query heads served per pass over a chunk's rows (register budget)
+constexpr float kInt16Max = 32767.f;
+alignas(64) constexpr int8_t kZeroCodes[64 * kMaxTiles] = {};  // stands in for positions past the end
 
-// 16 codes of a row -> 16 floats, natural order.
-inline __m512 widen_codes(const int8_t* row, int j) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j))));
+// 32 codes -> 32 int16, natural order.
+inline __m512i widen16(const int8_t* codes) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
 }
 
-// One head's scores against a chunk's 16 widened K rows, token t in lane t: the dot products are
-// combined pairwise as they are ready (simd_bf16.h's transposed reduction), not summed one by one.
-template <int NV>
-inline __m512 chunk_scores(const __m512* q, const __m512 (*keys)[NV]) {
-  __m512 quads[4];
+// 32 floats (two vectors) -> 32 int16 codes of x * inv_step, rounded to nearest.
+inline __m512i to_int16(__m512 lo, __m512 hi, __m512 inv_step) {
+  const __m256i a = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv_step)));
+  const __m256i b = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv_step)));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+// Running state of one sequence. The query is held as int16 codes with one step per head: it
+// carries the softmax scale, log2(e) and K's per-channel scales, and its rounding error (2^-16 of
+// the head's largest value) is below bfloat16's. acc is kept in the lane order of group_values.
+template <int NT>
+struct Int8SeqState {
+  __m512i q[kMaxHeads][2 * NT];
+  __m512 q_step[kMaxHeads], row_max[kMaxHeads], row_sum[kMaxHeads];  // row_max in every lane; row_sum by lane
+  __m512 acc[kMaxHeads][4 * NT];
+};
+
+// One KV head's rows over a chunk (the zero row past the end) and the chunk's per-token scales (1
+// for per-channel scales, which are folded into q and the output).
+struct Int8Chunk {
+  const int8_t* k[kChunk];
+  const int8_t* v[kChunk];
+  alignas(64) float k_scale[kChunk];
+  alignas(64) float v_scale[kChunk];
+};
+
+// Scores of G heads against the chunk's 16 K rows as exact int32 sums, token t in lane t: each K
+// row is widened to int16 once for the G heads and multiplied by vpdpwssd (32 products an
+// instruction); the dot products are combined by simd_bf16.h's transposed reduction.
+template <int NT, int G>
+inline void group_dots(const __m512i (*q)[2 * NT], const Int8Chunk& chunk, __m512i* dots_out) {
+  __m512i quads[G][4];
+#pragma GCC unroll 4
   for (int quad = 0; quad < 4; ++quad) {
-    __m512 halves[2];
+    __m512i halves[G][2];
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
-      __m512 dots[2];
+      __m512i dots[G][2];
+#pragma GCC unroll 2
       for (int i = 0; i < 2; ++i) {
-        const __m512* key = keys[ember_simd::kBitReverse4[4 * quad + 2 * half + i]];
-        dots[i] = _mm512_mul_ps(q[0], key[0]);
-        for (int j = 1; j < NV; ++j) dots[i] = _mm512_fmadd_ps(q[j], key[j], dots[i]);
+        const int8_t* row = chunk.k[ember_simd::kBitReverse4[4 * quad + 2 * half + i]];
+        for (int g = 0; g < G; ++g) dots[g][i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * NT; ++j) {
+          const __m512i k = widen16(row + 32 * j);
+          for (int g = 0; g < G; ++g) dots[g][i] = _mm512_dpwssd_epi32(dots[g][i], k, q[g][j]);
+        }
       }
-      halves[half] = ember_simd::add_halves(dots[0], dots[1]);
+      for (int g = 0; g < G; ++g) halves[g][half] = ember_simd::add_halves(dots[g][0], dots[g][1]);
     }
-    quads[quad] = ember_simd::add_quarters(halves[0], halves[1]);
+    for (int g = 0; g < G; ++g) quads[g][quad] = ember_simd::add_quarters(halves[g][0], halves[g][1]);
   }
-  return ember_simd::add_neighbours(ember_simd::add_pairs(quads[0], quads[1]), ember_simd::add_pairs(quads[2], quads[3]));
+  for (int g = 0; g < G; ++g) {
+    dots_out[g] = ember_simd::add_neighbours(ember_simd::add_pairs(quads[g][0], quads[g][1]),
+                                             ember_simd::add_pairs(quads[g][2], quads[g][3]));
+  }
 }
 
-// One sequence, bfloat16 queries, AVX-512, head_dim = 16 * NV, no residuals. Positions go in chunks
-// of 16; per chunk and KV head every K and V row is widened once and serves all query heads of its
-// group, and each head's 16 scores come out of one transposed reduction. Per-token scales multiply
-// the scores (K) and the probabilities (V, after the row sum took them); per-channel scales are
-// folded into q (K) and the output (V). Softmax in base 2, float32.
-template <int NV>
-void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8Rows& v, const int64_t* table,
-                            int64_t seq_len, int64_t block_size, int64_t num_kv_heads, int64_t group, float scale,
-                            at::BFloat16* out) {
-  constexpr int kHeadDim = 16 * NV;
+// sum_t w[g][t] * V[t] for G heads, as int32: the weights are int16 codes (two positions in each
+// 32-bit word), and the V rows of positions 2i and 2i+1 are interleaved so one vpdpwssd adds both
+// positions' products for 16 channels. Per 64-channel tile, accumulator m holds, in 128-bit lane L,
+// channels 8L + 4(m % 2) + [0, 4) of the tile's half m / 2 (unpack's lane order; store_int8_head
+// restores the natural one). n_pairs covers the chunk's positions, the zero row filling an odd end.
+template <int NT, int G>
+inline void group_values(const uint32_t (*w)[kChunk / 2], const Int8Chunk& chunk, int n_pairs,
+                         const __m512* w_step, const __m512* correction, __m512 (*acc)[4 * NT]) {
+  for (int tile = 0; tile < NT; ++tile) {
+    __m512i sums[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int m = 0; m < 4; ++m) sums[g][m] = _mm512_setzero_si512();
+    for (int i = 0; i < n_pairs; ++i) {
+      const int8_t* first = chunk.v[2 * i] + 64 * tile;
+      const int8_t* second = chunk.v[2 * i + 1] + 64 * tile;
+      const __m512i lo0 = widen16(first), hi0 = widen16(first + 32);
+      const __m512i lo1 = widen16(second), hi1 = widen16(second + 32);
+      const __m512i pairs[4] = {_mm512_unpacklo_epi16(lo0, lo1), _mm512_unpackhi_epi16(lo0, lo1),
+                                _mm512_unpacklo_epi16(hi0, hi1), _mm512_unpackhi_epi16(hi0, hi1)};
+      for (int g = 0; g < G; ++g) {
+        const __m512i weights = _mm512_set1_epi32(static_cast<int>(w[g][i]));
+        for (int m = 0; m < 4; ++m) sums[g][m] = _mm512_dpwssd_epi32(sums[g][m], pairs[m], weights);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int m = 0; m < 4; ++m) {
+        __m512& a = acc[g][4 * tile + m];
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g][m]), w_step[g], _mm512_mul_ps(a, correction[g]));
+      }
+    }
+  }
+}
+
+// Query heads [h, h + G), which share one KV head, over one chunk of n <= 16 positions: scores,
+// online softmax in base 2 (float32), then the weights p * V's per-token scale as int16 codes with
+// one step per head and chunk (2^-16 of the chunk's largest weight).
+template <int NT, int G>
+__attribute__((noinline)) void attend_int8_heads(Int8SeqState<NT>& st, int64_t h, const Int8Chunk& chunk, int n) {
+  __m512i dots[G];
+  group_dots<NT, G>(st.q + h, chunk, dots);
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+  const __m512 k_scale = _mm512_load_ps(chunk.k_scale), v_scale = _mm512_load_ps(chunk.v_scale);
+  alignas(64) uint32_t w[G][kChunk / 2];
+  __m512 w_step[G], correction[G];
+  for (int g = 0; g < G; ++g) {
+    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(dots[g]), _mm512_mul_ps(k_scale, st.q_step[h + g]));
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), valid, x);
+    const __m512 new_max = _mm512_max_ps(st.row_max[h + g], ember_simd::broadcast_max(x));
+    const __m512 p = ember_simd::exp2_512(_mm512_sub_ps(x, new_max));
+    correction[g] = ember_simd::exp2_512(_mm512_sub_ps(st.row_max[h + g], new_max));
+    st.row_sum[h + g] = _mm512_fmadd_ps(st.row_sum[h + g], correction[g], p);
+    st.row_max[h + g] = new_max;
+    const __m512 weight = _mm512_mul_ps(p, v_scale);
+    const __m512 largest = _mm512_max_ps(ember_simd::broadcast_max(weight), _mm512_set1_ps(1e-30f));  // no 0 / 0
+    w_step[g] = _mm512_div_ps(largest, _mm512_set1_ps(kInt16Max));
+    const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(weight, _mm512_div_ps(_mm512_set1_ps(kInt16Max), largest)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[g]), _mm512_cvtepi32_epi16(codes));
+  }
+  group_values<NT, G>(w, chunk, (n + 1) / 2, w_step, correction, st.acc + h);
+}
+
+// acc * inv in natural channel order (see group_values), times V's per-channel scales if any,
+// rounded to bfloat16.
+template <int NT>
+inline void store_int8_head(const __m512* acc, float inv, const float* v_channel_scales, at::BFloat16* dst) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int half = 0; half < 2 * NT; ++half) {
+    const __m512 a = acc[2 * half], b = acc[2 * half + 1];
+    for (int part = 0; part < 2; ++part) {
+      __m512 o = _mm512_mul_ps(_mm512_permutex2var_ps(a, part == 0 ? first : second, b), scale);
+      const int64_t channel = 32 * half + 16 * part;
+      if (v_channel_scales != nullptr) o = _mm512_mul_ps(o, _mm512_loadu_ps(v_channel_scales + channel));
+      ember_simd::store_bf16x16(dst + channel, ember_simd::round_bf16(o));
+    }
+  }
+}
+
+// One sequence, bfloat16 queries, AVX-512 VNNI, head_dim = 64 * NT, no residuals. Positions go in
+// chunks of 16; per chunk and KV head, every K and V row is widened to int16 once and serves the
+// group's query heads in tiles of up to kHeadTile. Integer dot products replace the widening of
+// every code to float: K against the int16 query, and V against int16 softmax weights.
+template <int NT>
+void decode_seq_int8_vnni(const at::BFloat16* q, const Int8Rows& k, const Int8Rows& v, const int64_t* table,
+                          int64_t seq_len, int64_t block_size, int64_t num_kv_heads, int64_t group, float scale,
+                          at::BFloat16* out) {
+  constexpr int kHeadDim = 64 * NT;
   const int64_t num_heads = num_kv_heads * group;
-  __m512 qv[kMaxHeads][NV], acc[kMaxHeads][NV];
-  float row_max[kMaxHeads], row_sum[kMaxHeads];
-  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);
+  Int8SeqState<NT> st;
+  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);  // base-2 softmax
   for (int64_t h = 0; h < num_heads; ++h) {
     const float* ks = k.per_token ? nullptr : k.scales + (h / group) * kHeadDim;
-    for (int j = 0; j < NV; ++j) {
-      qv[h][j] = _mm512_mul_ps(ember_simd::load_bf16x16(q + h * kHeadDim + 16 * j), q_scale);
-      if (ks != nullptr) qv[h][j] = _mm512_mul_ps(qv[h][j], _mm512_loadu_ps(ks + 16 * j));
-      acc[h][j] = _mm512_setzero_ps();
+    __m512 qf[4 * NT];
+    __m512 largest = _mm512_setzero_ps();
+    for (int j = 0; j < 4 * NT; ++j) {
+      qf[j] = _mm512_mul_ps(ember_simd::load_bf16x16(q + h * kHeadDim + 16 * j), q_scale);
+      if (ks != nullptr) qf[j] = _mm512_mul_ps(qf[j], _mm512_loadu_ps(ks + 16 * j));
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(qf[j]));
     }
-    row_max[h] = -1e30f;  // finite: the build uses -ffast-math
-    row_sum[h] = 0.f;
+    const float top = _mm512_reduce_max_ps(largest);
+    st.q_step[h] = _mm512_set1_ps(top > 0.f ? top / kInt16Max : 0.f);
+    const __m512 inv_step = _mm512_set1_ps(top > 0.f ? kInt16Max / top : 0.f);
+    for (int j = 0; j < 2 * NT; ++j) st.q[h][j] = to_int16(qf[2 * j], qf[2 * j + 1], inv_step);
+    for (int j = 0; j < 4 * NT; ++j) st.acc[h][j] = _mm512_setzero_ps();
+    st.row_max[h] = _mm512_set1_ps(-1e30f);  // finite: the build uses -ffast-math
+    st.row_sum[h] = _mm512_setzero_ps();
   }
-  alignas(64) float probs[kMaxHeads][kChunk];  // per head of a KV head's group, V's per-token scales applied
-  alignas(64) float k_scale[kChunk], v_scale[kChunk];
-  __m512 keys[kChunk][NV];
+  Int8Chunk chunk;
   int64_t rows[2][kChunk];  // [slot, kv head 0] row of each position: this chunk's and the next one's
   const auto chunk_rows = [&](int64_t start, int64_t* out_rows) {
     const int count = static_cast<int>(std::clamp<int64_t>(seq_len - start, 0, kChunk));
@@ -225,16 +347,13 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
     const int n = static_cast<int>(std::min<int64_t>(kChunk, seq_len - start));
     const int next_n = chunk_rows(start + kChunk, rows[c ^ 1]);
     const int64_t* here = rows[c];
-    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
       for (int t = 0; t < kChunk; ++t) {
-        k_scale[t] = t < n && k.per_token ? k.scales[here[t] + kv] : 1.f;
-        v_scale[t] = t < n && v.per_token ? v.scales[here[t] + kv] : 1.f;
-      }
-      const int64_t h0 = kv * group;
-      for (int t = 0; t < kChunk; ++t) {  // the chunk's K rows widened once (zeros past the end)
-        for (int j = 0; j < NV; ++j)
-          keys[t][j] = t < n ? widen_codes(k.codes + (here[t] + kv) * kHeadDim, j) : _mm512_setzero_ps();
+        const int64_t row = here[t] + kv;
+        chunk.k[t] = t < n ? k.codes + row * kHeadDim : kZeroCodes;
+        chunk.v[t] = t < n ? v.codes + row * kHeadDim : kZeroCodes;
+        chunk.k_scale[t] = t < n && k.per_token ? k.scales[row] : 1.f;
+        chunk.v_scale[t] = t < n && v.per_token ? v.scales[row] : 1.f;
       }
       // The next chunk's rows of this KV head into L2 while this one is computed (blocks sit where
       // the hardware prefetcher cannot guess), as the bf16 kernel does.
@@ -245,48 +364,31 @@ void decode_seq_int8_avx512(const at::BFloat16* q, const Int8Rows& k, const Int8
           _mm_prefetch(reinterpret_cast<const char*>(v.codes + offset + byte), _MM_HINT_T1);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = h0 + g;
-        __m512 x = _mm512_mul_ps(chunk_scores<NV>(qv[h], keys), _mm512_load_ps(k_scale));
-        x = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), valid, x);
-        const float new_max = std::max(row_max[h], _mm512_reduce_max_ps(x));
-        const __m512 p = ember_simd::exp2_512(_mm512_sub_ps(x, _mm512_set1_ps(new_max)));
-        const float correction = std::exp2(row_max[h] - new_max);
-        row_sum[h] = row_sum[h] * correction + _mm512_reduce_add_ps(p);
-        row_max[h] = new_max;
-        const __m512 rescale = _mm512_set1_ps(correction);
-        for (int j = 0; j < NV; ++j) acc[h][j] = _mm512_mul_ps(acc[h][j], rescale);
-        _mm512_store_ps(probs[g], _mm512_mul_ps(p, _mm512_load_ps(v_scale)));
-      }
-      for (int t = 0; t < n; ++t) {
-        const int8_t* row = v.codes + (here[t] + kv) * kHeadDim;
-        __m512 vr[NV];
-        for (int j = 0; j < NV; ++j) vr[j] = widen_codes(row, j);
-        for (int64_t g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(probs[g][t]);
-          for (int j = 0; j < NV; ++j) acc[h0 + g][j] = _mm512_fmadd_ps(p, vr[j], acc[h0 + g][j]);
+      static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
+      for (int64_t g = 0; g < group; g += kHeadTile) {
+        const int64_t h = kv * group + g;
+        switch (std::min<int64_t>(group - g, kHeadTile)) {
+          case 3: attend_int8_heads<NT, 3>(st, h, chunk, n); break;
+          case 2: attend_int8_heads<NT, 2>(st, h, chunk, n); break;
+          default: attend_int8_heads<NT, 1>(st, h, chunk, n);
         }
       }
     }
   }
   for (int64_t h = 0; h < num_heads; ++h) {
-    const __m512 inv = _mm512_set1_ps(row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f);
     const float* vs = v.per_token ? nullptr : v.scales + (h / group) * kHeadDim;
-    for (int j = 0; j < NV; ++j) {
-      __m512 o = _mm512_mul_ps(acc[h][j], inv);
-      if (vs != nullptr) o = _mm512_mul_ps(o, _mm512_loadu_ps(vs + 16 * j));
-      ember_simd::store_bf16x16(out + h * kHeadDim + 16 * j, ember_simd::round_bf16(o));
-    }
+    const float sum = _mm512_reduce_add_ps(st.row_sum[h]);
+    store_int8_head<NT>(st.acc[h], sum > 0.f ? 1.f / sum : 0.f, vs, out + h * kHeadDim);
   }
 }
 
-using DecodeSeqInt8Fn = decltype(&decode_seq_int8_avx512<1>);
+using DecodeSeqInt8Fn = decltype(&decode_seq_int8_vnni<1>);
 
 template <int... I>
 constexpr std::array<DecodeSeqInt8Fn, sizeof...(I)> int8_seq_table(std::integer_sequence<int, I...>) {
-  return {&decode_seq_int8_avx512<I + 1>...};
+  return {&decode_seq_int8_vnni<I + 1>...};
 }
-constexpr auto kDecodeSeqInt8Fns = int8_seq_table(std::make_integer_sequence<int, kMaxVecs>{});  // by head_dim / 16 - 1
+constexpr auto kDecodeSeqInt8Fns = int8_seq_table(std::make_integer_sequence<int, kMaxTiles>{});  // by head_dim / 64 - 1
 #endif
 
 void check_rows(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& res_index,
@@ -334,11 +436,11 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes
   if (q.scalar_type() == torch::kFloat32) {
     decode_int8_kernel<float>(q, k, v, block_size, num_kv_heads, block_tables, seq_lens, scale, out);
   } else if (q.scalar_type() == torch::kBFloat16) {
-#ifdef EMBER_HAS_AVX512
+#ifdef EMBER_HAS_INT8_VNNI
     const int64_t heads = q.size(1), head_dim = q.size(2);
-    if (k.res_index == nullptr && v.res_index == nullptr && head_dim % 16 == 0 && head_dim <= 16 * kMaxVecs &&
+    if (k.res_index == nullptr && v.res_index == nullptr && head_dim % 64 == 0 && head_dim <= 64 * kMaxTiles &&
         heads <= kMaxHeads) {
-      const DecodeSeqInt8Fn decode_seq = kDecodeSeqInt8Fns[head_dim / 16 - 1];
+      const DecodeSeqInt8Fn decode_seq = kDecodeSeqInt8Fns[head_dim / 64 - 1];
       const int64_t max_blocks = block_tables.size(1), group = heads / num_kv_heads;
       const auto* qp = q.data_ptr<at::BFloat16>();
       auto* op = out.data_ptr<at::BFloat16>();

@@ -1,6 +1,7 @@
 // AVX-512 helpers shared by the native attention and elementwise kernels: bfloat16 <-> float32, a
-// vector 2^x and the transposed reduction of 16 dot products. The rounding is c10's (round to nearest even, NaN to the canonical quiet NaN), so the
-// vector kernels round exactly where and as the PyTorch ops they replace.
+// vector 2^x, a lane maximum and the transposed reduction of 16 dot products (float or int32). The
+// rounding is c10's (round to nearest even, NaN to the canonical quiet NaN), so the vector kernels
+// round exactly where and as the PyTorch ops they replace.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -41,6 +42,14 @@ inline __m512 exp2_512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The maximum of the 16 lanes, in every lane (no scalar round trip).
+inline __m512 broadcast_max(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
+  return _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
+}
+
 // Transposed reduction: 16 vectors of partial dot products -> one vector of 16 sums, one
 // lane-crossing shuffle and one or two blends per pair combined (15 pairs) instead of 16
 // horizontal sums. Lane p of the result sums input bit_reverse4(p), so a caller that feeds token
@@ -57,6 +66,22 @@ inline __m512 add_pairs(__m512 a, __m512 b) {  // within 128-bit lanes: 2 floats
 }
 inline __m512 add_neighbours(__m512 a, __m512 b) {  // within 128-bit lanes: 1 float each
   return _mm512_add_ps(_mm512_mask_blend_ps(0xAAAA, a, b), _mm512_permute_ps(_mm512_mask_blend_ps(0x5555, a, b), 0xB1));
+}
+// The same reduction over int32 lanes (exact), for dot products of integer codes.
+inline __m512i add_halves(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_mask_blend_epi32(0xFF00, a, b), _mm512_shuffle_i32x4(a, b, 0x4E));
+}
+inline __m512i add_quarters(__m512i a, __m512i b) {
+  const __m512i swapped = _mm512_mask_blend_epi32(0x0F0F, a, b);
+  return _mm512_add_epi32(_mm512_mask_blend_epi32(0xF0F0, a, b), _mm512_shuffle_i32x4(swapped, swapped, 0xB1));
+}
+inline __m512i add_pairs(__m512i a, __m512i b) {
+  const __m512 shuffled = _mm512_shuffle_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), 0x4E);
+  return _mm512_add_epi32(_mm512_mask_blend_epi32(0xCCCC, a, b), _mm512_castps_si512(shuffled));
+}
+inline __m512i add_neighbours(__m512i a, __m512i b) {
+  const __m512i swapped = _mm512_shuffle_epi32(_mm512_mask_blend_epi32(0x5555, a, b), static_cast<_MM_PERM_ENUM>(0xB1));
+  return _mm512_add_epi32(_mm512_mask_blend_epi32(0xAAAA, a, b), swapped);
 }
 constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
