@@ -70,7 +70,7 @@ def no_decode_attention():
 def no_model(model, hidden_size: int):
     import torch
 
-    def forward(input_ids, positions, kv_caches, meta):
+    def forward(input_ids, positions, kv_caches, meta, precision=None):
         return torch.zeros(input_ids.shape[0], hidden_size, dtype=torch.bfloat16)
 
     with mock.patch.object(model, "forward", forward):

@@ -9,7 +9,9 @@ from ember import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("settings", [dict(method="rtn", bits=8), dict(method="rtn", bits=4, group_size=32,
-                                                                           symmetric=False)])
+                                                                           symmetric=False),
+                                      dict(method="rtn", bits=4, group_size=32, symmetric=False, lm_head="int8"),
+                                      dict(method="rtn", bits=4, group_size=32, symmetric=False, lm_head="int4")])
 def test_llm_loads_quantized_dir_and_matches_hf_with_same_layers(tiny_llama_dir, tmp_path, settings):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,6 +28,12 @@ def test_llm_loads_quantized_dir_and_matches_hf_with_same_layers(tiny_llama_dir,
     assert json.loads((out_dir / "quantization_config.json").read_text())["bits"] == settings["bits"]
 
     llm = LLM(model=str(out_dir), dtype="float32", num_kv_blocks=64, max_model_len=256)
+    if "lm_head" in settings:  # the head runs its own codes; the embedding stays float
+        from ember.quant.linear import QuantLinear
+
+        model = llm.engine.runner.model
+        assert isinstance(model.lm_head, QuantLinear) and isinstance(hf.lm_head, QuantLinear)
+        assert torch.equal(model.model.embed_tokens.weight, hf.model.embed_tokens.weight)
     prompt = list(range(30, 70))
     ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids

@@ -77,3 +77,41 @@ def test_unknown_config_key_rejected(tmp_path):
     (tmp_path / QUANT_CONFIG_NAME).write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="mystery"):
         load_quantized_state(tmp_path)
+
+
+@pytest.mark.parametrize("head,head_bits,head_act_bits", [("int8", 8, None), ("int4", 4, 8)])
+def test_quantized_lm_head_gets_its_own_codes_and_the_tied_embedding_stays_float(tmp_path, head, head_bits,
+                                                                                 head_act_bits):
+    """--lm-head: the head of a tied model is untied and quantized (int8: per channel, weight-only even in a
+    W4A8 checkpoint; int4: the body's scheme and activation codes); the embedding keeps its float weight, and
+    the checkpoint loads into a fresh skeleton with the same logits."""
+    model = make_tiny_llama(tied=True)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    config = QuantConfig(method="rtn", bits=4, group_size=32, symmetric=False, act_bits=8, lm_head=head)
+    names = quantize_model(model, config)
+    head_layer = model.lm_head
+    assert "lm_head" in names and isinstance(head_layer, QuantLinear)
+    assert head_layer.scheme.bits == head_bits and head_layer.act_bits == head_act_bits
+    assert torch.equal(model.model.embed_tokens.weight, embedding) and not model.config.tie_word_embeddings
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+        # the head's codes, dequantized, give the logits (weight-only: exactly F.linear's)
+        hidden = model.model(ids).last_hidden_state
+        if head_act_bits is None:
+            torch.testing.assert_close(expected, torch.nn.functional.linear(hidden, head_layer.dequantize()),
+                                       rtol=1e-5, atol=1e-5)
+    save_quantized(model, tmp_path, config)
+    payload = json.loads((tmp_path / QUANT_CONFIG_NAME).read_text())
+    assert payload["lm_head"] == head and payload["module_precisions"]["lm_head"] == head and not payload["tied"]
+    skeleton = LlamaForCausalLM(LlamaConfig.from_json_file(str(tmp_path / "config.json"))).eval()
+    load_quantized(skeleton, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_lm_head_precision_is_checked():
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        QuantConfig(method="rtn", bits=8, lm_head="int2")
+    with pytest.raises(ValueError, match="bits=4"):
+        QuantConfig(method="rtn", bits=8, lm_head="int4")

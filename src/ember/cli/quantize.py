@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--act-bits", type=int, default=None, choices=[8],
                         help="dynamic int8 activations: per token with --bits 8 (W8A8; implied by smoothquant), "
                              "per token and weight group with --bits 4 (W4A8)")
+    parser.add_argument("--lm-head", default=None, choices=["int8", "int4"],
+                        help="also quantize the LM head (RTN, its own copy if tied to the embedding): int8 per "
+                             "output channel, weight-only; int4 in the other linears' 4-bit scheme and --act-bits "
+                             "(default: keep it in float)")
     parser.add_argument("--rotate", action="store_true", help="fold a Hadamard rotation in first (QuaRot)")
     parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian diagonal")
@@ -76,7 +80,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     method_args = {"act_order": True} if args.act_order else {}
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                          symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
-                         alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args))
+                         alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args),
+                         lm_head=args.lm_head)
     model_config, state = load_state(path, progress=not args.quiet)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)

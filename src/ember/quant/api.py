@@ -17,7 +17,7 @@ from ember.quant.config import QuantConfig
 from ember.quant.gptq import HessianAccumulator, gptq_quantize
 from ember.quant.layout import fold_scales, scale_groups
 from ember.quant.linear import QuantLinear
-from ember.quant.rotation import rotate_model
+from ember.quant.rotation import rotate_model, untie_embeddings
 from ember.quant.rtn import quantize_weight
 from ember.quant.smoothquant import smoothing_scales
 
@@ -43,7 +43,7 @@ def _replace(model: nn.Module, weights: dict[str, QuantizedWeight], config: Quan
     for name, weight in weights.items():
         linear = model.get_submodule(name)
         copy = linear.weight if name in config.fallback_modules else None  # as folded/rotated so far
-        model.set_submodule(name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits,
+        model.set_submodule(name, QuantLinear.from_quantized(weight, linear.bias, act_bits=config.act_bits_for(name),
                                                               policy=policy, fallback_weight=copy))
 
 
@@ -80,7 +80,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
         if config.method in ("awq", "gptq"):
             layer_fn = _awq_layer_fn(config) if config.method == "awq" else _gptq_layer_fn(config)
             _quantize_layerwise(model, config, calib_batches, forward, layer_fn, policy, progress)
-        targets = target_linears(model, config.modules)  # whatever is still float: RTN
+        if config.lm_head is not None:
+            untie_embeddings(model)  # the embedding stays float; the head gets its own codes
+        targets = target_linears(model, config.target_modules)  # whatever is still float: RTN
         schemes = _schemes(targets, config)
         bar = progress_bar(schemes.items(), desc="quantize rtn", unit="linear", enabled=progress and bool(schemes))
         _replace(model, {n: quantize_weight(targets[n].weight, s) for n, s in bar}, config, policy)

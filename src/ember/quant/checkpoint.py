@@ -84,7 +84,7 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
         scheme = config.scheme_for(name)
         if scheme is None:
             raise ValueError(f"{name} is listed as quantized but its precision is bf16")
-        layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits,
+        layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits_for(name),
                             bias=f"{name}.bias" in state, policy=policy,
                             has_fallback=f"{name}.fallback_weight" in state)
         model.set_submodule(name, layer)

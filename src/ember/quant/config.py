@@ -9,12 +9,14 @@ from ember.quant.plan import PRECISIONS
 
 METHODS = ("rtn", "awq", "gptq", "smoothquant")
 GROUP_SIZES = (32, 64, 128)
-# Linear layers quantized by default; lm_head and embeddings stay in float (they dominate error at 4 bits).
+# Linear layers quantized by default; embeddings stay in float, and lm_head unless `lm_head` says otherwise.
 DEFAULT_MODULES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 FORMAT_VERSION = 1
+LM_HEAD = "lm_head"
+LM_HEAD_PRECISIONS = (None, "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,10 @@ class QuantConfig:
             ``group_size`` (64 when the base is 8-bit). Weight-only configs only.
         fallback_modules: full names of quantized linears that also keep their float weight in the
             checkpoint (``fallback_weight``), so a request can run them in high precision.
+        lm_head: ``None`` keeps the LM head in float (tied to the embedding if the model ties them);
+            ``"int8"`` gives it its own copy, RTN int8 per output channel, weight-only whatever
+            ``act_bits`` says; ``"int4"`` the 4-bit scheme of the other linears, with their ``act_bits``
+            (llama.cpp's GGUFs quantize the output matrix too).
     Raises:
         ValueError: on any inconsistent combination.
     """
@@ -59,6 +65,7 @@ class QuantConfig:
     method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     precisions: dict[str, str] = dataclasses.field(default_factory=dict)
     fallback_modules: tuple[str, ...] = ()
+    lm_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,12 +91,28 @@ class QuantConfig:
             raise ValueError(f"precisions must be one of {PRECISIONS}, got {bad}")
         if self.precisions and self.act_bits is not None:
             raise ValueError("per-linear precisions are for weight-only configs (act_bits=None)")
+        if self.lm_head not in LM_HEAD_PRECISIONS:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {self.lm_head!r}")
+        if self.lm_head == "int4" and self.bits != 4:
+            raise ValueError("lm_head='int4' takes the 4-bit scheme of the other linears: set bits=4")
 
     def weight_scheme(self) -> WeightScheme:
         return WeightScheme(self.bits, self.group_size, self.symmetric)
 
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Name suffixes of every linear quantized: ``modules``, and ``lm_head`` when it is quantized."""
+        return self.modules + ((LM_HEAD,) if self.lm_head is not None else ())
+
+    def act_bits_for(self, name: str) -> int | None:
+        """The activation bits of the linear ``name``: ``act_bits``, except for an int8 LM head (weight-only)."""
+        return None if name == LM_HEAD and self.lm_head == "int8" else self.act_bits
+
     def scheme_for(self, name: str) -> WeightScheme | None:
         """The weight scheme of the linear ``name`` (full name), or None if it stays in float."""
+        if name == LM_HEAD:
+            return None if self.lm_head is None else (
+                WeightScheme(8, None, True) if self.lm_head == "int8" else self.weight_scheme())
         precision = self.precisions.get(name)
         if precision is None:
             return self.weight_scheme()
@@ -103,6 +126,8 @@ class QuantConfig:
 
     def precision_of(self, name: str) -> str:
         """``"int4"``, ``"int8"`` or ``"bf16"`` for the linear ``name`` (full name)."""
+        if name == LM_HEAD:
+            return self.lm_head or "bf16"
         return self.precisions.get(name, f"int{self.bits}")
 
     @property
