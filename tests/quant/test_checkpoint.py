@@ -20,6 +20,7 @@ CONFIGS = [
     QuantConfig(method="gptq", bits=4, group_size=64, rotate=True, method_args={"act_order": True},
                 calibration={"source": "random ids", "num_samples": 8, "seq_len": 32}),
     QuantConfig(method="rtn", bits=4, group_size=64, act_bits=8),
+    QuantConfig(method="rtn", bits=4, group_size=64, rotate=True, lm_head="int8"),  # the rotated head, quantized
 ]
 
 

@@ -88,7 +88,7 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
                             bias=f"{name}.bias" in state, policy=policy,
                             has_fallback=f"{name}.fallback_weight" in state)
         model.set_submodule(name, layer)
-    if config.rotate and hasattr(model, "lm_head"):
+    if config.rotate and isinstance(getattr(model, "lm_head", None), nn.Linear):
         # rotated checkpoints carry their own lm_head; never re-tie it to the embedding
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     model.load_state_dict(state, strict=True)
