@@ -158,6 +158,8 @@ constexpr int kMaxTiles = 4;   // head_dim up to 256, in tiles of 64
 constexpr int kMaxHeads = 32;  // query heads per sequence
 constexpr int kChunk = 16;     // positions per softmax step: one vector of scores
 constexpr int kHeadTile = 3;   // query heads served per pass over a chunk's rows (register budget)
+// int16 codes of the query and of the softmax weights. No int32 sum can overflow: a score adds at
+// most 256 products of |q| <= 32767 and |code| <= 127 (1.07e9), a chunk's weighted V sum 16 (6.7e7).
 constexpr float kInt16Max = 32767.f;
 alignas(64) constexpr int8_t kZeroCodes[64 * kMaxTiles] = {};  // stands in for positions past the end
 
