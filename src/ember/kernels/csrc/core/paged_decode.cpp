@@ -140,13 +140,7 @@ inline __m256i to_bf16x16(__m512 x) {
 using ember_simd::broadcast_max;  // simd_bf16.h
 using ember_simd::exp2_512;
 
-// Transposed reduction of 16 dot products (simd_bf16.h): group_scores feeds token kBitReverse4[i]
-// as input i, so lane t of the result is token t.
-using ember_simd::add_halves;
-using ember_simd::add_neighbours;
-using ember_simd::add_pairs;
-using ember_simd::add_quarters;
-using ember_simd::kBitReverse4;
+using ember_simd::kBitReverse4;  // input i of the transposed reduction is token kBitReverse4[i]
 
 // One KV head's K and V rows over a chunk (the zero row past the end), and its rows over the next
 // chunk: those are prefetched a few lines at a time while this chunk is computed, since blocks sit
@@ -172,31 +166,16 @@ inline void prefetch_row(const uint16_t* row) {
 // so the live set stays in registers.
 template <int NV, int G>
 inline void group_scores(const __m512 (*q)[NV], const ChunkRows& rows, __m512* scores) {
-  __m512 quads[G][4];
-#pragma GCC unroll 4
-  for (int quad = 0; quad < 4; ++quad) {
-    __m512 halves[G][2];
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; ++half) {
-      __m512 dots[G][2];
-#pragma GCC unroll 2
-      for (int i = 0; i < 2; ++i) {
-        const int i_in = 4 * quad + 2 * half + i;
-        const uint16_t* row = rows.k[kBitReverse4[i_in]];
-        prefetch_row<NV>(rows.next_k[i_in]);  // ascending, as the hardware prefetcher likes
-        for (int g = 0; g < G; ++g) dots[g][i] = _mm512_mul_ps(q[g][0], widen<NV>(row, 0));
+  ember_simd::transposed_dots<G>([&](int i, __m512* dots) {
+    const uint16_t* row = rows.k[kBitReverse4[i]];
+    prefetch_row<NV>(rows.next_k[i]);  // ascending, as the hardware prefetcher likes
+    for (int g = 0; g < G; ++g) dots[g] = _mm512_mul_ps(q[g][0], widen<NV>(row, 0));
 #pragma GCC unroll 16
-        for (int j = 1; j < NV; ++j) {
-          const __m512 k = widen<NV>(row, j);
-          for (int g = 0; g < G; ++g) dots[g][i] = _mm512_fmadd_ps(q[g][j], k, dots[g][i]);
-        }
-      }
-      for (int g = 0; g < G; ++g) halves[g][half] = add_halves(dots[g][0], dots[g][1]);
+    for (int j = 1; j < NV; ++j) {
+      const __m512 k = widen<NV>(row, j);
+      for (int g = 0; g < G; ++g) dots[g] = _mm512_fmadd_ps(q[g][j], k, dots[g]);
     }
-    for (int g = 0; g < G; ++g) quads[g][quad] = add_quarters(halves[g][0], halves[g][1]);
-  }
-  for (int g = 0; g < G; ++g)
-    scores[g] = add_neighbours(add_pairs(quads[g][0], quads[g][1]), add_pairs(quads[g][2], quads[g][3]));
+  }, scores);
 }
 
 // Online softmax over one chunk, in base 2 (q carries scale * log2(e)): returns the probabilities

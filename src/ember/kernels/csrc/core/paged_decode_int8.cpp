@@ -196,34 +196,18 @@ struct Int8Chunk {
 
 // Scores of G heads against the chunk's 16 K rows as exact int32 sums, token t in lane t: each K
 // row is widened to int16 once for the G heads and multiplied by vpdpwssd (32 products an
-// instruction); the dot products are combined by simd_bf16.h's transposed reduction.
+// instruction); the dot products are combined by simd_bf16.h's transposed_dots.
 template <int NT, int G>
 inline void group_dots(const __m512i (*q)[2 * NT], const Int8Chunk& chunk, __m512i* dots_out) {
-  __m512i quads[G][4];
-#pragma GCC unroll 4
-  for (int quad = 0; quad < 4; ++quad) {
-    __m512i halves[G][2];
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; ++half) {
-      __m512i dots[G][2];
-#pragma GCC unroll 2
-      for (int i = 0; i < 2; ++i) {
-        const int8_t* row = chunk.k[ember_simd::kBitReverse4[4 * quad + 2 * half + i]];
-        for (int g = 0; g < G; ++g) dots[g][i] = _mm512_setzero_si512();
+  ember_simd::transposed_dots<G>([&](int i, __m512i* dots) {
+    const int8_t* row = chunk.k[ember_simd::kBitReverse4[i]];
+    for (int g = 0; g < G; ++g) dots[g] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-        for (int j = 0; j < 2 * NT; ++j) {
-          const __m512i k = widen16(row + 32 * j);
-          for (int g = 0; g < G; ++g) dots[g][i] = _mm512_dpwssd_epi32(dots[g][i], k, q[g][j]);
-        }
-      }
-      for (int g = 0; g < G; ++g) halves[g][half] = ember_simd::add_halves(dots[g][0], dots[g][1]);
+    for (int j = 0; j < 2 * NT; ++j) {
+      const __m512i k = widen16(row + 32 * j);
+      for (int g = 0; g < G; ++g) dots[g] = _mm512_dpwssd_epi32(dots[g], k, q[g][j]);
     }
-    for (int g = 0; g < G; ++g) quads[g][quad] = ember_simd::add_quarters(halves[g][0], halves[g][1]);
-  }
-  for (int g = 0; g < G; ++g) {
-    dots_out[g] = ember_simd::add_neighbours(ember_simd::add_pairs(quads[g][0], quads[g][1]),
-                                             ember_simd::add_pairs(quads[g][2], quads[g][3]));
-  }
+  }, dots_out);
 }
 
 // sum_t w[g][t] * V[t] for G heads, as int32: the weights are int16 codes (two positions in each

@@ -85,5 +85,26 @@ inline __m512i add_neighbours(__m512i a, __m512i b) {
 }
 constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
+// The dot products of G heads with 16 tokens, token t in lane t of out[g] (Vec: __m512 or __m512i).
+// dot(i, d) sets d[g] to head g's per-lane partial sums against token kBitReverse4[i] (input i);
+// inputs are combined pairwise as soon as both are ready, so the live set stays in registers.
+template <int G, typename Vec, typename Dot>
+inline void transposed_dots(const Dot& dot, Vec* out) {
+  Vec quads[G][4];
+#pragma GCC unroll 4
+  for (int quad = 0; quad < 4; ++quad) {
+    Vec halves[G][2];
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      Vec dots[2][G];
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; ++i) dot(4 * quad + 2 * half + i, dots[i]);
+      for (int g = 0; g < G; ++g) halves[g][half] = add_halves(dots[0][g], dots[1][g]);
+    }
+    for (int g = 0; g < G; ++g) quads[g][quad] = add_quarters(halves[g][0], halves[g][1]);
+  }
+  for (int g = 0; g < G; ++g) out[g] = add_neighbours(add_pairs(quads[g][0], quads[g][1]), add_pairs(quads[g][2], quads[g][3]));
+}
+
 }  // namespace ember_simd
 #endif
