@@ -154,13 +154,13 @@ class QuantizedRows:
             ResidualPool(num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim, spec.outlier_factor)
             if spec.outlier_residual else None)
         self.kernel_args = self._make_kernel_args()
-        ops = quant_ops()
-        self.native_write = ops.write_rows_int8 if ops is not None and self.residuals is None else None
+        ops = quant_ops()  # per-token codes without residuals: one native call per write
+        self.native_write = ops.write_rows_int8 if ops is not None and self.per_token and self.residuals is None else None
 
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kvh, dim = x.shape[1], x.shape[2]
-        if self.per_token and self.native_write is not None and x.dtype in (torch.float32, torch.bfloat16):
-            self.native_write(x, slot_mapping, self.codes, self.scales)  # quantize_per_token's rounding, one call
+        if self.native_write is not None and x.dtype in (torch.float32, torch.bfloat16):
+            self.native_write(x, slot_mapping, self.codes, self.scales)  # quantize_per_token's rounding
             return
         if self.per_token:
             codes, scales = quantize_per_token(x)
