@@ -155,7 +155,8 @@ class QuantizedRows:
             if spec.outlier_residual else None)
         self.kernel_args = self._make_kernel_args()
         ops = quant_ops()  # per-token codes without residuals: one native call per write
-        self.native_write = ops.write_rows_int8 if ops is not None and self.per_token and self.residuals is None else None
+        native = ops is not None and self.per_token and self.residuals is None
+        self.native_write = ops.write_rows_int8 if native else None
 
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kvh, dim = x.shape[1], x.shape[2]
