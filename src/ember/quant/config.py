@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from ember.kernels.linear.spec import WeightScheme
-from ember.quant.plan import PRECISIONS
+from ember.quant.plan import LM_HEAD, PRECISIONS
 
 METHODS = ("rtn", "awq", "gptq", "smoothquant")
 GROUP_SIZES = (32, 64, 128)
@@ -15,7 +15,6 @@ DEFAULT_MODULES = (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 FORMAT_VERSION = 1
-LM_HEAD = "lm_head"
 LM_HEAD_PRECISIONS = (None, "int8", "int4")
 
 
