@@ -38,6 +38,9 @@ ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {var.name: var for var in (
     EnvVar("EMBER_DISABLE_AMX",
            "1: Ember's AMX kernels are treated as unavailable, so a Xeon with AMX runs what a CPU "
            "without it runs (add ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 for torch's own oneDNN matmuls).", _flag),
+    EnvVar("EMBER_DISABLE_NATIVE_DECODE",
+           "1: decode steps run the model's layer modules one by one instead of the native decode loop "
+           "(ember.models.native_decode); the tokens are the same.", _flag),
     EnvVar("EMBER_KERNELS_DIR",
            "where native kernel builds live, one folder per build identity (CPU features, torch, "
            "sources); default: share/ember/kernels under the Python environment's prefix.",

@@ -16,6 +16,7 @@ from ember.models.layers.moe import SparseMoeBlock
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.precision import PrecisionMask, apply_linear
 from ember.models.layers.rotary import RotaryEmbedding
+from ember.models.native_decode import NativeDecode
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
@@ -65,6 +66,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.native_decode = NativeDecode(self)  # a plain object: no parameters, not in the state dict
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerCache],
                 meta: AttentionMetadata, precision: PrecisionMask | None = None) -> torch.Tensor:
@@ -74,6 +76,9 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, x.dtype)  # shared by every layer
+        native = self.native_decode.forward(x, rope, kv_caches, meta, precision)  # None: not a plain decode step
+        if native is not None:
+            return self.model.norm(native)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta, precision)
         return self.model.norm(x)

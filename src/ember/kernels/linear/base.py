@@ -35,6 +35,8 @@ class LinearKernel:
         fuses_bias: whether run() adds the bias itself (else the caller adds it, in x's dtype).
         max_tokens: (spec) -> the most tokens per call this kernel is chosen for, or None for no limit.
             Each limit lives here, once: the native GEMVs' row limit, the measured crossovers.
+        native: (spec, operands) -> (tensors, integer argument) that the core extension's decode loop
+            (``DecodeLayers``) passes this kernel by its name; None: the loop cannot call it.
     """
 
     name: str
@@ -44,6 +46,7 @@ class LinearKernel:
     run: Callable[[torch.Tensor, LinearSpec, Operands], torch.Tensor]
     fuses_bias: bool = False
     max_tokens: Callable[[LinearSpec], int | None] = lambda spec: None
+    native: Callable[[LinearSpec, Operands], tuple[list[torch.Tensor], int]] | None = None
 
     def why_not(self, spec: LinearSpec, dtype: torch.dtype) -> str | None:
         """None if this kernel can compute ``spec`` for ``dtype`` activations here, else why not."""

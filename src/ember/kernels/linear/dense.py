@@ -80,7 +80,8 @@ def _amx_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
 AMX_BF16 = LinearKernel(
     "amx_bf16", DENSE_KINDS, _amx_check, lambda spec, w, dtype: tile_bf16_weight(w.weight),
     lambda x, spec, tiles: core_ops().bf16_linear_amx(x, tiles, spec.out_features),
-    max_tokens=lambda spec: AMX_MAX_TOKENS_WIDE if spec.out_features >= WIDE_OUT_FEATURES else AMX_MAX_TOKENS)
+    max_tokens=lambda spec: AMX_MAX_TOKENS_WIDE if spec.out_features >= WIDE_OUT_FEATURES else AMX_MAX_TOKENS,
+    native=lambda spec, tiles: ([tiles], spec.out_features))
 
 
 def _gemv_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
@@ -94,6 +95,6 @@ def _gemv_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
 BF16_GEMV = LinearKernel(
     "bf16_gemv", DENSE_KINDS, _gemv_check, lambda spec, w, dtype: w.weight.to(torch.bfloat16).contiguous(),
     lambda x, spec, rows: core_ops().bf16_gemv(x, rows),
-    max_tokens=lambda spec: core_ops().max_gemv_tokens)
+    max_tokens=lambda spec: core_ops().max_gemv_tokens, native=lambda spec, rows: ([rows], 0))
 
 DENSE_KERNELS = (AMX_BF16, BF16_GEMV, ONEDNN_BF16, ONEDNN_F32, DENSE_REFERENCE)

@@ -61,17 +61,30 @@ class KernelLinear(nn.Module):
         # the per-call path of every linear: a decode step makes ~200 of these calls, so nothing here
         # that a cached plan can answer (a 2-D input is passed through without reshapes)
         num_tokens = x.numel() // self.in_features
-        if self._plans_policy is not self.policy:
-            self._plans, self._plans_policy = {}, self.policy
-        plan = self._plans.get((num_tokens, x.dtype))
-        if plan is None:
-            plan = self._plans[(num_tokens, x.dtype)] = self._plan(num_tokens, x.dtype)
-        kernel, operands, add_bias = plan
+        kernel, operands, add_bias = self._cached_plan(num_tokens, x.dtype)
         flat = x.dim() == 2
         out = kernel.run(x if flat else x.reshape(num_tokens, self.in_features), self.spec, operands)
         if add_bias:
             out = out + self.bias.to(out.dtype)
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
+
+    def native_call(self, num_tokens: int, dtype: torch.dtype) -> tuple[str, list[torch.Tensor], int] | None:
+        """What the native decode loop passes for this layer's calls of ``num_tokens`` rows: (kernel name,
+        tensors, integer argument) of the kernel ``forward`` would run; None when that kernel has no native
+        entry or a bias is added after it."""
+        kernel, operands, add_bias = self._cached_plan(num_tokens, dtype)
+        if add_bias or kernel.native is None:
+            return None
+        tensors, arg = kernel.native(self.spec, operands)
+        return kernel.name, tensors, arg
+
+    def _cached_plan(self, num_tokens: int, dtype: torch.dtype) -> tuple[LinearKernel, Any, bool]:
+        if self._plans_policy is not self.policy:
+            self._plans, self._plans_policy = {}, self.policy
+        plan = self._plans.get((num_tokens, dtype))
+        if plan is None:
+            plan = self._plans[(num_tokens, dtype)] = self._plan(num_tokens, dtype)
+        return plan
 
     def _plan(self, num_tokens: int, dtype: torch.dtype) -> tuple[LinearKernel, Any, bool]:
         """(kernel, its operands, whether the bias is added after it) for calls of this size and dtype."""

@@ -31,4 +31,9 @@ def _run(x: torch.Tensor, spec: LinearSpec, operands) -> torch.Tensor:
     return linear(x, *args)
 
 
-W4A8_VNNI = LinearKernel("w4a8_vnni", frozenset({W4A8}), _check, _prepare, _run, fuses_bias=True)
+def _native(spec: LinearSpec, operands) -> tuple[list[torch.Tensor], int]:
+    _, codes, scales, offsets, bias, group_len = operands
+    return [codes, scales, offsets] + ([] if bias is None else [bias]), group_len
+
+
+W4A8_VNNI = LinearKernel("w4a8_vnni", frozenset({W4A8}), _check, _prepare, _run, fuses_bias=True, native=_native)

@@ -51,6 +51,8 @@ void run_bf16(const Problem& p) {
 }
 #endif
 
+}  // namespace
+
 // x bf16 [M, K]; w_tiles from ember.models.layers.linear.tile_bf16_weight. Needs N % 16 == 0, K % 32 == 0.
 torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
@@ -72,8 +74,6 @@ torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t ou
 #endif
   return y;
 }
-
-}  // namespace
 
 void register_bf16(pybind11::module& m) {
   m.def("bf16_linear_amx", &bf16_linear_amx, "bf16 x @ W^T on AMX tiles, W in the tile layout");

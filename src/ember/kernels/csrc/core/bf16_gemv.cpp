@@ -47,6 +47,8 @@ void row_band(const uint16_t* w, const uint16_t* x, at::BFloat16* y, int64_t n, 
 }
 #endif
 
+}  // namespace
+
 // x bf16 [M <= 4, K]; weight bf16 [N, K]. Needs K % 32 == 0.
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(0) <= kMaxTokens,
@@ -71,8 +73,6 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight) {
 #endif
   return y;
 }
-
-}  // namespace
 
 void register_bf16_gemv(pybind11::module& m) {
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [<= 4, K] @ bf16 weight [N, K]^T, float32 sums rounded once");

@@ -10,6 +10,7 @@ void register_paged_decode_int8(pybind11::module& m);  // paged_decode_int8.cpp
 void register_fused_ops(pybind11::module& m);     // fused_ops.cpp
 void register_bf16(pybind11::module& m);          // bf16_amx.cpp
 void register_bf16_gemv(pybind11::module& m);     // bf16_gemv.cpp
+void register_decode_layers(pybind11::module& m);  // decode_layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &ember_isa::compiled_isa, "instruction sets this build was compiled for");
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
   register_bf16(m);
   register_bf16_gemv(m);
+  register_decode_layers(m);
 }

@@ -1,0 +1,139 @@
+// Every decoder layer of a Llama-form model for one decode step, in one native call. A step whose tokens
+// all decode spends as much time in Python between the kernels (module calls, reshapes, dispatch) as the
+// kernels of a 4-bit model take; here the same kernels run in the same order on the same operands, so the
+// result is bit for bit what the modules compute (ember.models.native_decode checks when that holds).
+//
+// Per layer: RMSNorm -> qkv linear -> RoPE on q, k (in place) -> K/V written at the step's slots ->
+// paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul -> down -> add.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "quant_api.h"
+
+// The core extension's own ops (fused_ops.cpp, paged_decode.cpp, bf16_gemv.cpp, bf16_amx.cpp).
+torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
+void rope_bf16_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul_bf16(torch::Tensor gate_up);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight);
+torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features);
+
+namespace {
+
+// One linear as its kernel runs it: the kernel's name, its prepared operands and one integer argument.
+struct Linear {
+  enum Kind { kW4A8, kBf16Gemv, kBf16Amx } kind;
+  std::vector<torch::Tensor> operands;
+  int64_t arg;  // w4a8_vnni: group length; amx_bf16: out_features; bf16_gemv: unused
+};
+
+Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operands, int64_t arg) {
+  size_t expected = 1;
+  Linear::Kind kind;
+  if (kernel == "w4a8_vnni") {
+    kind = Linear::kW4A8;
+    expected = 3;  // codes, scales, offsets (+ an optional bias)
+  } else if (kernel == "bf16_gemv") {
+    kind = Linear::kBf16Gemv;
+  } else if (kernel == "amx_bf16") {
+    kind = Linear::kBf16Amx;
+  } else {
+    TORCH_CHECK(false, "the decode loop cannot run kernel '", kernel, "'");
+  }
+  TORCH_CHECK(operands.size() == expected || (kind == Linear::kW4A8 && operands.size() == 4),
+              "kernel '", kernel, "' takes ", expected, " operands, got ", operands.size());
+  return Linear{kind, std::move(operands), arg};
+}
+
+struct Layer {
+  torch::Tensor input_norm, post_norm, key_cache, value_cache;
+  Linear qkv, o_proj, gate_up, down;
+};
+
+class DecodeLayers {
+ public:
+  DecodeLayers(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
+               pybind11::object quant_api)
+      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+    if (!quant_api.is_none()) {
+      auto capsule = quant_api.cast<pybind11::capsule>();
+      TORCH_CHECK(std::string(capsule.name()) == ember_quant_api::kCapsuleName, "not the quant extension's c_api");
+      quant_ = capsule.get_pointer<ember_quant_api::Table>();
+      TORCH_CHECK(quant_->version == ember_quant_api::kVersion, "quant extension c_api version mismatch");
+    }
+  }
+
+  // linears: (kernel name, operands, argument) for qkv_proj, o_proj, gate_up_proj, down_proj.
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor key_cache, torch::Tensor value_cache,
+                 const std::vector<std::tuple<std::string, std::vector<torch::Tensor>, int64_t>>& linears) {
+    TORCH_CHECK(linears.size() == 4, "a layer has four linears: qkv_proj, o_proj, gate_up_proj, down_proj");
+    std::vector<Linear> ops;
+    for (const auto& [kernel, operands, arg] : linears) {
+      ops.push_back(make_linear(kernel, operands, arg));
+      TORCH_CHECK(ops.back().kind != Linear::kW4A8 || quant_ != nullptr, "w4a8_vnni needs the quant extension");
+    }
+    TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 4 &&
+                    key_cache.size(2) == num_kv_heads_ && key_cache.size(3) == head_dim_,
+                "caches must be contiguous [num_blocks, block_size, KVH, D]");
+    layers_.push_back(Layer{input_norm, post_norm, key_cache, value_cache, ops[0], ops[1], ops[2], ops[3]});
+  }
+
+  // x: [T, hidden] bf16, the embedded tokens; cos, sin: [T, 1, D]; slot_mapping: [T]; block_tables:
+  // [T, max_blocks]; seq_lens: [T]. Returns the last layer's output (before the final norm).
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
+                        torch::Tensor block_tables, torch::Tensor seq_lens) const {
+    const int64_t tokens = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+    for (const Layer& layer : layers_) {
+      const torch::Tensor qkv = run(layer.qkv, rms_norm_bf16(x, layer.input_norm, eps_));
+      const torch::Tensor q = qkv.narrow(1, 0, q_size).reshape({tokens, num_heads_, head_dim_});
+      const torch::Tensor k = qkv.narrow(1, q_size, kv_size).reshape({tokens, num_kv_heads_, head_dim_});
+      const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).reshape({tokens, num_kv_heads_, head_dim_});
+      rope_bf16_(q, cos, sin);
+      rope_bf16_(k, cos, sin);
+      layer.key_cache.view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, k);
+      layer.value_cache.view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, v);
+      const torch::Tensor attn = paged_decode_attention(q, layer.key_cache, layer.value_cache, block_tables,
+                                                        seq_lens, scale_);
+      x = x + run(layer.o_proj, attn.reshape({tokens, q_size}));
+      x = x + run(layer.down, silu_mul_bf16(run(layer.gate_up, rms_norm_bf16(x, layer.post_norm, eps_))));
+    }
+    return x;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  torch::Tensor run(const Linear& linear, const torch::Tensor& x) const {
+    const auto& w = linear.operands;
+    switch (linear.kind) {
+      case Linear::kW4A8:
+        return quant_->w4a8_linear(x, w[0], w[1], w[2], w.size() > 3 ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt,
+                                   linear.arg);
+      case Linear::kBf16Gemv:
+        return bf16_gemv(x, w[0]);
+      case Linear::kBf16Amx:
+        return bf16_linear_amx(x, w[0], linear.arg);
+    }
+    TORCH_CHECK(false, "unknown linear kind");
+  }
+
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+  const ember_quant_api::Table* quant_ = nullptr;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+void register_decode_layers(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodeLayers>(m, "DecodeLayers", "the decoder layers of one decode step in one native call")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, py::object>(), py::arg("num_heads"),
+           py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"), py::arg("quant_api"))
+      .def("add_layer", &DecodeLayers::add_layer)
+      .def("forward", &DecodeLayers::forward, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_layers", &DecodeLayers::num_layers);
+}

@@ -1,0 +1,20 @@
+// The quant extension's linears as a table of C function pointers, which it publishes as a PyCapsule
+// (`c_api`) so that the core extension's decode loop can call them without a Python round trip. Both
+// extensions are built against the same torch headers, so the signatures agree.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace ember_quant_api {
+
+constexpr const char* kCapsuleName = "ember.quant.c_api";
+constexpr int kVersion = 1;
+
+struct Table {
+  int version;
+  // x [M, K] bf16/float32, repacked 4-bit codes, per-group scales and offsets, optional bias, group length
+  torch::Tensor (*w4a8_linear)(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor offsets,
+                               c10::optional<torch::Tensor> bias, int64_t group_len);
+};
+
+}  // namespace ember_quant_api

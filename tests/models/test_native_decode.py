@@ -1,0 +1,124 @@
+"""The native decode loop (csrc/core/decode_layers.cpp, ember.models.native_decode): decode steps through it
+give exactly the tokens and logprobs of the layer modules, and every step it cannot reproduce runs the modules."""
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from ember.kernels.ops import core_ops, native_has
+from ember.models.layers.linear import DenseLinear
+from ember.models.native_decode import NativeDecode
+
+needs_loop = pytest.mark.skipif(core_ops() is None or not hasattr(core_ops(), "DecodeLayers")
+                                or not native_has("core", "avx512_bf16"),
+                                reason="needs the core extension's decode loop and its bf16 kernels")
+needs_vnni = pytest.mark.skipif(not (native_has("quant", "avx512_vnni") and native_has("quant", "avx512_bf16")),
+                                reason="needs the native W4A8 kernel")
+
+PROMPTS = [[5, 17, 33, 2 + i, 90, 41][: 3 + i % 4] + [7] * (i % 5) for i in range(6)]
+
+
+@pytest.fixture
+def native_steps(monkeypatch):
+    """How many steps each token count ran through the native loop (the wrapped forward returned a tensor)."""
+    counts: dict[int, int] = {}
+    real = NativeDecode.forward
+
+    def forward(self, x, *args):
+        out = real(self, x, *args)
+        if out is not None:
+            counts[x.shape[0]] = counts.get(x.shape[0], 0) + 1
+        return out
+
+    monkeypatch.setattr(NativeDecode, "forward", forward)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def w4a8_dir(tiny_llama_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ember.quant.api import quantize_model
+    from ember.quant.checkpoint import save_quantized
+    from ember.quant.config import QuantConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    config = QuantConfig(method="rtn", bits=4, group_size=32, symmetric=False, act_bits=8)
+    quantize_model(hf, config)
+    path = tmp_path_factory.mktemp("tiny-llama-w4a8")
+    save_quantized(hf, path, config)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return str(path)
+
+
+def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args):
+    """Greedy tokens and top-3 logprobs; request i stops after 4 + 2 i tokens, so decode steps run 6 rows
+    down to 1."""
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0" if native else "1")
+    llm = LLM(model=model_dir, dtype="bfloat16", num_kv_blocks=64, max_model_len=256, **llm_args)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True, logprobs=3)
+              for i in range(len(prompts))]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+            for o in outputs]
+
+
+@needs_loop
+@pytest.mark.parametrize("checkpoint", ["bf16", pytest.param("w4a8", marks=needs_vnni)])
+def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, tiny_llama_dir, request, monkeypatch,
+                                                           native_steps):
+    model_dir = tiny_llama_dir if checkpoint == "bf16" else request.getfixturevalue("w4a8_dir")
+    expected = _generate(model_dir, monkeypatch, native=False)
+    assert not native_steps  # switched off: every step ran the modules
+    got = _generate(model_dir, monkeypatch, native=True)
+    assert got == expected  # bit for bit: the same kernels on the same operands, in the same order
+    # request i decodes 3 + 2 i steps: 3 steps of 6 rows, then 2 at each size down to the last request
+    # alone; bf16 GEMV takes at most 4 rows (AMX, where present, any count), W4A8 every count
+    largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") else 4
+    assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, largest + 1)}
+
+
+@needs_loop
+def test_single_stream_runs_every_decode_step_natively(tiny_llama_dir, monkeypatch, native_steps):
+    got = _generate(tiny_llama_dir, monkeypatch, native=True, prompts=PROMPTS[:1])
+    assert native_steps == {1: 3}  # 4 tokens: the first from the prefill, 3 decode steps
+    assert got == _generate(tiny_llama_dir, monkeypatch, native=False, prompts=PROMPTS[:1])
+
+
+@needs_loop
+def test_a_forward_hook_sends_decode_steps_back_to_the_modules(tiny_llama_dir, monkeypatch, native_steps):
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0")
+    llm = LLM(model=tiny_llama_dir, dtype="bfloat16", num_kv_blocks=64, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert native_steps == {1: 5}
+    model = llm.engine.runner.model
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        again = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        handle.remove()
+    assert again == first
+    assert native_steps == {1: 5}  # no native step while hooked
+    assert len(seen) == 6  # the prefill and five decode steps reached the hooked module
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+    assert native_steps == {1: 10}  # unhooked: native again
+
+
+@needs_loop
+def test_a_swapped_linear_rebuilds_the_loop(tiny_llama_dir, monkeypatch, native_steps):
+    """Replacing a layer's module after a loop was built must reach the next decode step."""
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0")
+    llm = LLM(model=tiny_llama_dir, dtype="bfloat16", num_kv_blocks=64, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    before = llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)[0].outputs[0]
+    mlp = llm.engine.runner.model.model.layers[0].mlp
+    old = mlp.down_proj
+    mlp.down_proj = DenseLinear(torch.nn.Linear(old.in_features, old.out_features, bias=False), old.policy)
+    mlp.down_proj.weight = old.weight * 4
+    got = llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)[0].outputs[0]
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "1")
+    want = llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    assert got.logprobs != before.logprobs  # the swap changed the step: the loop was rebuilt, not reused
+    assert native_steps == {1: 10}  # before and after the swap
