@@ -16,7 +16,7 @@ from ember.attention.kv_quant import dequantize, quantize_per_channel, quantize_
 from ember.attention.residuals import RESIDUAL_POOL_FRACTION, ResidualPool
 from ember.attention.metadata import AttentionMetadata
 from ember.config import check_kv_cache_options
-from ember.kernels.ops import core_ops, quant_ops
+from ember.kernels.ops import core_ops, native_has, quant_ops
 from ember.kv_cache.groups import KVCacheGroup, buffer_of_layers, kv_cache_groups
 
 
@@ -130,6 +130,16 @@ class DenseLayerCache:
             return None
         return ops.paged_decode_attention(q, self.key, self.value, meta.decode_block_tables,
                                           meta.decode_seq_lens, scale)
+
+
+    def prefill(self, q: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor | None:
+        """Native causal attention of one prompt chunk, q [n, H, D] at rows context_len.., over its sequence's
+        blocks; None without the AVX512-BF16 build, or for a dtype or head size the kernel does not take."""
+        dim = q.shape[-1]
+        if (q.dtype != torch.bfloat16 or self.key.dtype != torch.bfloat16 or dim % 16 or dim > 256
+                or not native_has("core", "avx512_bf16")):
+            return None
+        return core_ops().paged_prefill_attention(q, self.key, self.value, block_table, context_len, scale)
 
 
 class QuantizedRows:

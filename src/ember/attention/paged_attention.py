@@ -41,6 +41,10 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache:
     """One prompt chunk's queries over its sequence's rows -> [query_len, H, D]."""
     chunk = meta.prefills[index]
     end = chunk.query_start + chunk.query_len
+    if window is None and softcap is None and not cache.is_quantized:
+        out = cache.prefill(q[chunk.query_start:end], chunk.block_table, chunk.context_len, scale)
+        if out is not None:  # the native kernel, straight over the chunk's blocks (this step's K/V are written)
+            return out
     q_chunk = q[chunk.query_start:end].transpose(0, 1)[None]  # [1, H, n, D]: SDPA's CPU flash kernel wants 4-D
     first_block, mask = (0, chunk.mask) if window is None else _prefill_window(meta, index, window, cache.block_size)
     if chunk.context_len == 0 and not cache.is_quantized:

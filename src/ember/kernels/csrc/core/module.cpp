@@ -11,6 +11,7 @@ void register_fused_ops(pybind11::module& m);     // fused_ops.cpp
 void register_bf16(pybind11::module& m);          // bf16_amx.cpp
 void register_bf16_gemv(pybind11::module& m);     // bf16_gemv.cpp
 void register_decode_layers(pybind11::module& m);  // decode_layers.cpp
+void register_paged_prefill(pybind11::module& m);  // paged_prefill.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &ember_isa::compiled_isa, "instruction sets this build was compiled for");
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bf16(m);
   register_bf16_gemv(m);
   register_decode_layers(m);
+  register_paged_prefill(m);
 }
