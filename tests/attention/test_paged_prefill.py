@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.attention.layer_cache import DenseLayerCache, KVCacheSpec
+from ember.attention.layer_cache import DenseLayerCache, Int8LayerCache, KVCacheSpec
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.attention.paged_attention import paged_attention
 from ember.kernels.ops import core_ops, native_has
@@ -99,3 +99,27 @@ def test_paged_attention_runs_prompt_chunks_through_the_kernel(monkeypatch):
         expected = _float64_attention(q, k, v, k.shape[0] - q.shape[0], dim ** -0.5)
         rounding = (expected.bfloat16().double() - expected).abs().max().item()
         assert (rows.double() - expected).abs().max().item() <= 1.25 * rounding
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "int8-static"])
+@pytest.mark.parametrize("context,n", [(0, 200), (150, 40)])
+def test_int8_cache_kernel_matches_float64_attention_over_its_rows(cache_dtype, context, n):
+    """Over int8 codes the kernel sees what `read` gives SDPA (each row dequantized, rounded to bfloat16)."""
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    q, k, v, _, _, table, slots = _sequence(context, n, heads, kv_heads, dim, block, seed=context + n)
+    spec = KVCacheSpec(cache_dtype, torch.bfloat16, 1, kv_heads, dim, block)
+    static = (k.float().abs().amax(0) / 127, v.float().abs().amax(0) / 127) if cache_dtype == "int8-static" else None
+    cache = Int8LayerCache(int(table.max()) + 1, spec, static)
+    cache.write(k, v, slots)
+    rows_k, rows_v = (rows[:context + n] for rows in cache.read(table))  # bfloat16, as SDPA's path reads them
+    scale = dim ** -0.5
+    expected = _float64_attention(q, rows_k, rows_v, context, scale)
+    out = cache.prefill(q, table, context, scale)
+    mask = torch.arange(context + n)[None, :] <= context + torch.arange(n)[:, None]
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], rows_k.transpose(0, 1)[None],
+                                          rows_v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                          enable_gqa=True)[0].transpose(0, 1)
+    error = (out.double() - expected).abs().max().item()
+    sdpa_error = (sdpa.double() - expected).abs().max().item()
+    rounding = (expected.bfloat16().double() - expected).abs().max().item()
+    assert error <= 1.25 * max(sdpa_error, rounding), (error, sdpa_error, rounding)

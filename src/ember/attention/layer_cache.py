@@ -135,11 +135,16 @@ class DenseLayerCache:
     def prefill(self, q: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor | None:
         """Native causal attention of one prompt chunk, q [n, H, D] at rows context_len.., over its sequence's
         blocks; None without the AVX512-BF16 build, or for a dtype or head size the kernel does not take."""
-        dim = q.shape[-1]
-        if (q.dtype != torch.bfloat16 or self.key.dtype != torch.bfloat16 or dim % 16 or dim > 256
-                or not native_has("core", "avx512_bf16")):
+        if self.key.dtype != torch.bfloat16 or not native_prefill_takes(q):
             return None
         return core_ops().paged_prefill_attention(q, self.key, self.value, block_table, context_len, scale)
+
+
+def native_prefill_takes(q: torch.Tensor) -> bool:
+    """Whether the native prefill kernel runs queries like q [n, H, D] here (bfloat16, head_dim a multiple of 16
+    up to 256, an AVX512-BF16 build)."""
+    dim = q.shape[-1]
+    return q.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= 256 and native_has("core", "avx512_bf16")
 
 
 class QuantizedRows:
@@ -242,6 +247,14 @@ class Int8LayerCache:
     def move(self, src: torch.Tensor, dst: torch.Tensor, dropped: torch.Tensor) -> None:
         self.key.move(src, dst, dropped)
         self.value.move(src, dst, dropped)
+
+    def prefill(self, q: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor | None:
+        """As `DenseLayerCache.prefill`, over the codes (each row dequantized to bfloat16 as `read` gives it);
+        None also with outlier residuals."""
+        if self.key.residuals is not None or self.dtype != torch.bfloat16 or not native_prefill_takes(q):
+            return None
+        return core_ops().paged_prefill_attention_int8(q, self.key.codes, self.key.scales, self.value.codes,
+                                                       self.value.scales, block_table, context_len, scale)
 
     def decode(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor | None:
         ops = core_ops()

@@ -41,7 +41,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache:
     """One prompt chunk's queries over its sequence's rows -> [query_len, H, D]."""
     chunk = meta.prefills[index]
     end = chunk.query_start + chunk.query_len
-    if window is None and softcap is None and not cache.is_quantized:
+    if window is None and softcap is None:
         out = cache.prefill(q[chunk.query_start:end], chunk.block_table, chunk.context_len, scale)
         if out is not None:  # the native kernel, straight over the chunk's blocks (this step's K/V are written)
             return out

@@ -1,5 +1,6 @@
-// Causal prefill attention of one prompt chunk straight over the paged bfloat16 KV cache (flash-attention
-// style: 16 keys at a time, online softmax in float32), with AVX512-BF16 dot products for both products.
+// Causal prefill attention of one prompt chunk straight over the paged KV cache, bfloat16 or int8 codes
+// (flash-attention style: 16 keys at a time, online softmax in float32), with AVX512-BF16 dot products for
+// both products.
 //
 // PyTorch's CPU SDPA runs a 512-token prompt of SmolLM2 at ~55 GFLOP/s in bfloat16, a seventh of what the
 // same cores give its linears; this kernel keeps both products in `vdpbf16ps`:
@@ -158,10 +159,14 @@ constexpr std::array<TaskFn, sizeof...(NV)> task_fns(std::integer_sequence<int, 
 constexpr auto kTaskFns = task_fns(std::make_integer_sequence<int, kMaxVecs>{});
 
 // K and V rows of positions [0, rows) of one sequence, read through its block table, into the tile layouts.
-void repack(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* table, int64_t block_size,
-            int64_t kv_heads, int64_t dim, int64_t rows, int64_t tiles, uint32_t* k_tiles, uint32_t* v_tiles) {
+// row(slot, kv_head, is_value, scratch) gives a position's bfloat16 row (the cache's own, or `scratch`
+// filled with its dequantized codes).
+template <typename Row>
+void repack(const Row& row, const int64_t* table, int64_t block_size, int64_t kv_heads, int64_t dim, int64_t rows,
+            int64_t tiles, uint32_t* k_tiles, uint32_t* v_tiles) {
   const int64_t pairs = dim / 2;
   at::parallel_for(0, kv_heads * tiles, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> scratch(2 * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tiles, t = task % tiles;
       uint32_t* kt = k_tiles + task * pairs * kTile;
@@ -172,8 +177,8 @@ void repack(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tab
         const uint16_t* vrow = nullptr;
         if (pos < rows) {
           const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-          krow = k_cache + (slot * kv_heads + g) * dim;
-          vrow = v_cache + (slot * kv_heads + g) * dim;
+          krow = row(slot, g, false, scratch.data());
+          vrow = row(slot, g, true, scratch.data() + dim);
         }
         for (int64_t pp = 0; pp < pairs; ++pp) {
           uint32_t pair = 0;
@@ -188,21 +193,18 @@ void repack(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tab
 }
 #endif
 
-}  // namespace
-
-// q: [n, H, D] bfloat16 (last dim contiguous), the chunk's queries at positions context .. context + n - 1;
-// caches: [num_blocks, block_size, KVH, D] with the chunk's K/V already written; block_table: [>= blocks
-// of context + n] int64. Returns [n, H, D]: each query over the keys at positions <= its own.
-torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                      torch::Tensor block_table, int64_t context, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && q.scalar_type() == torch::kBFloat16 &&
-                  k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16,
-              "q must be bfloat16 [n, H, D] and the caches bfloat16 [B, bs, KVH, D]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && q.stride(2) == 1, "caches must be contiguous");
-  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(2);
-  const int64_t block_size = k_cache.size(1), rows = context + n;
-  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "head_dim and heads must match the caches");
+void check_queries(const torch::Tensor& q, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kBFloat16 && q.stride(2) == 1,
+              "q must be bfloat16 [n, H, D] with contiguous rows");
+  TORCH_CHECK(q.size(2) == dim && q.size(1) % kv_heads == 0, "head_dim and heads must match the caches");
   TORCH_CHECK(dim % 16 == 0 && dim <= 256, "head_dim must be a multiple of 16, at most 256");
+}
+
+// The attention of q over the rows `row` gives (see repack), for either cache.
+template <typename Row>
+torch::Tensor prefill_over(const torch::Tensor& q, int64_t kv_heads, int64_t block_size, torch::Tensor block_table,
+                           int64_t context, double scale, const Row& row) {
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), rows = context + n;
   block_table = block_table.to(torch::kInt64).contiguous();
   TORCH_CHECK(block_table.numel() * block_size >= rows, "block_table is too short for context + n rows");
   auto out = torch::empty({n, heads, dim}, q.options());
@@ -211,11 +213,9 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   const int64_t tiles = (rows + kTile - 1) / kTile;
   auto k_tiles = torch::empty({kv_heads * tiles * (dim / 2) * kTile}, torch::kInt32);
   auto v_tiles = torch::empty({kv_heads * tiles * (kTile / 2) * dim}, torch::kInt32);
-  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
   auto* ktp = reinterpret_cast<uint32_t*>(k_tiles.data_ptr<int32_t>());
   auto* vtp = reinterpret_cast<uint32_t*>(v_tiles.data_ptr<int32_t>());
-  repack(kp, vp, block_table.data_ptr<int64_t>(), block_size, kv_heads, dim, rows, tiles, ktp, vtp);
+  repack(row, block_table.data_ptr<int64_t>(), block_size, kv_heads, dim, rows, tiles, ktp, vtp);
   const Problem p{reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()), q.stride(0), q.stride(1), ktp, vtp,
                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, heads, kv_heads, context, tiles,
                   static_cast<float>(scale * 1.4426950408889634)};
@@ -235,7 +235,63 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   return out;
 }
 
+}  // namespace
+
+// q: [n, H, D] bfloat16 (last dim contiguous), the chunk's queries at positions context .. context + n - 1;
+// caches: [num_blocks, block_size, KVH, D] with the chunk's K/V already written; block_table: [>= blocks
+// of context + n] int64. Returns [n, H, D]: each query over the keys at positions <= its own.
+torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor block_table, int64_t context, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == torch::kBFloat16 && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous bfloat16 [B, bs, KVH, D]");
+  const int64_t kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  check_queries(q, kv_heads, dim);
+  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  return prefill_over(q, kv_heads, k_cache.size(1), block_table, context, scale,
+                      [&](int64_t slot, int64_t g, bool value, uint16_t*) {
+                        return (value ? vp : kp) + (slot * kv_heads + g) * dim;
+                      });
+}
+
+// The same over an int8 cache: codes [num_blocks, block_size, KVH, D] with per-token scales [num_blocks,
+// block_size, KVH] or per-channel ones [KVH, D]. Each row is dequantized (code * scale in float32, rounded to
+// bfloat16, as the cache's read() gives SDPA) into the tiles.
+torch::Tensor paged_prefill_attention_int8(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales,
+                                           torch::Tensor v_codes, torch::Tensor v_scales, torch::Tensor block_table,
+                                           int64_t context, double scale) {
+  TORCH_CHECK(k_codes.dim() == 4 && k_codes.scalar_type() == torch::kInt8 && v_codes.sizes() == k_codes.sizes() &&
+                  v_codes.scalar_type() == torch::kInt8 && k_codes.is_contiguous() && v_codes.is_contiguous(),
+              "codes must be contiguous int8 [B, bs, KVH, D]");
+  const int64_t kv_heads = k_codes.size(2), dim = k_codes.size(3);
+  const bool per_token = k_scales.dim() == 3;
+  for (const auto* s : {&k_scales, &v_scales})
+    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->is_contiguous() &&
+                    (per_token ? s->sizes() == k_codes.sizes().slice(0, 3) : (s->dim() == 2 && s->size(0) == kv_heads &&
+                                                                            s->size(1) == dim)),
+                "scales must be float32 [B, bs, KVH] (per token) or [KVH, D] (per channel), both alike");
+  check_queries(q, kv_heads, dim);
+  const int8_t* codes[2] = {k_codes.data_ptr<int8_t>(), v_codes.data_ptr<int8_t>()};
+  const float* scales[2] = {k_scales.data_ptr<float>(), v_scales.data_ptr<float>()};
+  return prefill_over(q, kv_heads, k_codes.size(1), block_table, context, scale,
+                      [&](int64_t slot, int64_t g, bool value, uint16_t* scratch) {
+                        const int8_t* c = codes[value] + (slot * kv_heads + g) * dim;
+                        auto* out = reinterpret_cast<at::BFloat16*>(scratch);
+                        if (per_token) {
+                          const float s = scales[value][slot * kv_heads + g];
+                          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<at::BFloat16>(c[d] * s);
+                        } else {
+                          const float* s = scales[value] + g * dim;
+                          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<at::BFloat16>(c[d] * s[d]);
+                        }
+                        return static_cast<const uint16_t*>(scratch);
+                      });
+}
+
 void register_paged_prefill(pybind11::module& m) {
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "causal attention of one prompt chunk over its sequence's paged bfloat16 K/V (AVX512-BF16)");
+  m.def("paged_prefill_attention_int8", &paged_prefill_attention_int8,
+        "the same over an int8 cache's codes and per-token or per-channel scales");
 }
