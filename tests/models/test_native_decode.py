@@ -63,13 +63,14 @@ def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args)
 
 
 @needs_loop
-@pytest.mark.parametrize("checkpoint", ["bf16", pytest.param("w4a8", marks=needs_vnni)])
-def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, tiny_llama_dir, request, monkeypatch,
-                                                           native_steps):
+@pytest.mark.parametrize("checkpoint,kv_cache_dtype", [("bf16", "auto"), ("bf16", "int8"),
+                                                       pytest.param("w4a8", "auto", marks=needs_vnni)])
+def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_dtype, tiny_llama_dir, request,
+                                                           monkeypatch, native_steps):
     model_dir = tiny_llama_dir if checkpoint == "bf16" else request.getfixturevalue("w4a8_dir")
-    expected = _generate(model_dir, monkeypatch, native=False)
+    expected = _generate(model_dir, monkeypatch, native=False, kv_cache_dtype=kv_cache_dtype)
     assert not native_steps  # switched off: every step ran the modules
-    got = _generate(model_dir, monkeypatch, native=True)
+    got = _generate(model_dir, monkeypatch, native=True, kv_cache_dtype=kv_cache_dtype)
     assert got == expected  # bit for bit: the same kernels on the same operands, in the same order
     # request i decodes 3 + 2 i steps: 3 steps of 6 rows, then 2 at each size down to the last request
     # alone; bf16 GEMV takes at most 4 rows (AMX, where present, any count), W4A8 every count

@@ -8,8 +8,8 @@ module decides when that holds and hands it the operands:
 - the model: every layer is the plain form (fused qkv and gate/up projections, SiLU, no q/k norms,
   window, softcap, MoE or LoRA), bfloat16, and every linear's kernel for the step's token count has a
   native entry (``LinearKernel.native``: W4A8, bf16 GEMV, AMX bf16) with its bias fused or absent;
-- the step: every token decodes (no prefill chunk, no draft rows), no precision mask, no attention
-  recording, one KV-cache group of bfloat16 blocks;
+- the step: every token decodes (no prefill chunk), no precision mask, no attention recording, one
+  KV-cache group of bfloat16 blocks or of int8 codes with per-token scales and no residuals;
 - nothing the loop was built from was swapped since (checked every step; a change rebuilds it), and no
   forward hook is registered on the modules it stands in for.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ember import envs
-from ember.attention.layer_cache import DenseLayerCache
+from ember.attention.layer_cache import DenseLayerCache, Int8LayerCache
 from ember.attention.metadata import AttentionMetadata
 from ember.kernels.linear.module import KernelLinear
 from ember.kernels.ops import core_ops, quant_ops
@@ -108,7 +108,10 @@ def _layer_parts(layer: nn.Module, cache, num_tokens: int, first: nn.Module, wit
             == (first.num_heads, first.num_kv_heads, first.head_dim, first.scale)
             and all(type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
                     and norm.eps == norms[0].eps for norm in norms)
-            and type(cache) is DenseLayerCache and cache.group == 0 and cache.key.dtype == torch.bfloat16):
+            and cache.group == 0):
+        return None
+    tensors = _cache_tensors(cache)
+    if tensors is None:
         return None
     witnesses += [(norm._parameters, "weight", norm.weight) for norm in norms]
     witnesses += [(vars(cache), name, getattr(cache, name)) for name in ("key", "value")]
@@ -118,7 +121,18 @@ def _layer_parts(layer: nn.Module, cache, num_tokens: int, first: nn.Module, wit
         if call is None:
             return None
         linears.append(call)
-    return norms[0].weight, norms[1].weight, cache.key, cache.value, linears
+    return norms[0].weight, norms[1].weight, tensors, linears
+
+
+def _cache_tensors(cache) -> list[torch.Tensor] | None:
+    """What the loop reads and writes of a layer's cache: bf16 K and V, or an int8 cache's kernel tensors when
+    it is written per token without residuals (the native write); None for anything else."""
+    if type(cache) is DenseLayerCache and cache.key.dtype == torch.bfloat16:
+        return [cache.key, cache.value]
+    if (type(cache) is Int8LayerCache and cache.dtype == torch.bfloat16
+            and cache.key.native_write is not None and cache.value.native_write is not None):
+        return [*cache.key.kernel_args, *cache.value.kernel_args]
+    return None
 
 
 def _native_call(linear: nn.Module, num_tokens: int, witnesses: list[tuple]):

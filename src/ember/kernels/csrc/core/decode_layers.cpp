@@ -3,8 +3,9 @@
 // kernels of a 4-bit model take; here the same kernels run in the same order on the same operands, so the
 // result is bit for bit what the modules compute (ember.models.native_decode checks when that holds).
 //
-// Per layer: RMSNorm -> qkv linear -> RoPE on q, k (in place) -> K/V written at the step's slots ->
-// paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul -> down -> add.
+// Per layer: RMSNorm -> qkv linear -> RoPE on q, k (in place) -> K/V written at the step's slots (bf16, or
+// int8 per token) -> paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul ->
+// down -> add.
 #include <torch/extension.h>
 
 #include <string>
@@ -18,6 +19,11 @@ void rope_bf16_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul_bf16(torch::Tensor gate_up);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scales,
+                                          torch::Tensor k_res_index, torch::Tensor k_res_codes, torch::Tensor k_res_scales,
+                                          torch::Tensor v_codes, torch::Tensor v_scales, torch::Tensor v_res_index,
+                                          torch::Tensor v_res_codes, torch::Tensor v_res_scales, torch::Tensor block_tables,
+                                          torch::Tensor seq_lens, double scale);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight);
 torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features);
 
@@ -48,8 +54,16 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
   return Linear{kind, std::move(operands), arg};
 }
 
+// The layer's KV cache: bfloat16 K and V blocks, or an int8 cache with per-token scales and no residuals
+// (K then V, each as paged_decode_attention_int8 takes it: codes, scales, empty residual index, codes, scales).
+struct Cache {
+  bool int8;
+  std::vector<torch::Tensor> tensors;
+};
+
 struct Layer {
-  torch::Tensor input_norm, post_norm, key_cache, value_cache;
+  torch::Tensor input_norm, post_norm;
+  Cache cache;
   Linear qkv, o_proj, gate_up, down;
 };
 
@@ -66,8 +80,9 @@ class DecodeLayers {
     }
   }
 
-  // linears: (kernel name, operands, argument) for qkv_proj, o_proj, gate_up_proj, down_proj.
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, torch::Tensor key_cache, torch::Tensor value_cache,
+  // cache: [key, value] bfloat16 blocks, or the 10 tensors of an int8 cache (see Cache); linears: (kernel name,
+  // operands, argument) for qkv_proj, o_proj, gate_up_proj, down_proj.
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, std::vector<torch::Tensor> cache,
                  const std::vector<std::tuple<std::string, std::vector<torch::Tensor>, int64_t>>& linears) {
     TORCH_CHECK(linears.size() == 4, "a layer has four linears: qkv_proj, o_proj, gate_up_proj, down_proj");
     std::vector<Linear> ops;
@@ -75,10 +90,17 @@ class DecodeLayers {
       ops.push_back(make_linear(kernel, operands, arg));
       TORCH_CHECK(ops.back().kind != Linear::kW4A8 || quant_ != nullptr, "w4a8_vnni needs the quant extension");
     }
-    TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 4 &&
-                    key_cache.size(2) == num_kv_heads_ && key_cache.size(3) == head_dim_,
-                "caches must be contiguous [num_blocks, block_size, KVH, D]");
-    layers_.push_back(Layer{input_norm, post_norm, key_cache, value_cache, ops[0], ops[1], ops[2], ops[3]});
+    TORCH_CHECK(cache.size() == 2 || cache.size() == 10, "a cache is [key, value] or an int8 cache's 10 tensors");
+    const bool int8 = cache.size() == 10;
+    TORCH_CHECK(!int8 || quant_ != nullptr, "an int8 cache is written by the quant extension");
+    for (const int64_t first : {int64_t{0}, int8 ? int64_t{5} : int64_t{1}}) {
+      const torch::Tensor& rows = cache[first];
+      TORCH_CHECK(rows.is_contiguous() && rows.dim() == 4 && rows.size(2) == num_kv_heads_ && rows.size(3) == head_dim_,
+                  "caches must be contiguous [num_blocks, block_size, KVH, D]");
+      TORCH_CHECK(!int8 || (cache[first + 1].dim() == 3 && cache[first + 2].numel() == 0),
+                  "the loop writes int8 caches with per-token scales and no residuals only");
+    }
+    layers_.push_back(Layer{input_norm, post_norm, Cache{int8, std::move(cache)}, ops[0], ops[1], ops[2], ops[3]});
   }
 
   // x: [T, hidden] bf16, the embedded tokens; cos, sin: [T, 1, D]; slot_mapping: [T]; block_tables:
@@ -93,10 +115,7 @@ class DecodeLayers {
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).reshape({tokens, num_kv_heads_, head_dim_});
       rope_bf16_(q, cos, sin);
       rope_bf16_(k, cos, sin);
-      layer.key_cache.view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, k);
-      layer.value_cache.view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, v);
-      const torch::Tensor attn = paged_decode_attention(q, layer.key_cache, layer.value_cache, block_tables,
-                                                        seq_lens, scale_);
+      const torch::Tensor attn = attend(layer.cache, q, k, v, slot_mapping, block_tables, seq_lens);
       x = x + run(layer.o_proj, attn.reshape({tokens, q_size}));
       x = x + run(layer.down, silu_mul_bf16(run(layer.gate_up, rms_norm_bf16(x, layer.post_norm, eps_))));
     }
@@ -106,6 +125,22 @@ class DecodeLayers {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  // The step's K/V written at their slots (quantized per token into an int8 cache), then decode attention.
+  torch::Tensor attend(const Cache& cache, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                       const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                       const torch::Tensor& seq_lens) const {
+    const auto& c = cache.tensors;
+    if (cache.int8) {
+      quant_->write_rows_int8(k, slot_mapping, c[0], c[1]);
+      quant_->write_rows_int8(v, slot_mapping, c[5], c[6]);
+      return paged_decode_attention_int8(q, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], block_tables,
+                                         seq_lens, scale_);
+    }
+    c[0].view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, k);
+    c[1].view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, v);
+    return paged_decode_attention(q, c[0], c[1], block_tables, seq_lens, scale_);
+  }
+
   torch::Tensor run(const Linear& linear, const torch::Tensor& x) const {
     const auto& w = linear.operands;
     switch (linear.kind) {

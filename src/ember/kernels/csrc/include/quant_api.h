@@ -8,13 +8,18 @@
 namespace ember_quant_api {
 
 constexpr const char* kCapsuleName = "ember.quant.c_api";
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;
 
 struct Table {
   int version;
   // x [M, K] bf16/float32, repacked 4-bit codes, per-group scales and offsets, optional bias, group length
   torch::Tensor (*w4a8_linear)(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor offsets,
                                c10::optional<torch::Tensor> bias, int64_t group_len);
+  // K or V rows x [T, KVH, D] quantized per token into their slots of an int8 cache (codes, scales)
+  void (*write_rows_int8)(torch::Tensor x, torch::Tensor slot_mapping, torch::Tensor codes, torch::Tensor scales);
 };
+
+// The quant extension's one table, filled while its module registers (quant_ops.cpp).
+Table& table();
 
 }  // namespace ember_quant_api

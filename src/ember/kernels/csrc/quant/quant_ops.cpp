@@ -9,6 +9,7 @@
 
 #include "gemv.h"
 #include "isa.h"
+#include "quant_api.h"
 
 namespace {
 
@@ -283,6 +284,11 @@ void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 void register_gemv(pybind11::module& m);  // int8_gemv.cpp
 void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
 
+ember_quant_api::Table& ember_quant_api::table() {
+  static Table table{kVersion, nullptr, nullptr};
+  return table;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &ember_isa::compiled_isa, "instruction sets this build was compiled for");
   m.attr("max_gemv_tokens") = ember_gemv::kMaxTokens;
@@ -296,4 +302,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_w8a8(m);
   register_gemv(m);
   register_w4a8(m);
+  ember_quant_api::table().write_rows_int8 = &write_rows_int8;
+  m.attr("c_api") = pybind11::capsule(&ember_quant_api::table(), ember_quant_api::kCapsuleName);  // decode_layers.cpp
 }

@@ -235,6 +235,5 @@ void register_w4a8(pybind11::module& m) {
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("scales"), pybind11::arg("offsets"),
         pybind11::arg("bias"), pybind11::arg("group_len"));
   m.def("quantize_groups_int8", &quantize_groups_int8, "symmetric int8 per token and block of group_len values");
-  static const ember_quant_api::Table table{ember_quant_api::kVersion, &w4a8_linear};
-  m.attr("c_api") = pybind11::capsule(&table, ember_quant_api::kCapsuleName);
+  ember_quant_api::table().w4a8_linear = &w4a8_linear;
 }
