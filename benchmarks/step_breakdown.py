@@ -1,9 +1,9 @@
 """Where an engine step's time goes: matmuls, decode attention, other layer ops, the engine.
 
-A decode step is timed as it is, then with the bf16 linears returning cached outputs, then also with
-the decode attention returning its query, then with the whole model replaced: the differences are the
-matmuls, the attention and the other layer ops; what remains is the engine (scheduling, inputs,
-sampling, detokenizing). `--workload w1` instead steps W1 and sums the steps with and without prefill.
+A decode step is timed as served (`native_step_ms`: the native decode loop where it applies), then through
+the layer modules, with the linears returning cached outputs, then also with the decode attention returning
+its query, then with the whole model replaced: the differences are the matmuls, the attention and the other
+layer ops; what remains is the engine (scheduling, inputs, sampling, detokenizing). `--workload w1` instead steps W1 and sums the steps with and without prefill.
 Prints one JSON object (milliseconds for decode, seconds for w1).
 
     .venv/bin/python benchmarks/step_breakdown.py --workload decode --num-seqs 48 --context 310
@@ -61,6 +61,13 @@ def cached_linears():
 
 
 @contextmanager
+def modules_only():
+    """Decode steps through the layer modules (the stubs below patch them), not the native decode loop."""
+    with mock.patch.dict(os.environ, {"EMBER_DISABLE_NATIVE_DECODE": "1"}):
+        yield
+
+
+@contextmanager
 def no_decode_attention():
     with mock.patch("ember.attention.paged_attention._decode_attention", lambda q, *args: q.clone()):
         yield
@@ -81,14 +88,16 @@ def decode_breakdown(llm, num_seqs: int, context: int, num_steps: int) -> dict:
     engine = llm.engine
     rng = random.Random(0)
     for i in range(num_seqs):
-        engine.add_request(f"d{i}", [rng.randint(100, 49052) for _ in range(context)], _params(4 * num_steps + 8))
+        engine.add_request(f"d{i}", [rng.randint(100, 49052) for _ in range(context)], _params(5 * num_steps + 10))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everything first
     model = engine.runner.model
-    stages = [("step_ms", []), ("without_matmul_ms", [cached_linears()]),
-              ("without_matmul_attention_ms", [cached_linears(), no_decode_attention()]),
+    engine.step()
+    native_step_ms = median_step_ms(engine, num_steps)  # as served: the native decode loop where it applies
+    stages = [("step_ms", [modules_only()]), ("without_matmul_ms", [modules_only(), cached_linears()]),
+              ("without_matmul_attention_ms", [modules_only(), cached_linears(), no_decode_attention()]),
               ("engine_only_ms", [cached_linears(), no_model(model, model.config.hidden_size)])]
-    result = {}
+    result = {"native_step_ms": native_step_ms}
     for name, patches in stages:
         with ExitStack() as stack:
             for patch in patches:
