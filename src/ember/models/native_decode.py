@@ -44,7 +44,8 @@ class NativeDecode:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._loops: dict[int, tuple[object | None, list[tuple]]] = {}  # tokens -> (DecodeLayers, its witnesses)
+        self._loops: dict[int, tuple[object | None, list[tuple], list[nn.Module]]] = {}  # tokens -> (DecodeLayers,
+        # its witnesses, the modules among them)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: list,
                 meta: AttentionMetadata, precision: PrecisionMask | None) -> torch.Tensor | None:
@@ -54,10 +55,12 @@ class NativeDecode:
                 or meta.num_decode_tokens != num_tokens or meta.groups or meta.attention_mass is not None
                 or x.dtype != torch.bfloat16):
             return None
-        loop, witnesses = self._loops.get(num_tokens, (None, None))
+        loop, witnesses, modules = self._loops.get(num_tokens, (None, None, None))
         if witnesses is None or not _intact(witnesses, kv_caches):
-            loop, witnesses = self._loops[num_tokens] = self._build(num_tokens, kv_caches)
-        if loop is None or _hooked(witnesses):  # a hook must see the modules run
+            loop, witnesses = self._build(num_tokens, kv_caches)
+            modules = [obj for _, _, obj in witnesses if isinstance(obj, nn.Module)]
+            self._loops[num_tokens] = loop, witnesses, modules
+        if loop is None or _hooked(modules):  # a hook must see the modules run
             return None
         cos, sin = rope
         return loop.forward(x, cos, sin, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
@@ -87,11 +90,11 @@ def _intact(witnesses: list[tuple], kv_caches: list) -> bool:
     return witnesses[0][0] is kv_caches and all(container.get(key) is obj for container, key, obj in witnesses[1:])
 
 
-def _hooked(witnesses: list[tuple]) -> bool:
+def _hooked(modules: list[nn.Module]) -> bool:
     """Whether a forward hook is registered globally or on a module the loop stands in for."""
-    module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
-        isinstance(obj, nn.Module) and (obj._forward_hooks or obj._forward_pre_hooks) for _, _, obj in witnesses[1:])
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _layer_parts(layer: nn.Module, cache, num_tokens: int, first: nn.Module, witnesses: list[tuple]):
@@ -100,7 +103,8 @@ def _layer_parts(layer: nn.Module, cache, num_tokens: int, first: nn.Module, wit
     attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     for parent in (layer, attn, mlp):
-        witnesses += [(parent._modules, name, module) for name, module in parent._modules.items()]
+        if isinstance(parent, nn.Module):
+            witnesses += [(parent._modules, name, module) for name, module in parent._modules.items()]
     if not (type(mlp) is GatedMLP and mlp.is_silu and mlp.gate_up_proj is not None
             and getattr(attn, "qkv_proj", None) is not None and attn.q_norm is None
             and attn.sliding_window is None and attn.logit_softcap is None
