@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from ember.kernels.linear.dense import onednn_bf16_available
 from ember.kernels.ops import core_ops, native_has
 from ember.models.layers.linear import DenseLinear
 from ember.models.native_decode import NativeDecode
@@ -73,8 +74,8 @@ def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_
     got = _generate(model_dir, monkeypatch, native=True, kv_cache_dtype=kv_cache_dtype)
     assert got == expected  # bit for bit: the same kernels on the same operands, in the same order
     # request i decodes 3 + 2 i steps: 3 steps of 6 rows, then 2 at each size down to the last request
-    # alone; bf16 GEMV takes at most 4 rows (AMX, where present, any count), W4A8 every count
-    largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") else 4
+    # alone; bf16 GEMV takes at most 4 rows, then AMX or oneDNN (all native entries), W4A8 every count
+    largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") or onednn_bf16_available() else 4
     assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, largest + 1)}
 
 

@@ -53,7 +53,8 @@ def _onednn_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype
 
 ONEDNN_BF16 = LinearKernel(
     "onednn_bf16", DENSE_KINDS, _onednn_check, _onednn_prepare,
-    lambda x, spec, packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    lambda x, spec, packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+    native=lambda spec, packed: ([packed], 0))  # the decode loop calls the same op through the dispatcher
 
 
 def _onednn_f32_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:

@@ -7,6 +7,7 @@
 // int8 per token) -> paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul ->
 // down -> add.
 #include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string>
 #include <vector>
@@ -31,10 +32,19 @@ namespace {
 
 // One linear as its kernel runs it: the kernel's name, its prepared operands and one integer argument.
 struct Linear {
-  enum Kind { kW4A8, kBf16Gemv, kBf16Amx } kind;
+  enum Kind { kW4A8, kBf16Gemv, kBf16Amx, kOneDnn } kind;
   std::vector<torch::Tensor> operands;
-  int64_t arg;  // w4a8_vnni: group length; amx_bf16: out_features; bf16_gemv: unused
+  int64_t arg;  // w4a8_vnni: group length; amx_bf16: out_features; bf16_gemv, onednn_bf16: unused
 };
+
+// torch's mkldnn::_linear_pointwise (what the onednn_bf16 kernel calls from Python) on a prepacked weight.
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, c10::IValue(), c10::IValue("none"),
+                          c10::IValue(c10::List<c10::optional<at::Scalar>>()), c10::IValue("")};
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
 
 Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operands, int64_t arg) {
   size_t expected = 1;
@@ -46,6 +56,8 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
     kind = Linear::kBf16Gemv;
   } else if (kernel == "amx_bf16") {
     kind = Linear::kBf16Amx;
+  } else if (kernel == "onednn_bf16") {
+    kind = Linear::kOneDnn;
   } else {
     TORCH_CHECK(false, "the decode loop cannot run kernel '", kernel, "'");
   }
@@ -151,6 +163,8 @@ class DecodeLayers {
         return bf16_gemv(x, w[0]);
       case Linear::kBf16Amx:
         return bf16_linear_amx(x, w[0], linear.arg);
+      case Linear::kOneDnn:
+        return onednn_linear(x, w[0]);
     }
     TORCH_CHECK(false, "unknown linear kind");
   }
