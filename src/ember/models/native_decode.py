@@ -52,7 +52,7 @@ class NativeDecode:
                 meta: AttentionMetadata, precision: PrecisionMask | None) -> torch.Tensor | None:
         """The last decoder layer's output for a plain decode step, or None when the modules must run it."""
         num_tokens = x.shape[0]
-        if (precision is not None or envs.EMBER_DISABLE_NATIVE_DECODE or meta.prefills
+        if (not num_tokens or precision is not None or envs.EMBER_DISABLE_NATIVE_DECODE or meta.prefills
                 or meta.num_decode_tokens != num_tokens or meta.groups or meta.attention_mass is not None
                 or x.dtype != torch.bfloat16):
             return None
