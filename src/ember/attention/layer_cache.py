@@ -131,7 +131,6 @@ class DenseLayerCache:
         return ops.paged_decode_attention(q, self.key, self.value, meta.decode_block_tables,
                                           meta.decode_seq_lens, scale)
 
-
     def prefill(self, q: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor | None:
         """Native causal attention of one prompt chunk, q [n, H, D] at rows context_len.., over its sequence's
         blocks; None without the AVX512-BF16 build, or for a dtype or head size the kernel does not take."""

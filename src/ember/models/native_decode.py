@@ -19,6 +19,8 @@ Anything else runs the modules. ``EMBER_DISABLE_NATIVE_DECODE=1`` turns the loop
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -35,6 +37,15 @@ from ember.models.layers.precision import DualPrecisionLinear, PrecisionMask
 LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
+class _Loop(NamedTuple):
+    """A DecodeLayers (None: the modules run these steps) and what it was built from."""
+
+    layers: object | None
+    kv_caches: list
+    witnesses: list[tuple]  # (container, key, object) that must still hold
+    modules: list[nn.Module]  # the modules among the witnessed objects, whose hooks are checked
+
+
 class NativeDecode:
     """The native decode loops of one model, one per token count (each linear's kernel depends on it).
 
@@ -45,8 +56,7 @@ class NativeDecode:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._loops: dict[int, tuple[object | None, list[tuple], list[nn.Module]]] = {}  # tokens -> (DecodeLayers,
-        # its witnesses, the modules among them)
+        self._loops: dict[int, _Loop] = {}  # by token count
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: list,
                 meta: AttentionMetadata, precision: PrecisionMask | None) -> torch.Tensor | None:
@@ -56,24 +66,26 @@ class NativeDecode:
                 or meta.num_decode_tokens != num_tokens or meta.groups or meta.attention_mass is not None
                 or x.dtype != torch.bfloat16):
             return None
-        loop, witnesses, modules = self._loops.get(num_tokens, (None, None, None))
-        if witnesses is None or not _intact(witnesses, kv_caches):
-            loop, witnesses = self._build(num_tokens, kv_caches)
-            modules = [obj for _, _, obj in witnesses if isinstance(obj, nn.Module)]
-            self._loops[num_tokens] = loop, witnesses, modules
-        if loop is None or _hooked(modules):  # a hook must see the modules run
+        loop = self._loops.get(num_tokens)
+        if loop is None or not _intact(loop, kv_caches):
+            loop = self._loops[num_tokens] = self._build(num_tokens, kv_caches)
+        if loop.layers is None or _hooked(loop.modules):  # a hook must see the modules run
             return None
         cos, sin = rope
-        return loop.forward(x, cos, sin, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
+        return loop.layers.forward(x, cos, sin, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
 
-    def _build(self, num_tokens: int, kv_caches: list) -> tuple[object | None, list[tuple]]:
-        """A DecodeLayers over every layer for calls of `num_tokens` rows (None when some part is not the
-        plain form or its kernel has no native entry), and what it depends on."""
-        witnesses: list[tuple] = [(kv_caches, None, None)]
+    def _build(self, num_tokens: int, kv_caches: list) -> _Loop:
+        witnesses: list[tuple] = []
+        layers = self._assemble(num_tokens, kv_caches, witnesses)
+        return _Loop(layers, kv_caches, witnesses, [obj for _, _, obj in witnesses if isinstance(obj, nn.Module)])
+
+    def _assemble(self, num_tokens: int, kv_caches: list, witnesses: list[tuple]):
+        """A DecodeLayers over every layer for calls of `num_tokens` rows, or None when some part is not the
+        plain form or its kernel has no native entry; what it is built from goes into `witnesses`."""
         ops = core_ops()
-        if ops is None or not hasattr(ops, "DecodeLayers"):
-            return None, witnesses
         layers = self.model.model.layers
+        if ops is None or not hasattr(ops, "DecodeLayers") or len(kv_caches) != len(layers):
+            return None
         first = layers[0].self_attn
         quant = quant_ops()
         loop = ops.DecodeLayers(first.num_heads, first.num_kv_heads, first.head_dim, layers[0].input_layernorm.eps,
@@ -81,14 +93,14 @@ class NativeDecode:
         for layer, cache in zip(layers, kv_caches):
             parts = _layer_parts(layer, cache, num_tokens, first, witnesses)
             if parts is None:
-                return None, witnesses
+                return None
             loop.add_layer(*parts)
-        return (loop if loop.num_layers == len(layers) else None), witnesses
+        return loop
 
 
-def _intact(witnesses: list[tuple], kv_caches: list) -> bool:
-    """Whether every (container, key, object) a loop was built from still holds."""
-    return witnesses[0][0] is kv_caches and all(container.get(key) is obj for container, key, obj in witnesses[1:])
+def _intact(loop: _Loop, kv_caches: list) -> bool:
+    """Whether the caches and every (container, key, object) the loop was built from still hold."""
+    return loop.kv_caches is kv_caches and all(container.get(key) is obj for container, key, obj in loop.witnesses)
 
 
 def _hooked(modules: list[nn.Module]) -> bool:

@@ -134,8 +134,6 @@ class DecodeLayers {
     return x;
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
  private:
   // The step's K/V written at their slots (quantized per token into an int8 cache), then decode attention.
   torch::Tensor attend(const Cache& cache, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -183,6 +181,5 @@ void register_decode_layers(pybind11::module& m) {
       .def(py::init<int64_t, int64_t, int64_t, double, double, py::object>(), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"), py::arg("quant_api"))
       .def("add_layer", &DecodeLayers::add_layer)
-      .def("forward", &DecodeLayers::forward, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("num_layers", &DecodeLayers::num_layers);
+      .def("forward", &DecodeLayers::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,6 +1,7 @@
-// The quant extension's linears as a table of C function pointers, which it publishes as a PyCapsule
-// (`c_api`) so that the core extension's decode loop can call them without a Python round trip. Both
-// extensions are built against the same torch headers, so the signatures agree.
+// The quant extension's kernels the decode loop needs (the W4A8 linear, the int8 KV cache write) as a table
+// of C function pointers, which it publishes as a PyCapsule (`c_api`) so that the core extension's decode
+// loop can call them without a Python round trip. Both extensions are built against the same torch headers,
+// so the signatures agree.
 #pragma once
 
 #include <torch/extension.h>
