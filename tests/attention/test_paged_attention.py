@@ -110,3 +110,50 @@ def test_native_decode_kernel_matches_naive_attention(dtype, tol, group, block_s
         v = v_cache[tables[seq]].flatten(0, 1)[:length].float()
         expected = naive_attention(q[seq : seq + 1].float(), k, v, scale)[0]
         torch.testing.assert_close(out[seq].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("group,block_size,head_dim", [(3, 16, 64), (9, 16, 64), (4, 5, 48), (8, 16, 128)])
+def test_native_decode_kernel_serves_verification_rows_bit_for_bit(group, block_size, head_dim):
+    """Rows that verify one sequence's drafts (consecutive rows whose lengths go up by one over the same
+    blocks) are served together, each chunk's K/V widened once for all of them: the output is bit for bit
+    what each row gives alone, and naive attention's within bf16 rounding. Spans of 2, 5 and 11 rows (more
+    than one piece holds), one that crosses a 16-position chunk, single rows between them, a row that
+    continues a span's lengths over other blocks, and NaN past every sequence's end."""
+    from ember.kernels.ops import core_ops
+
+    ops = core_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler: the reference path is the one in use")
+    gen = torch.Generator().manual_seed(3)
+    kv_heads = 2
+    # (first row's length, rows) per sequence, in step order
+    sequences = [(40, 5), (17, 1), (15, 2), (70, 11), (81, 1), (9, 1)]
+    max_len = max(first + rows - 1 for first, rows in sequences)
+    max_blocks = -(-max_len // block_size)
+    num_blocks = len(sequences) * max_blocks
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    seq_tables = torch.randperm(num_blocks, generator=gen).view(len(sequences), max_blocks)
+    tables, seq_lens = [], []
+    for seq, (first, rows) in enumerate(sequences):
+        longest = first + rows - 1
+        for cache in (k_cache, v_cache):  # nothing past the sequence's last verified position is valid
+            flat = cache[seq_tables[seq]].flatten(0, 1)
+            flat[longest:] = float("nan")
+            cache[seq_tables[seq]] = flat.view(max_blocks, block_size, kv_heads, head_dim)
+        tables += [seq_tables[seq]] * rows
+        seq_lens += range(first, first + rows)
+    tables, seq_lens = torch.stack(tables), torch.tensor(seq_lens)
+    assert seq_lens[19] == seq_lens[18] + 1  # the row after the 11-row span continues it over other blocks
+    q = 3 * torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)
+    q, k_cache, v_cache = q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+    scale = head_dim ** -0.5
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
+    alone = torch.cat([ops.paged_decode_attention(q[i : i + 1], k_cache, v_cache, tables[i : i + 1],
+                                                  seq_lens[i : i + 1], scale) for i in range(len(seq_lens))])
+    assert torch.equal(out, alone)
+    for row, length in enumerate(seq_lens.tolist()):
+        k = k_cache[tables[row]].flatten(0, 1)[:length].float()
+        v = v_cache[tables[row]].flatten(0, 1)[:length].float()
+        expected = naive_attention(q[row : row + 1].float(), k, v, scale)[0]
+        torch.testing.assert_close(out[row].float(), expected, atol=2e-2, rtol=2e-2)

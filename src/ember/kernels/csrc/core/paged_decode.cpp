@@ -1,5 +1,6 @@
-// Decode attention straight over the paged KV cache: one query token per sequence, keys and
-// values read block by block through the block table (no gather), online softmax in float32.
+// Decode attention straight over the paged KV cache: one query token per row, keys and values read
+// block by block through the block table (no gather), online softmax in float32. Rows that verify one
+// sequence's speculative drafts share a pass over its keys (bfloat16, AVX-512; bit for bit the same).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -161,18 +162,43 @@ inline void prefetch_row(const uint16_t* row) {
   for (int byte = 0; byte < 32 * NV; byte += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T1);
 }
 
+// A chunk's K and V rows widened to float32 once, for the query heads of every row of a verification
+// span (see decode_span_bf16_avx512); tokens past the chunk's end are zero, as kZeroRow widens.
+template <int NV>
+struct WidenedRows {
+  __m512 k[kChunk][NV], v[kChunk][NV];
+};
+
+// Element j of K/V row t of a chunk, and the prefetch of the next chunk's row i, from either form.
+template <int NV>
+inline __m512 key(const ChunkRows& rows, int t, int j) { return widen<NV>(rows.k[t], j); }
+template <int NV>
+inline __m512 key(const WidenedRows<NV>& rows, int t, int j) { return rows.k[t][j]; }
+template <int NV>
+inline __m512 value(const ChunkRows& rows, int t, int j) { return widen<NV>(rows.v[t], j); }
+template <int NV>
+inline __m512 value(const WidenedRows<NV>& rows, int t, int j) { return rows.v[t][j]; }
+template <int NV>
+inline void prefetch_next_key(const ChunkRows& rows, int i) { prefetch_row<NV>(rows.next_k[i]); }
+template <int NV>
+inline void prefetch_next_key(const WidenedRows<NV>&, int) {}  // done while widening
+template <int NV>
+inline void prefetch_next_value(const ChunkRows& rows, int i) { prefetch_row<NV>(rows.next_v[i]); }
+template <int NV>
+inline void prefetch_next_value(const WidenedRows<NV>&, int) {}
+
 // Scores of G heads (q pre-scaled, [G][NV]) against the 16 K rows of a chunk: token t in lane t.
 // Each K row is widened once for the G heads; dot products are combined as soon as two are ready,
 // so the live set stays in registers.
-template <int NV, int G>
-inline void group_scores(const __m512 (*q)[NV], const ChunkRows& rows, __m512* scores) {
+template <int NV, int G, typename Rows>
+inline void group_scores(const __m512 (*q)[NV], const Rows& rows, __m512* scores) {
   ember_simd::transposed_dots<G>([&](int i, __m512* dots) {
-    const uint16_t* row = rows.k[kBitReverse4[i]];
-    prefetch_row<NV>(rows.next_k[i]);  // ascending, as the hardware prefetcher likes
-    for (int g = 0; g < G; ++g) dots[g] = _mm512_mul_ps(q[g][0], widen<NV>(row, 0));
+    const int t = kBitReverse4[i];
+    prefetch_next_key<NV>(rows, i);  // ascending, as the hardware prefetcher likes
+    for (int g = 0; g < G; ++g) dots[g] = _mm512_mul_ps(q[g][0], key<NV>(rows, t, 0));
 #pragma GCC unroll 16
     for (int j = 1; j < NV; ++j) {
-      const __m512 k = widen<NV>(row, j);
+      const __m512 k = key<NV>(rows, t, j);
       for (int g = 0; g < G; ++g) dots[g] = _mm512_fmadd_ps(q[g][j], k, dots[g]);
     }
   }, scores);
@@ -193,17 +219,17 @@ inline __m512 softmax_chunk(__m512 scores, __mmask16 valid, __m512& row_max, __m
 
 // acc[g] = acc[g] * correction[g] + sum_t probs[g][t] * V[t] for G heads, kDimTile accumulator
 // vectors at a time; each V row slice is widened once for the G heads.
-template <int NV, int G, int J0 = 0>
+template <int NV, int G, int J0 = 0, typename Rows>
 inline void group_values(__m512 (*acc)[NV], const __m512* correction, const float (*probs)[kChunk],
-                         const ChunkRows& rows, int n) {
+                         const Rows& rows, int n) {
   constexpr int D = std::min(kDimTile, NV - J0);
   __m512 a[G][D];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < D; ++j) a[g][j] = _mm512_mul_ps(acc[g][J0 + j], correction[g]);
   for (int t = 0; t < n; ++t) {
-    if (J0 == 0) prefetch_row<NV>(rows.next_v[t]);
+    if (J0 == 0) prefetch_next_value<NV>(rows, t);
     __m512 v[D];
-    for (int j = 0; j < D; ++j) v[j] = widen<NV>(rows.v[t], J0 + j);
+    for (int j = 0; j < D; ++j) v[j] = value<NV>(rows, t, J0 + j);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(probs[g][t]);
       for (int j = 0; j < D; ++j) a[g][j] = _mm512_fmadd_ps(p, v[j], a[g][j]);
@@ -247,8 +273,8 @@ struct SeqState {
 
 // Query heads [h, h + G), which share one KV head, over one chunk of n <= 16 tokens. Not inlined:
 // inlined into the head-tile switch, GCC hoists and spills the K rows (7% slower).
-template <int NV, int G>
-__attribute__((noinline)) void attend_heads(SeqState<NV>& st, int64_t h, const ChunkRows& rows, int n) {
+template <int NV, int G, typename Rows>
+__attribute__((noinline)) void attend_heads(SeqState<NV>& st, int64_t h, const Rows& rows, int n) {
   __m512 scores[G], correction[G];
   alignas(64) float probs[G][kChunk];
   group_scores<NV, G>(st.q + h, rows, scores);
@@ -319,14 +345,130 @@ void decode_seq_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uint
   }
 }
 
+// Rows that verify one sequence's drafts, KV head `kv` only: row r (of `rows`) attends to seq_lens[r] =
+// seq_lens[0] + r positions over the same blocks (`table`, the last row's). Each chunk's K and V rows are
+// widened once for the group's query heads of every row, where serving the rows one by one widens and
+// loads them once per row. Per row and head the arithmetic is decode_seq_bf16_avx512's, operation for
+// operation (a row's lanes past its own end are masked before they count), so the output is bit for bit
+// the same. rows * group <= kMaxHeads.
+template <int NV>
+void decode_span_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uint16_t* v_ptr, const int64_t* table,
+                             const int64_t* seq_lens, int64_t rows, int64_t kv, int64_t block_size,
+                             int64_t num_kv_heads, int64_t group, float scale, uint16_t* out) {
+  constexpr int kHeadDim = 16 * NV;
+  const int64_t num_heads = num_kv_heads * group;
+  SeqState<NV> st;  // slot r * group + g: query head kv * group + g of row r
+  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t slot = r * group + g;
+      for (int j = 0; j < NV; ++j) {
+        st.q[slot][j] = _mm512_mul_ps(widen<NV>(q + (r * num_heads + kv * group + g) * kHeadDim, j), q_scale);
+        st.acc[slot][j] = _mm512_setzero_ps();
+      }
+      st.row_sum[slot] = _mm512_setzero_ps();
+      st.row_max[slot] = _mm512_set1_ps(-1e30f);
+    }
+  }
+  const int64_t token_stride = num_kv_heads * kHeadDim, span_len = seq_lens[rows - 1];
+  const uint16_t* k_head = k_ptr + kv * kHeadDim;
+  const uint16_t* v_head = v_ptr + kv * kHeadDim;
+  const auto clamp_len = [](int64_t len) { return static_cast<int>(std::clamp<int64_t>(len, 0, kChunk)); };
+  WidenedRows<NV> chunk;
+  int64_t offsets[2][kChunk];
+  chunk_offsets(table, 0, clamp_len(span_len), block_size, token_stride, offsets[0]);
+  for (int64_t start = 0, c = 0; start < span_len; start += kChunk, c ^= 1) {
+    const int n = clamp_len(span_len - start), next_n = clamp_len(span_len - start - kChunk);
+    chunk_offsets(table, start + kChunk, next_n, block_size, token_stride, offsets[c ^ 1]);
+    for (int t = 0; t < kChunk; ++t) {
+      for (int j = 0; j < NV; ++j) {
+        chunk.k[t][j] = t < n ? widen<NV>(k_head + offsets[c][t], j) : _mm512_setzero_ps();
+        chunk.v[t][j] = t < n ? widen<NV>(v_head + offsets[c][t], j) : _mm512_setzero_ps();
+      }
+      if (t < next_n) {
+        prefetch_row<NV>(k_head + offsets[c ^ 1][t]);
+        prefetch_row<NV>(v_head + offsets[c ^ 1][t]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int n_row = clamp_len(seq_lens[r] - start);
+      if (n_row == 0) continue;  // this row's positions ended before the chunk
+      static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
+      for (int64_t g = 0; g < group; g += kHeadTile) {
+        const int64_t slot = r * group + g;
+        switch (std::min<int64_t>(group - g, kHeadTile)) {
+          case 3: attend_heads<NV, 3>(st, slot, chunk, n_row); break;
+          case 2: attend_heads<NV, 2>(st, slot, chunk, n_row); break;
+          default: attend_heads<NV, 1>(st, slot, chunk, n_row);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t slot = r * group + g;
+      const float sum = _mm512_reduce_add_ps(st.row_sum[slot]);
+      store_head<NV>(st.acc[slot], sum > 0.f ? 1.f / sum : 0.f, out + (r * num_heads + kv * group + g) * kHeadDim);
+    }
+  }
+}
+
 using DecodeSeqFn = decltype(&decode_seq_bf16_avx512<1>);
+using DecodeSpanFn = decltype(&decode_span_bf16_avx512<1>);
 
 template <int... I>
 constexpr std::array<DecodeSeqFn, sizeof...(I)> decode_seq_table(std::integer_sequence<int, I...>) {
   return {&decode_seq_bf16_avx512<I + 1>...};
 }
+template <int... I>
+constexpr std::array<DecodeSpanFn, sizeof...(I)> decode_span_table(std::integer_sequence<int, I...>) {
+  return {&decode_span_bf16_avx512<I + 1>...};
+}
 // Indexed by head_dim / 16 - 1.
 constexpr auto kDecodeSeqFns = decode_seq_table(std::make_integer_sequence<int, kMaxVecs>{});
+constexpr auto kDecodeSpanFns = decode_span_table(std::make_integer_sequence<int, kMaxVecs>{});
+
+// What one thread runs: a row alone over every head (kv < 0), or rows [first, first + rows) of a
+// verification span for one KV head.
+struct WorkItem {
+  int64_t first, rows, kv;
+};
+
+// The rows of a step cut into work items. Consecutive rows whose lengths go up by one over the same blocks
+// are one sequence verifying drafts (or, with shared prefix blocks, rows that read the same keys, which
+// is the same computation); they go in pieces of at most kMaxHeads / group rows per KV head, cut smaller
+// when there are too few pieces to keep every thread busy.
+std::vector<WorkItem> work_items(const int64_t* tables, const int64_t* lens, int64_t num_rows, int64_t max_blocks,
+                                 int64_t block_size, int64_t num_kv_heads, int64_t group) {
+  const auto continues = [&](int64_t a, int64_t b) {
+    const int64_t len = lens[b], blocks = (len + block_size - 1) / block_size;
+    return len == lens[a] + 1 && lens[a] >= 1 && blocks <= max_blocks &&
+           std::equal(tables + b * max_blocks, tables + b * max_blocks + blocks, tables + a * max_blocks);
+  };
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (first row, rows)
+  int64_t multi = 0;
+  for (int64_t row = 0; row < num_rows;) {
+    int64_t end = row + 1;
+    while (end < num_rows && continues(end - 1, end)) ++end;
+    spans.emplace_back(row, end - row);
+    multi += end - row > 1;
+    row = end;
+  }
+  const int64_t max_rows = kMaxHeads / group;
+  const int64_t wanted = 4 * at::get_num_threads();  // pieces of spans worth cutting smaller for
+  const int64_t pieces = multi ? std::max<int64_t>(1, (wanted + multi * num_kv_heads - 1) / (multi * num_kv_heads)) : 1;
+  std::vector<WorkItem> items;
+  for (const auto& [first, rows] : spans) {
+    if (rows == 1 || max_rows < 2) {
+      for (int64_t row = first; row < first + rows; ++row) items.push_back({row, 1, -1});
+      continue;
+    }
+    const int64_t piece = std::min(max_rows, std::max<int64_t>(1, (rows + pieces - 1) / pieces));
+    for (int64_t kv = 0; kv < num_kv_heads; ++kv)
+      for (int64_t row = first; row < first + rows; row += piece) items.push_back({row, std::min(piece, first + rows - row), kv});
+  }
+  return items;
+}
 #endif
 
 }  // namespace
@@ -359,10 +501,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
       const auto* tp = block_tables.data_ptr<int64_t>();
       const auto* lp = seq_lens.data_ptr<int64_t>();
-      at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
-          decode_seq(qp + s * heads * head_dim, kp, vp, tp + s * max_blocks, std::min(lp[s], max_blocks * block_size),
-                     block_size, k_cache.size(2), group, static_cast<float>(scale), op + s * heads * head_dim);
+      const DecodeSpanFn decode_span = kDecodeSpanFns[head_dim / 16 - 1];
+      const std::vector<WorkItem> items = work_items(tp, lp, num_seqs, max_blocks, block_size, k_cache.size(2), group);
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto [s, rows, kv] = items[i];
+          if (kv < 0) {
+            decode_seq(qp + s * heads * head_dim, kp, vp, tp + s * max_blocks,
+                       std::min(lp[s], max_blocks * block_size), block_size, k_cache.size(2), group,
+                       static_cast<float>(scale), op + s * heads * head_dim);
+          } else {
+            decode_span(qp + s * heads * head_dim, kp, vp, tp + (s + rows - 1) * max_blocks, lp + s, rows, kv,
+                        block_size, k_cache.size(2), group, static_cast<float>(scale), op + s * heads * head_dim);
+          }
         }
       });
       return out;
