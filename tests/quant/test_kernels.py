@@ -20,6 +20,7 @@ CASES = [  # (kernel, scheme, act_bits, in_features)
     ("int8_weight_only", WeightScheme(8), None, 128),
     ("int8_weight_only", WeightScheme(8), None, 72),
     ("int8_gemv", WeightScheme(8), None, 128),
+    ("int8_dpbf16", WeightScheme(8), None, 128),
     ("int4_weight_only", WeightScheme(4, 32, True), None, 128),
     ("int4_weight_only", WeightScheme(4, 64, False), None, 192),
     ("int4_weight_only", WeightScheme(4, 128, True), None, 256),
@@ -59,7 +60,8 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
                                                or not cpu_features().vnni))
                 or (name == "w8a8_amx" and (dtype == torch.float16 or not native_has("quant", "amx")))
                 or (name == "w8a8_gemv" and (dtype == torch.float16 or not native_has("quant", "avx512_vnni")))
-                or (name == "int8_gemv" and (dtype != torch.bfloat16 or not native_has("quant", "avx512_bf16"))))
+                or (name in ("int8_gemv", "int8_dpbf16")
+                    and (dtype != torch.bfloat16 or not native_has("quant", "avx512_bf16"))))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
     reference = layer.run_kernel(x, REFERENCE)  # float32

@@ -123,3 +123,25 @@ def test_int8_gemv_rounds_the_scaled_float32_sum_once(out_features, in_features,
     bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ codes.abs().T) * scale
     assert bool(((ours.float() - exact).abs() <= bound).all())
 
+
+
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (16, 32), (80, 96), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("num_tokens", [1, 5, 12, 13, 40])
+@pytest.mark.skipif(not native_has("quant", "avx512_bf16"), reason="int8_dpbf16 needs AVX512-BF16")
+def test_int8_dpbf16_rounds_the_scaled_float32_sum_once(out_features, in_features, num_tokens):
+    # int8_gemv's arithmetic for any number of rows: whole and partial 12-row blocks, an odd last
+    # 16-channel block, the bias added after
+    gen = torch.Generator().manual_seed(out_features + num_tokens)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(out_features, in_features, generator=gen),
+                                                       WeightScheme(8)), torch.randn(out_features, generator=gen))
+    x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+    if num_tokens > 4 and not native_has("quant", "amx"):  # woq_amx takes these calls where AMX runs
+        assert layer.select_kernel(num_tokens, torch.bfloat16).name == "int8_dpbf16"
+    codes, scale = layer.qweight.float(), layer.scales.view(1, -1)
+    exact = (x.float() @ codes.T) * scale
+    ours = layer.run_kernel(x, KERNEL_REGISTRY["int8_dpbf16"])
+    assert ours.dtype == torch.bfloat16 and ours.shape == (num_tokens, out_features)
+    bias = layer.bias.bfloat16().float()
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ codes.abs().T) * scale
+    # the bias is added to the bf16 product in bf16 (one more rounding)
+    assert bool(((ours.float() - exact - bias).abs() <= bound + 2 ** -8 * (exact + bias).abs()).all())

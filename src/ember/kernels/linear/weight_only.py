@@ -91,6 +91,26 @@ INT8_GEMV = LinearKernel(
     max_tokens=lambda spec: quant_ops().max_gemv_tokens)
 
 
+# --- int8 per channel, batched calls: codes widened to bfloat16 per panel, vdpbf16ps ----------------
+def _dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((spec.bits == 8 and spec.per_channel, "8-bit per-channel weights only"),
+                   (dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
+                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"))
+
+
+def _dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
+    codes = weights.quantized.qweight  # int8 [N, K]
+    n, k = codes.shape
+    by_pairs = codes.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()  # [N / 16, K / 2, 16, 2]
+    return by_pairs, weights.quantized.scales.view(-1).float().contiguous()
+
+
+INT8_DPBF16 = LinearKernel(
+    "int8_dpbf16", WEIGHT_ONLY_KINDS, _dpbf16_check, _dpbf16_prepare,
+    lambda x, spec, ops: quant_ops().int8_linear_dpbf16(x, *ops))
+
+
 # --- int4, torch._weight_int4pack_mm_for_cpu --------------------------------------------------------
 def _int4_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
     return require((spec.bits == 4, "4-bit weights only"), (spec.group_len in (32, 64, 128, 256), "group length"),
@@ -130,4 +150,6 @@ WOQ_AMX = LinearKernel(
     lambda x, spec, ops: quant_ops().woq_linear_amx(x, *ops, spec.bits, spec.out_features),
     max_tokens=lambda spec: WOQ_AMX_MAX_TOKENS)
 
-WEIGHT_ONLY_KERNELS = (INT8_GEMV, INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY, WOQ_AMX, DEQUANT_DENSE)
+# woq_amx before int8_dpbf16: where AMX tiles run they take the batched int8 calls (and the packed kernels
+# only calls of up to max_packed_tokens_amx tokens beside them, see registry.KernelPolicy)
+WEIGHT_ONLY_KERNELS = (INT8_GEMV, INT4_WEIGHT_ONLY, WOQ_AMX, INT8_DPBF16, INT8_WEIGHT_ONLY, DEQUANT_DENSE)
