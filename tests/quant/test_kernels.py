@@ -21,6 +21,8 @@ CASES = [  # (kernel, scheme, act_bits, in_features)
     ("int8_weight_only", WeightScheme(8), None, 72),
     ("int8_gemv", WeightScheme(8), None, 128),
     ("int8_dpbf16", WeightScheme(8), None, 128),
+    ("int4_dpbf16", WeightScheme(4, 32, True), None, 128),
+    ("int4_dpbf16", WeightScheme(4, 64, False), None, 192),
     ("int4_weight_only", WeightScheme(4, 32, True), None, 128),
     ("int4_weight_only", WeightScheme(4, 64, False), None, 192),
     ("int4_weight_only", WeightScheme(4, 128, True), None, 256),
@@ -60,7 +62,7 @@ def test_kernel_matches_reference(name, scheme, act_bits, in_features, dtype, nu
                                                or not cpu_features().vnni))
                 or (name == "w8a8_amx" and (dtype == torch.float16 or not native_has("quant", "amx")))
                 or (name == "w8a8_gemv" and (dtype == torch.float16 or not native_has("quant", "avx512_vnni")))
-                or (name in ("int8_gemv", "int8_dpbf16")
+                or (name in ("int8_gemv", "int8_dpbf16", "int4_dpbf16")
                     and (dtype != torch.bfloat16 or not native_has("quant", "avx512_bf16"))))
         return
     x = torch.randn(num_tokens, in_features, generator=torch.Generator().manual_seed(num_tokens))
@@ -89,9 +91,12 @@ def test_int8_bf16_refused_when_k_not_multiple_of_16():
 def test_policy_selection():
     int4 = _layer(WeightScheme(4, 64, True), None, 128)
     assert int4.select_kernel(1, torch.bfloat16).name == "int4_weight_only"
-    batched = "woq_amx" if native_has("quant", "amx") else "dequant_dense"
+    amx, panels = native_has("quant", "amx"), native_has("quant", "avx512_bf16")
+    batched = "woq_amx" if amx else "int4_dpbf16" if panels else "dequant_dense"
+    assert int4.select_kernel(5, torch.bfloat16).name == ("int4_weight_only" if batched == "dequant_dense" else batched)
     assert int4.select_kernel(64, torch.bfloat16).name == batched  # prefill
-    assert int4.select_kernel(4096, torch.bfloat16).name == "dequant_dense"  # beyond max_woq_amx_tokens
+    # beyond woq_amx's 1024 tokens
+    assert int4.select_kernel(4096, torch.bfloat16).name == ("int4_dpbf16" if batched == "int4_dpbf16" else "dequant_dense")
     assert int4.select_kernel(1, torch.float32).name == "dequant_dense"  # packed int4 is slow in fp32
     w8a8 = _layer(WeightScheme(8), 8, 128)
     assert w8a8.select_kernel(64, torch.float32).name in ("w8a8_amx", "onednn_w8a8", "int_mm_w8a8")
@@ -152,7 +157,7 @@ def test_disabled_kernels_are_never_chosen():
     int4 = _layer(WeightScheme(4, 64, True), None, 128)
     assert int4.select_kernel(1, torch.bfloat16).name == "int4_weight_only"
     int4.policy = KernelPolicy(disabled={"int4_weight_only"})
-    assert int4.select_kernel(1, torch.bfloat16).name in ("woq_amx", "dequant_dense")
+    assert int4.select_kernel(1, torch.bfloat16).name in ("woq_amx", "int4_dpbf16", "dequant_dense")
     with pytest.raises(ValueError, match="cannot be disabled"):
         KernelPolicy(disabled={"reference"})
     with pytest.raises(ValueError, match="one per kind"):

@@ -145,3 +145,25 @@ def test_int8_dpbf16_rounds_the_scaled_float32_sum_once(out_features, in_feature
     bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ codes.abs().T) * scale
     # the bias is added to the bf16 product in bf16 (one more rounding)
     assert bool(((ours.float() - exact - bias).abs() <= bound + 2 ** -8 * (exact + bias).abs()).all())
+
+
+@pytest.mark.parametrize("out_features, in_features, scheme", [
+    (48, 64, WeightScheme(4, 32, True)), (80, 96, WeightScheme(4, 32, False)),
+    (960, 576, WeightScheme(4, 64, False)), (576, 1536, WeightScheme(4, 128, True))])
+@pytest.mark.parametrize("num_tokens", [1, 5, 13, 40])
+@pytest.mark.skipif(not native_has("quant", "avx512_bf16"), reason="int4_dpbf16 needs AVX512-BF16")
+def test_int4_dpbf16_multiplies_the_bf16_dequantized_weight(out_features, in_features, scheme, num_tokens):
+    # what dequant_dense's matmul computes: the weight dequantized to bf16 exactly as dequantize_bf16 does,
+    # products summed in float32 (in another order), one bf16 rounding; the bias added after
+    gen = torch.Generator().manual_seed(out_features + num_tokens)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(out_features, in_features, generator=gen), scheme),
+                                       torch.randn(out_features, generator=gen))
+    x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+    offsets = layer.offsets if layer.offsets is not None else torch.empty(0)
+    dense = quant_ops().dequantize_bf16(layer.qweight, layer.scales, offsets, 4, in_features).float()
+    exact = x.float() @ dense.T
+    ours = layer.run_kernel(x, KERNEL_REGISTRY["int4_dpbf16"])
+    assert ours.dtype == torch.bfloat16 and ours.shape == (num_tokens, out_features)
+    bias = layer.bias.bfloat16().float()
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ dense.abs().T)
+    assert bool(((ours.float() - exact - bias).abs() <= bound + 2 ** -8 * (exact + bias).abs()).all())

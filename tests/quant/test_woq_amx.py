@@ -81,7 +81,7 @@ def test_float32_activations_keep_the_dense_path():
                                             (WeightScheme(4, 32, False), "int4_weight_only")])
 def test_policy_keeps_packed_kernels_for_few_tokens_only(scheme, packed):
     layer = _layer(scheme, 48, 64)
-    limit = layer.policy.max_packed_tokens_amx
+    limit = layer.policy.max_packed_tokens
     assert layer.select_kernel(limit, torch.bfloat16).name == packed
     assert layer.select_kernel(limit + 1, torch.bfloat16).name == "woq_amx"
     assert layer.select_kernel(1024, torch.bfloat16).name == "woq_amx"

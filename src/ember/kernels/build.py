@@ -47,7 +47,7 @@ EXTENSIONS: dict[str, ExtensionSpec] = {spec.name: spec for spec in (
                            "core/bf16_amx.cpp", "core/decode_layers.cpp",
                            "core/paged_prefill.cpp"), fast_math=True),
     ExtensionSpec("quant", ("quant/quant_ops.cpp", "quant/woq_amx.cpp", "quant/w8a8_amx.cpp", "quant/int8_gemv.cpp",
-                            "quant/w4a8_vnni.cpp", "quant/int8_dpbf16.cpp"), fast_math=False),
+                            "quant/w4a8_vnni.cpp", "quant/woq_dpbf16.cpp"), fast_math=False),
 )}
 
 

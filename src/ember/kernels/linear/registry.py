@@ -17,13 +17,16 @@ from ember.kernels.linear.reference import REFERENCE
 from ember.kernels.linear.spec import DENSE, W4A8, W8A8, WEIGHT_ONLY, LinearSpec
 from ember.kernels.linear.w4a8 import W4A8_VNNI
 from ember.kernels.linear.w8a8 import W8A8_KERNELS
-from ember.kernels.linear.weight_only import INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY, WEIGHT_ONLY_KERNELS
+from ember.kernels.linear.weight_only import (INT4_DPBF16, INT4_WEIGHT_ONLY, INT8_DPBF16, INT8_WEIGHT_ONLY,
+                                               WEIGHT_ONLY_KERNELS, WOQ_AMX)
 
 KERNEL_REGISTRY: dict[str, LinearKernel] = {
     kernel.name: kernel for kernel in (*DENSE_KERNELS, REFERENCE, *WEIGHT_ONLY_KERNELS, *W8A8_KERNELS, W4A8_VNNI)}
 REFERENCES = {DENSE: DENSE_REFERENCE, WEIGHT_ONLY: REFERENCE, W8A8: REFERENCE, W4A8: REFERENCE}
-# the weight-only kernels on torch's packed layouts: only for ``packed_dtypes``, and few tokens beside woq_amx
+# the weight-only kernels on torch's packed layouts: only for ``packed_dtypes``, and few tokens beside BATCHED
 PACKED = (INT4_WEIGHT_ONLY.name, INT8_WEIGHT_ONLY.name)
+# the native weight-only kernels for batched calls (docs/performance.md, "Kernel limits")
+BATCHED = (WOQ_AMX.name, INT8_DPBF16.name, INT4_DPBF16.name)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -50,8 +53,8 @@ class KernelPolicy:
         dense_order / weight_only_order / w8a8_order / w4a8_order: candidates in priority order.
         packed_dtypes: activation dtypes for which torch's packed int4/int8 kernels are candidates
             (with float32 activations the int4 kernel is far slower than dequantize-then-matmul).
-        max_packed_tokens_amx: where ``woq_amx`` can run a layer, the packed kernels keep only calls up
-            to this many tokens (the AMX kernel is flat from there).
+        max_packed_tokens: where a batched weight-only kernel (``BATCHED``: AMX tiles, or ``vdpbf16ps`` on
+            panels without AMX) can run a layer, the packed kernels keep only calls up to this many tokens.
     Raises:
         ValueError: unknown names, a disabled reference, two forced kernels for one kind, a negative limit.
     """
@@ -63,7 +66,7 @@ class KernelPolicy:
     w8a8_order: tuple[str, ...] = tuple(kernel.name for kernel in W8A8_KERNELS)
     w4a8_order: tuple[str, ...] = (W4A8_VNNI.name,)
     packed_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
-    max_packed_tokens_amx: int = 4
+    max_packed_tokens: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disabled", frozenset(self.disabled))
@@ -80,8 +83,8 @@ class KernelPolicy:
             claiming = [name for name in self.forced if kind in KERNEL_REGISTRY[name].kinds]
             if len(claiming) > 1:
                 raise ValueError(f"forced kernels {claiming} both claim {kind} layers; force one per kind")
-        if self.max_packed_tokens_amx < 0:
-            raise ValueError("max_packed_tokens_amx must be >= 0")
+        if self.max_packed_tokens < 0:
+            raise ValueError("max_packed_tokens must be >= 0")
 
     def forced_for(self, spec: LinearSpec) -> LinearKernel | None:
         return next((KERNEL_REGISTRY[name] for name in self.forced if spec.kind in KERNEL_REGISTRY[name].kinds), None)
@@ -115,10 +118,10 @@ class KernelPolicy:
 
     def _select_weight_only(self, spec: LinearSpec, num_tokens: int, dtype: torch.dtype) -> LinearKernel:
         kernels = self.candidates(WEIGHT_ONLY)
-        beside_amx = any(kernel.name == "woq_amx" and kernel.supports(spec, dtype) for kernel in kernels)
+        beside_batched = any(kernel.name in BATCHED and kernel.supports(spec, dtype) for kernel in kernels)
         for kernel in kernels:
             if kernel.name in PACKED and (dtype not in self.packed_dtypes
-                                          or (beside_amx and num_tokens > self.max_packed_tokens_amx)):
+                                          or (beside_batched and num_tokens > self.max_packed_tokens)):
                 continue
             if self._usable(kernel, spec, num_tokens, dtype):
                 return kernel

@@ -96,7 +96,8 @@ def _dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
     return require((spec.bits == 8 and spec.per_channel, "8-bit per-channel weights only"),
                    (dtype == torch.bfloat16, "bfloat16 activations only"),
                    (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
-                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"))
+                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
+                   (not native_has("quant", "amx"), "AMX tiles run these calls here (woq_amx, dequant_dense)"))
 
 
 def _dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
@@ -109,6 +110,32 @@ def _dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype
 INT8_DPBF16 = LinearKernel(
     "int8_dpbf16", WEIGHT_ONLY_KINDS, _dpbf16_check, _dpbf16_prepare,
     lambda x, spec, ops: quant_ops().int8_linear_dpbf16(x, *ops))
+
+
+# --- int4 groups, batched calls: each panel dequantized to bfloat16 once per call, vdpbf16ps ---------
+def _int4_dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((spec.bits == 4, "4-bit weights only"), (dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
+                   (spec.group_len % 2 == 0, "needs an even group length"),
+                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
+                   (not native_has("quant", "amx"), "AMX tiles run these calls here (woq_amx, dequant_dense)"))
+
+
+def _by_blocks(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [N / 16, C, 16]: per 16-channel block, column c of every channel together."""
+    n, c = t.shape
+    return t.view(n // 16, 16, c).transpose(1, 2).contiguous()
+
+
+def _int4_dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
+    weight = weights.quantized  # qweight uint8 [N, K / 2]: byte j holds k = 2j (low nibble) and 2j + 1
+    return (_by_blocks(weight.qweight), _by_blocks(weight.scales.float()),
+            _by_blocks(weight.group_offsets().float()), spec.group_len)
+
+
+INT4_DPBF16 = LinearKernel(
+    "int4_dpbf16", WEIGHT_ONLY_KINDS, _int4_dpbf16_check, _int4_dpbf16_prepare,
+    lambda x, spec, ops: quant_ops().int4_linear_dpbf16(x, *ops))
 
 
 # --- int4, torch._weight_int4pack_mm_for_cpu --------------------------------------------------------
@@ -150,6 +177,6 @@ WOQ_AMX = LinearKernel(
     lambda x, spec, ops: quant_ops().woq_linear_amx(x, *ops, spec.bits, spec.out_features),
     max_tokens=lambda spec: WOQ_AMX_MAX_TOKENS)
 
-# woq_amx before int8_dpbf16: where AMX tiles run they take the batched int8 calls (and the packed kernels
-# only calls of up to max_packed_tokens_amx tokens beside them, see registry.KernelPolicy)
-WEIGHT_ONLY_KERNELS = (INT8_GEMV, INT4_WEIGHT_ONLY, WOQ_AMX, INT8_DPBF16, INT8_WEIGHT_ONLY, DEQUANT_DENSE)
+# Beside a batched kernel (woq_amx with AMX, int8_dpbf16 / int4_dpbf16 without) the packed kernels keep only
+# calls of up to KernelPolicy.max_packed_tokens tokens (registry.py)
+WEIGHT_ONLY_KERNELS = (INT8_GEMV, INT4_WEIGHT_ONLY, WOQ_AMX, INT8_DPBF16, INT4_DPBF16, INT8_WEIGHT_ONLY, DEQUANT_DENSE)

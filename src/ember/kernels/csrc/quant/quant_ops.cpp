@@ -283,7 +283,7 @@ void register_woq(pybind11::module& m);   // woq_amx.cpp
 void register_w8a8(pybind11::module& m);  // w8a8_amx.cpp
 void register_gemv(pybind11::module& m);  // int8_gemv.cpp
 void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
-void register_int8_dpbf16(pybind11::module& m);  // int8_dpbf16.cpp
+void register_woq_dpbf16(pybind11::module& m);  // woq_dpbf16.cpp
 
 ember_quant_api::Table& ember_quant_api::table() {
   static Table table{kVersion, nullptr, nullptr};
@@ -303,7 +303,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_w8a8(m);
   register_gemv(m);
   register_w4a8(m);
-  register_int8_dpbf16(m);
+  register_woq_dpbf16(m);
   ember_quant_api::table().write_rows_int8 = &write_rows_int8;
   m.attr("c_api") = pybind11::capsule(&ember_quant_api::table(), ember_quant_api::kCapsuleName);  // decode_layers.cpp
 }
