@@ -34,8 +34,7 @@ def native_steps(monkeypatch):
     return counts
 
 
-@pytest.fixture(scope="module")
-def w4a8_dir(tiny_llama_dir, tmp_path_factory):
+def _quantized_dir(tiny_llama_dir, tmp_path_factory, name: str, **config_args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ember.quant.api import quantize_model
@@ -43,12 +42,28 @@ def w4a8_dir(tiny_llama_dir, tmp_path_factory):
     from ember.quant.config import QuantConfig
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    config = QuantConfig(method="rtn", bits=4, group_size=32, symmetric=False, act_bits=8)
+    config = QuantConfig(method="rtn", **config_args)
     quantize_model(hf, config)
-    path = tmp_path_factory.mktemp("tiny-llama-w4a8")
+    path = tmp_path_factory.mktemp(name)
     save_quantized(hf, path, config)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def w4a8_dir(tiny_llama_dir, tmp_path_factory):
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-w4a8", bits=4, group_size=32,
+                          symmetric=False, act_bits=8)
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tiny_llama_dir, tmp_path_factory):
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-int4", bits=4, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_llama_dir, tmp_path_factory):
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-int8", bits=8)
 
 
 def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args):
@@ -65,17 +80,23 @@ def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args)
 
 @needs_loop
 @pytest.mark.parametrize("checkpoint,kv_cache_dtype", [("bf16", "auto"), ("bf16", "int8"),
-                                                       pytest.param("w4a8", "auto", marks=needs_vnni)])
+                                                       pytest.param("w4a8", "auto", marks=needs_vnni),
+                                                       ("int4", "auto"), ("int8", "auto")])
 def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_dtype, tiny_llama_dir, request,
                                                            monkeypatch, native_steps):
-    model_dir = tiny_llama_dir if checkpoint == "bf16" else request.getfixturevalue("w4a8_dir")
+    model_dir = tiny_llama_dir if checkpoint == "bf16" else request.getfixturevalue(f"{checkpoint}_dir")
     expected = _generate(model_dir, monkeypatch, native=False, kv_cache_dtype=kv_cache_dtype)
     assert not native_steps  # switched off: every step ran the modules
     got = _generate(model_dir, monkeypatch, native=True, kv_cache_dtype=kv_cache_dtype)
     assert got == expected  # bit for bit: the same kernels on the same operands, in the same order
     # request i decodes 3 + 2 i steps: 3 steps of 6 rows, then 2 at each size down to the last request
-    # alone; bf16 GEMV takes at most 4 rows, then AMX or oneDNN (all native entries), W4A8 every count
-    largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") or onednn_bf16_available() else 4
+    # alone; bf16 GEMV takes at most 4 rows, then AMX or oneDNN (all native entries), W4A8 every count;
+    # weight-only: torch's packed int4 or the int8 GEMV up to 4 rows, then the dpbf16 kernels (woq_amx,
+    # where AMX runs, has no native entry)
+    if checkpoint in ("int4", "int8"):
+        largest = 4 if native_has("quant", "amx") else 6
+    else:
+        largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") or onednn_bf16_available() else 4
     assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, largest + 1)}
 
 

@@ -69,7 +69,7 @@ INT8_WEIGHT_ONLY = LinearKernel(
     "int8_weight_only", WEIGHT_ONLY_KINDS, _int8_check,
     lambda spec, w, dtype: (w.quantized.qweight.contiguous(), w.quantized.scales.view(-1).to(dtype).contiguous()),
     lambda x, spec, ops: torch._weight_int8pack_mm(x.contiguous(), *ops),
-    max_tokens=lambda spec: INT8_MAX_TOKENS)
+    max_tokens=lambda spec: INT8_MAX_TOKENS, native=lambda spec, ops: (list(ops), 0))  # the same ATen op
 
 
 # --- int8 per channel, few tokens: native GEMV with the scale applied to the sum -------------------
@@ -88,7 +88,7 @@ def _gemv_run(x: torch.Tensor, spec: LinearSpec, operands) -> torch.Tensor:
 INT8_GEMV = LinearKernel(
     "int8_gemv", WEIGHT_ONLY_KINDS, _gemv_check,
     lambda spec, w, dtype: (w.quantized.qweight, w.quantized.scales.view(-1).float().contiguous()), _gemv_run,
-    max_tokens=lambda spec: quant_ops().max_gemv_tokens)
+    max_tokens=lambda spec: quant_ops().max_gemv_tokens, native=lambda spec, ops: (list(ops), 0))
 
 
 # --- int8 per channel, batched calls: codes widened to bfloat16 per panel, vdpbf16ps ----------------
@@ -109,7 +109,7 @@ def _dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype
 
 INT8_DPBF16 = LinearKernel(
     "int8_dpbf16", WEIGHT_ONLY_KINDS, _dpbf16_check, _dpbf16_prepare,
-    lambda x, spec, ops: quant_ops().int8_linear_dpbf16(x, *ops))
+    lambda x, spec, ops: quant_ops().int8_linear_dpbf16(x, *ops), native=lambda spec, ops: (list(ops), 0))
 
 
 # --- int4 groups, batched calls: each panel dequantized to bfloat16 once per call, vdpbf16ps ---------
@@ -135,7 +135,7 @@ def _int4_dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.
 
 INT4_DPBF16 = LinearKernel(
     "int4_dpbf16", WEIGHT_ONLY_KINDS, _int4_dpbf16_check, _int4_dpbf16_prepare,
-    lambda x, spec, ops: quant_ops().int4_linear_dpbf16(x, *ops))
+    lambda x, spec, ops: quant_ops().int4_linear_dpbf16(x, *ops), native=lambda spec, ops: (list(ops[:3]), ops[3]))
 
 
 # --- int4, torch._weight_int4pack_mm_for_cpu --------------------------------------------------------
@@ -156,7 +156,7 @@ def _int4_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
 INT4_WEIGHT_ONLY = LinearKernel(
     "int4_weight_only", WEIGHT_ONLY_KINDS, _int4_check, _int4_prepare,
     lambda x, spec, ops: torch._weight_int4pack_mm_for_cpu(x.contiguous(), *ops),
-    max_tokens=lambda spec: INT4_MAX_TOKENS)
+    max_tokens=lambda spec: INT4_MAX_TOKENS, native=lambda spec, ops: ([ops[0], ops[2]], ops[1]))  # the same ATen op
 
 
 # --- AMX-BF16 tiles dequantized on the fly (bfloat16 activations) -----------------------------------

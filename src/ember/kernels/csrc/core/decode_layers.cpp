@@ -3,6 +3,9 @@
 // kernels of a 4-bit model take; here the same kernels run in the same order on the same operands, so the
 // result is bit for bit what the modules compute (ember.models.native_decode checks when that holds).
 //
+// Linears: W4A8 and weight-only int8 / int4 from the quant extension (through its c_api table), the dense
+// bf16 GEMV and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
+//
 // Per layer: RMSNorm -> qkv linear -> RoPE on q, k (in place) -> K/V written at the step's slots (bf16, or
 // int8 per token) -> paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul ->
 // down -> add.
@@ -32,9 +35,12 @@ namespace {
 
 // One linear as its kernel runs it: the kernel's name, its prepared operands and one integer argument.
 struct Linear {
-  enum Kind { kW4A8, kBf16Gemv, kBf16Amx, kOneDnn } kind;
+  enum Kind {
+    kW4A8, kBf16Gemv, kBf16Amx, kOneDnn,                     // W4A8 and dense bf16
+    kInt8Gemv, kInt8Dpbf16, kInt4Dpbf16, kInt4Packed, kInt8Packed  // weight-only
+  } kind;
   std::vector<torch::Tensor> operands;
-  int64_t arg;  // w4a8_vnni: group length; amx_bf16: out_features; bf16_gemv, onednn_bf16: unused
+  int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16: out_features; others unused
 };
 
 // torch's mkldnn::_linear_pointwise (what the onednn_bf16 kernel calls from Python) on a prepacked weight.
@@ -58,6 +64,21 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
     kind = Linear::kBf16Amx;
   } else if (kernel == "onednn_bf16") {
     kind = Linear::kOneDnn;
+  } else if (kernel == "int8_gemv") {
+    kind = Linear::kInt8Gemv;
+    expected = 2;  // codes, scales
+  } else if (kernel == "int8_dpbf16") {
+    kind = Linear::kInt8Dpbf16;
+    expected = 2;  // codes by pairs of k, scales
+  } else if (kernel == "int4_dpbf16") {
+    kind = Linear::kInt4Dpbf16;
+    expected = 3;  // codes by blocks, scales, offsets
+  } else if (kernel == "int4_weight_only") {
+    kind = Linear::kInt4Packed;
+    expected = 2;  // torch's packed codes, scales and zeros
+  } else if (kernel == "int8_weight_only") {
+    kind = Linear::kInt8Packed;
+    expected = 2;  // codes, scales
   } else {
     TORCH_CHECK(false, "the decode loop cannot run kernel '", kernel, "'");
   }
@@ -100,7 +121,10 @@ class DecodeLayers {
     std::vector<Linear> ops;
     for (const auto& [kernel, operands, arg] : linears) {
       ops.push_back(make_linear(kernel, operands, arg));
-      TORCH_CHECK(ops.back().kind != Linear::kW4A8 || quant_ != nullptr, "w4a8_vnni needs the quant extension");
+      const Linear::Kind kind = ops.back().kind;
+      const bool from_quant = kind == Linear::kW4A8 || kind == Linear::kInt8Gemv || kind == Linear::kInt8Dpbf16 ||
+                              kind == Linear::kInt4Dpbf16;
+      TORCH_CHECK(!from_quant || quant_ != nullptr, "kernel '", kernel, "' needs the quant extension");
     }
     TORCH_CHECK(cache.size() == 2 || cache.size() == 10, "a cache is [key, value] or an int8 cache's 10 tensors");
     const bool int8 = cache.size() == 10;
@@ -163,6 +187,16 @@ class DecodeLayers {
         return bf16_linear_amx(x, w[0], linear.arg);
       case Linear::kOneDnn:
         return onednn_linear(x, w[0]);
+      case Linear::kInt8Gemv:
+        return quant_->int8_gemv(x, w[0], w[1]);
+      case Linear::kInt8Dpbf16:
+        return quant_->int8_linear_dpbf16(x, w[0], w[1]);
+      case Linear::kInt4Dpbf16:
+        return quant_->int4_linear_dpbf16(x, w[0], w[1], w[2], linear.arg);
+      case Linear::kInt4Packed:
+        return at::_weight_int4pack_mm_for_cpu(x, w[0], linear.arg, w[1]);
+      case Linear::kInt8Packed:
+        return at::_weight_int8pack_mm(x, w[0], w[1]);
     }
     TORCH_CHECK(false, "unknown linear kind");
   }

@@ -1,4 +1,4 @@
-// The quant extension's kernels the decode loop needs (the W4A8 linear, the int8 KV cache write) as a table
+// The quant extension's kernels the decode loop needs (its linears, the int8 KV cache write) as a table
 // of C function pointers, which it publishes as a PyCapsule (`c_api`) so that the core extension's decode
 // loop can call them without a Python round trip. Both extensions are built against the same torch headers,
 // so the signatures agree.
@@ -9,7 +9,7 @@
 namespace ember_quant_api {
 
 constexpr const char* kCapsuleName = "ember.quant.c_api";
-constexpr int kVersion = 2;
+constexpr int kVersion = 3;
 
 struct Table {
   int version;
@@ -18,6 +18,13 @@ struct Table {
                                c10::optional<torch::Tensor> bias, int64_t group_len);
   // K or V rows x [T, KVH, D] quantized per token into their slots of an int8 cache (codes, scales)
   void (*write_rows_int8)(torch::Tensor x, torch::Tensor slot_mapping, torch::Tensor codes, torch::Tensor scales);
+  // weight-only int8 per channel: x [M <= 4, K] bf16, codes [N, K], scale [N] (int8_gemv.cpp)
+  torch::Tensor (*int8_gemv)(torch::Tensor x, torch::Tensor codes, torch::Tensor scale);
+  // weight-only int8 per channel, any M: codes by pairs of k, scale [N] (woq_dpbf16.cpp)
+  torch::Tensor (*int8_linear_dpbf16)(torch::Tensor x, torch::Tensor codes, torch::Tensor scale);
+  // weight-only int4 groups, any M: codes by 16-channel blocks, scales and offsets [N / 16, G, 16], group length
+  torch::Tensor (*int4_linear_dpbf16)(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                                      torch::Tensor offsets, int64_t group_len);
 };
 
 // The quant extension's one table, filled while its module registers (quant_ops.cpp).

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include "gemv.h"
+#include "quant_api.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -133,6 +134,7 @@ torch::Tensor w8a8_gemv_acc(torch::Tensor x_codes, torch::Tensor codes, torch::T
 }
 
 void register_gemv(pybind11::module& m) {
+  ember_quant_api::table().int8_gemv = &int8_gemv;
   m.def("int8_gemv", &int8_gemv, "bf16 x [<= 4, K] @ (int8 codes [N, K] * scale[N])^T, scale applied to the sum");
   m.def("w8a8_gemv_acc", &w8a8_gemv_acc, "exact int32 products of per-token activation codes (+128, uint8) and int8 codes");
 }

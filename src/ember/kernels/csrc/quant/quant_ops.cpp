@@ -286,7 +286,7 @@ void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
 void register_woq_dpbf16(pybind11::module& m);  // woq_dpbf16.cpp
 
 ember_quant_api::Table& ember_quant_api::table() {
-  static Table table{kVersion, nullptr, nullptr};
+  static Table table{kVersion, nullptr, nullptr, nullptr, nullptr, nullptr};
   return table;
 }
 

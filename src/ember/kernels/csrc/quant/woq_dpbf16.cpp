@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "quant_api.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define EMBER_DPBF16 1
@@ -173,6 +175,8 @@ torch::Tensor int4_linear_dpbf16(torch::Tensor x, torch::Tensor codes, torch::Te
 }
 
 void register_woq_dpbf16(pybind11::module& m) {
+  ember_quant_api::table().int8_linear_dpbf16 = &int8_linear_dpbf16;
+  ember_quant_api::table().int4_linear_dpbf16 = &int4_linear_dpbf16;
   m.def("int8_linear_dpbf16", &int8_linear_dpbf16,
         "bf16 x [M, K] @ (int8 codes by pairs of k * scale[N])^T with vdpbf16ps, scale applied to the sum");
   m.def("int4_linear_dpbf16", &int4_linear_dpbf16,
