@@ -1,7 +1,8 @@
 """Kernels for integer weights with float activations: torch's packed int4/int8 matmuls, the native int8
-GEMV, AMX tiles dequantized on the fly, and dequantize-then-dense-matmul for long calls.
+GEMV, batched calls on AMX tiles or (without AMX) on `vdpbf16ps` panels, each dequantized on the fly, and
+dequantize-then-dense-matmul for the rest.
 
-Where each one wins is measured in docs/performance.md ("Quantized linears").
+Where each one wins is measured in docs/performance.md ("Kernel limits").
 """
 
 from __future__ import annotations
