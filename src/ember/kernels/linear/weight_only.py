@@ -93,18 +93,27 @@ INT8_GEMV = LinearKernel(
 
 
 # --- int8 per channel, batched calls: codes widened to bfloat16 per panel, vdpbf16ps ----------------
+def _panels_requirements(spec: LinearSpec, dtype: torch.dtype) -> tuple[tuple[bool, str], ...]:
+    """What both dpbf16 kernels need besides their weight format."""
+    return ((dtype == torch.bfloat16, "bfloat16 activations only"),
+            (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
+            (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
+            (not native_has("quant", "amx"), "AMX tiles run these calls here (woq_amx, dequant_dense)"))
+
+
+def _by_blocks(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [N / 16, C, 16, ...]: per 16-channel block, column c of every channel together."""
+    return t.view(t.shape[0] // 16, 16, *t.shape[1:]).transpose(1, 2).contiguous()
+
+
 def _dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
     return require((spec.bits == 8 and spec.per_channel, "8-bit per-channel weights only"),
-                   (dtype == torch.bfloat16, "bfloat16 activations only"),
-                   (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
-                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
-                   (not native_has("quant", "amx"), "AMX tiles run these calls here (woq_amx, dequant_dense)"))
+                   *_panels_requirements(spec, dtype))
 
 
 def _dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
     codes = weights.quantized.qweight  # int8 [N, K]
-    n, k = codes.shape
-    by_pairs = codes.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()  # [N / 16, K / 2, 16, 2]
+    by_pairs = _by_blocks(codes.view(codes.shape[0], -1, 2))  # [N / 16, K / 2, 16, 2]
     return by_pairs, weights.quantized.scales.view(-1).float().contiguous()
 
 
@@ -115,17 +124,8 @@ INT8_DPBF16 = LinearKernel(
 
 # --- int4 groups, batched calls: each panel dequantized to bfloat16 once per call, vdpbf16ps ---------
 def _int4_dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
-    return require((spec.bits == 4, "4-bit weights only"), (dtype == torch.bfloat16, "bfloat16 activations only"),
-                   (spec.in_features % 32 == 0 and spec.out_features % 16 == 0, "needs K % 32 == 0 and N % 16 == 0"),
-                   (spec.group_len % 2 == 0, "needs an even group length"),
-                   (native_has("quant", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
-                   (not native_has("quant", "amx"), "AMX tiles run these calls here (woq_amx, dequant_dense)"))
-
-
-def _by_blocks(t: torch.Tensor) -> torch.Tensor:
-    """[N, C] -> [N / 16, C, 16]: per 16-channel block, column c of every channel together."""
-    n, c = t.shape
-    return t.view(n // 16, 16, c).transpose(1, 2).contiguous()
+    return require((spec.bits == 4, "4-bit weights only"), (spec.group_len % 2 == 0, "needs an even group length"),
+                   *_panels_requirements(spec, dtype))
 
 
 def _int4_dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):

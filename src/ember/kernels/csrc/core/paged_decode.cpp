@@ -113,15 +113,7 @@ void decode_seq_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uint
   constexpr int kHeadDim = 16 * NV;
   const int64_t num_heads = num_kv_heads * group;
   SeqState<NV> st;
-  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);  // base-2 softmax
-  for (int64_t h = 0; h < num_heads; ++h) {
-    for (int j = 0; j < NV; ++j) {
-      st.q[h][j] = _mm512_mul_ps(widen<NV>(q + h * kHeadDim, j), q_scale);
-      st.acc[h][j] = _mm512_setzero_ps();
-    }
-    st.row_sum[h] = _mm512_setzero_ps();
-    st.row_max[h] = _mm512_set1_ps(-1e30f);  // finite: the build uses -ffast-math
-  }
+  for (int64_t h = 0; h < num_heads; ++h) start_head<NV>(st, h, q + h * kHeadDim, scale);
   const int64_t token_stride = num_kv_heads * kHeadDim;
   const auto chunk_len = [&](int64_t start) {
     return static_cast<int>(std::clamp<int64_t>(seq_len - start, 0, kChunk));
@@ -133,10 +125,7 @@ void decode_seq_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uint
     chunk_offsets(table, start + kChunk, next_n, block_size, token_stride, offsets[c ^ 1]);
     attend_chunk<NV>(st, k_ptr, v_ptr, offsets[c], n, offsets[c ^ 1], next_n, num_kv_heads, group);
   }
-  for (int64_t h = 0; h < num_heads; ++h) {
-    const float sum = _mm512_reduce_add_ps(st.row_sum[h]);
-    store_head<NV>(st.acc[h], sum > 0.f ? 1.f / sum : 0.f, out + h * kHeadDim);
-  }
+  for (int64_t h = 0; h < num_heads; ++h) finish_head<NV>(st, h, out + h * kHeadDim);
 }
 
 // Rows that verify one sequence's drafts, KV head `kv` only: row r (of `rows`) attends to seq_lens[r] =
@@ -152,18 +141,8 @@ void decode_span_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uin
   constexpr int kHeadDim = 16 * NV;
   const int64_t num_heads = num_kv_heads * group;
   SeqState<NV> st;  // slot r * group + g: query head kv * group + g of row r
-  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t slot = r * group + g;
-      for (int j = 0; j < NV; ++j) {
-        st.q[slot][j] = _mm512_mul_ps(widen<NV>(q + (r * num_heads + kv * group + g) * kHeadDim, j), q_scale);
-        st.acc[slot][j] = _mm512_setzero_ps();
-      }
-      st.row_sum[slot] = _mm512_setzero_ps();
-      st.row_max[slot] = _mm512_set1_ps(-1e30f);
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < group; ++g) start_head<NV>(st, r * group + g, q + (r * num_heads + kv * group + g) * kHeadDim, scale);
   const int64_t token_stride = num_kv_heads * kHeadDim, span_len = seq_lens[rows - 1];
   const uint16_t* k_head = k_ptr + kv * kHeadDim;
   const uint16_t* v_head = v_ptr + kv * kHeadDim;
@@ -186,25 +165,11 @@ void decode_span_bf16_avx512(const uint16_t* q, const uint16_t* k_ptr, const uin
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int n_row = clamp_len(seq_lens[r] - start);
-      if (n_row == 0) continue;  // this row's positions ended before the chunk
-      static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
-      for (int64_t g = 0; g < group; g += kHeadTile) {
-        const int64_t slot = r * group + g;
-        switch (std::min<int64_t>(group - g, kHeadTile)) {
-          case 3: attend_heads<NV, 3>(st, slot, chunk, n_row); break;
-          case 2: attend_heads<NV, 2>(st, slot, chunk, n_row); break;
-          default: attend_heads<NV, 1>(st, slot, chunk, n_row);
-        }
-      }
+      if (n_row > 0) attend_group<NV>(st, r * group, group, chunk, n_row);  // 0: the row ended before the chunk
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t slot = r * group + g;
-      const float sum = _mm512_reduce_add_ps(st.row_sum[slot]);
-      store_head<NV>(st.acc[slot], sum > 0.f ? 1.f / sum : 0.f, out + (r * num_heads + kv * group + g) * kHeadDim);
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < group; ++g) finish_head<NV>(st, r * group + g, out + (r * num_heads + kv * group + g) * kHeadDim);
 }
 
 using DecodeSeqFn = decltype(&decode_seq_bf16_avx512<1>);

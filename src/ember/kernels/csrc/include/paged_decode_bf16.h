@@ -196,6 +196,40 @@ __attribute__((noinline)) void attend_heads(SeqState<NV>& st, int64_t h, const R
   group_values<NV, G>(st.acc + h, correction, probs, rows, n);
 }
 
+// The `group` query heads in state slots [first, first + group), which share one KV head, over one chunk
+// of n tokens, in tiles of up to kHeadTile.
+template <int NV, typename Rows>
+void attend_group(SeqState<NV>& st, int64_t first, int64_t group, const Rows& rows, int n) {
+  static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
+  for (int64_t g = 0; g < group; g += kHeadTile) {
+    switch (std::min<int64_t>(group - g, kHeadTile)) {
+      case 3: attend_heads<NV, 3>(st, first + g, rows, n); break;
+      case 2: attend_heads<NV, 2>(st, first + g, rows, n); break;
+      default: attend_heads<NV, 1>(st, first + g, rows, n);
+    }
+  }
+}
+
+// State slot `slot` set up for one query head (16 * NV values at q): pre-scaled for the base-2 softmax,
+// nothing accumulated yet.
+template <int NV>
+inline void start_head(SeqState<NV>& st, int64_t slot, const uint16_t* q, float scale) {
+  const __m512 q_scale = _mm512_set1_ps(scale * 1.44269504f);  // scale * log2(e)
+  for (int j = 0; j < NV; ++j) {
+    st.q[slot][j] = _mm512_mul_ps(widen<NV>(q, j), q_scale);
+    st.acc[slot][j] = _mm512_setzero_ps();
+  }
+  st.row_sum[slot] = _mm512_setzero_ps();
+  st.row_max[slot] = _mm512_set1_ps(-1e30f);  // finite: the build uses -ffast-math
+}
+
+// State slot `slot`'s output, normalized by its softmax sum, as bfloat16 at out.
+template <int NV>
+inline void finish_head(const SeqState<NV>& st, int64_t slot, uint16_t* out) {
+  const float sum = _mm512_reduce_add_ps(st.row_sum[slot]);
+  store_head<NV>(st.acc[slot], sum > 0.f ? 1.f / sum : 0.f, out);
+}
+
 // All query heads over one chunk of n tokens (next_n in the next chunk): per KV head, its rows
 // serve the group's heads in tiles of up to kHeadTile.
 template <int NV>
@@ -209,15 +243,7 @@ void attend_chunk(SeqState<NV>& st, const uint16_t* k_ptr, const uint16_t* v_ptr
       rows.next_k[t] = t < next_n ? k_ptr + next_offsets[t] + kv * 16 * NV : kZeroRow;
       rows.next_v[t] = t < next_n ? v_ptr + next_offsets[t] + kv * 16 * NV : kZeroRow;
     }
-    static_assert(kHeadTile == 3, "the switch below covers tiles of 1-3 heads");
-    for (int64_t g = 0; g < group; g += kHeadTile) {
-      const int64_t h = kv * group + g;
-      switch (std::min<int64_t>(group - g, kHeadTile)) {
-        case 3: attend_heads<NV, 3>(st, h, rows, n); break;
-        case 2: attend_heads<NV, 2>(st, h, rows, n); break;
-        default: attend_heads<NV, 1>(st, h, rows, n);
-      }
-    }
+    attend_group<NV>(st, kv * group, group, rows, n);
   }
 }
 
