@@ -3,7 +3,8 @@
 A decode step is timed as served (`native_step_ms`: the native decode loop where it applies), then through
 the layer modules, with the linears returning cached outputs, then also with the decode attention returning
 its query, then with the whole model replaced: the differences are the matmuls, the attention and the other
-layer ops; what remains is the engine (scheduling, inputs, sampling, detokenizing). `--workload w1` instead steps W1 and sums the steps with and without prefill.
+layer ops; what remains is the engine (scheduling, inputs, sampling, detokenizing). `--workload w1` instead
+steps W1 and sums the steps with and without prefill.
 Prints one JSON object (milliseconds for decode, seconds for w1).
 
     .venv/bin/python benchmarks/step_breakdown.py --workload decode --num-seqs 48 --context 310
