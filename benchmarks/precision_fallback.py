@@ -5,10 +5,10 @@ evenly spaced offsets), 64 greedy tokens each, in float32. Each `--model LABEL=D
 compared with the bundled unquantized model: the share of the 64 positions where it emits the same
 token, and the mean length of the common prefix; `:fallback` turns on `precision_fallback`.
 
-`--mode step`: 16 requests decode together (prompts of 128 tokens from W1); the mean step time of
-`--steps` decode steps with every request quantized, then, after one request is switched to its
-high-precision copies, of `--steps` more (the later steps attend over slightly longer contexts, which
-counts against the fallback figure). Prints one JSON object.
+`--mode step`: two engines on the checkpoint, each with the same 16 requests decoding together (prompts of
+128 tokens from W1); in the second one request is switched to its high-precision copies. Their decode
+steps alternate, one of each at a time, so the machine's drift between processes and over minutes hits
+both alike: the mean and median of `--steps` steps each, and the ratios. Prints one JSON object.
 
     .venv/bin/python benchmarks/precision_fallback.py --mode agreement --model int4=ckpt/int4 --model mix=ckpt/mix \
         --model mix+fallback=ckpt/mix:fallback
@@ -85,38 +85,41 @@ def agreement(args: argparse.Namespace) -> dict:
 
 
 def step_cost(args: argparse.Namespace) -> dict:
+    import statistics
+
     from ember.config import EngineConfig, UsageContext
     from ember.engine.llm_engine import LLMEngine
     from ember.sampling_params import SamplingParams
 
     config = EngineConfig(model=args.model[0] if args.model else None, dtype=args.dtype, num_threads=args.num_threads,
                           usage_context=UsageContext.OFFLINE, enable_prefix_caching=False)
-    engine = LLMEngine.from_config(config)
     prompts = [r.prompt_token_ids[:args.prompt_len] for r in wl.build_w1(num_requests=args.batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    while engine.get_stats().num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
-        engine.step()  # prefill every prompt (W1's prompts are all longer than 128 tokens)
-    for _ in range(4):
-        engine.step()  # warm up the decode shapes
-
-    def timed() -> list[float]:
-        times = []
-        for _ in range(args.steps):
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
+    engines = []
+    for fallback in (False, True):
+        engine = LLMEngine.from_config(config)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        while engine.get_stats().num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+            engine.step()  # prefill every prompt (W1's prompts are all longer than 128 tokens)
+        if fallback:
+            engine.set_request_precision("r0", "bf16")
+        for _ in range(4):
+            engine.step()  # warm up the decode shapes (and the switch step)
+        engines.append(engine)
+    times: list[list[float]] = [[], []]
+    for _ in range(args.steps):
+        for engine, record in zip(engines, times):
             start = time.perf_counter()
             engine.step()
-            times.append(time.perf_counter() - start)
-        return times
-
-    quantized = timed()
-    engine.set_request_precision("r0", "bf16")
-    engine.step()  # the switch step
-    fallback = timed()
-    mean = lambda xs: 1000 * sum(xs) / len(xs)  # noqa: E731
+            record.append(1000 * (time.perf_counter() - start))
+    quantized, fallback = times
+    mean, median = statistics.mean, statistics.median
     return {"mode": "step", "model": config.model, "dtype": args.dtype, "batch": args.batch, "steps": args.steps,
             "quantized_step_ms": mean(quantized), "one_fallback_step_ms": mean(fallback),
-            "ratio": mean(fallback) / mean(quantized)}
+            "ratio": mean(fallback) / mean(quantized),
+            "quantized_step_median_ms": median(quantized), "one_fallback_step_median_ms": median(fallback),
+            "median_ratio": median(fallback) / median(quantized)}
 
 
 def main() -> None:

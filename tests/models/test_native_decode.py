@@ -145,3 +145,41 @@ def test_a_swapped_linear_rebuilds_the_loop(tiny_llama_dir, monkeypatch, native_
     assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
     assert got.logprobs != before.logprobs  # the swap changed the step: the loop was rebuilt, not reused
     assert native_steps == {1: 10}  # before and after the swap
+
+
+def _mixed_precision_batch(ckpt, monkeypatch, native: bool):
+    """Six requests on a tiny int4 checkpoint with bf16 copies of every linear: request 1 admitted in bf16,
+    requests 4 and 5 admitted in bf16 after only layer 0's MLP kept its copies enabled, request 3 switched
+    to bf16 at its second token; the rest quantized. Greedy tokens and top-3 logprobs of each."""
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0" if native else "1")
+    engine = ckpt.make_engine(dtype="bfloat16", num_kv_blocks=64)
+    for i, prompt in enumerate(PROMPTS):
+        if i == 4:
+            engine.set_precision(ops=["model.layers.0.mlp.*"])
+        params = SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True, logprobs=3,
+                                precision="bf16" if i in (1, 4, 5) else None)
+        engine.add_request(str(i), prompt, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0]
+        request = engine.scheduler.requests.get("3")
+        if request is not None and request.num_output_tokens == 2 and request.dense_from_position is None:
+            engine.set_request_precision("3", "bf16")
+    return [(finished[str(i)].token_ids, [{t: lp.logprob for t, lp in step.items()} for step in finished[str(i)].logprobs])
+            for i in range(len(PROMPTS))]
+
+
+@needs_loop
+def test_a_precision_mask_splits_rows_inside_the_loop(dual_precision_checkpoint, monkeypatch, native_steps):
+    """Steps whose rows take different precisions run natively, each dual linear's halves on their rows, and
+    give exactly the modules' tokens and logprobs (three row groups: all ops dense, layer 0's MLP dense,
+    quantized; fewer dense rows than quantized ones, more, and request 5 alone with layer 0's MLP dense)."""
+    expected = _mixed_precision_batch(dual_precision_checkpoint, monkeypatch, native=False)
+    assert not native_steps
+    got = _mixed_precision_batch(dual_precision_checkpoint, monkeypatch, native=True)
+    assert got == expected
+    assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, 7)}  # every decode step
+    all_quantized = _generate(dual_precision_checkpoint.path, monkeypatch, native=True)
+    assert [tokens for tokens, _ in got] != [tokens for tokens, _ in all_quantized]  # the dense rows mattered

@@ -46,17 +46,20 @@ def test_all_dense_rows_are_the_dense_layer():
     assert not torch.equal(out, layer.quantized(x))  # int4 really differs
 
 
-@pytest.mark.parametrize("rows", [[True, False, False, True, False, True], [False, True], [True, False]])
+@pytest.mark.parametrize("rows", [[True, False, False, True, False, True], [False, True], [True, False],
+                                  [True, True, False, True, True, False]])
 def test_mixed_mask_gives_each_row_its_own_half(rows):
     layer = make_dual(seed=1)
     x = torch.randn(len(rows), 64)
     out = layer(x, mask_of(rows))
     dense_idx = torch.tensor([i for i, r in enumerate(rows) if r])
     quant_idx = torch.tensor([i for i, r in enumerate(rows) if not r])
-    # each half ran on exactly its rows, and each row equals that half run on the row alone
-    assert torch.equal(out[dense_idx], layer.dense(x[dense_idx]))
-    assert torch.equal(out[quant_idx], layer.quantized(x[quant_idx]))
-    for i, is_dense in enumerate(rows):
+    assert torch.equal(out[dense_idx], layer.dense(x[dense_idx]))  # the dense half ran on exactly its rows
+    if len(dense_idx) <= len(quant_idx):  # the quantized half ran on every row: its rows as with no dense row
+        assert torch.equal(out[quant_idx], layer.quantized(x)[quant_idx])
+    else:
+        assert torch.equal(out[quant_idx], layer.quantized(x[quant_idx]))
+    for i, is_dense in enumerate(rows):  # each row is what its half gives the row alone
         half = layer.dense if is_dense else layer.quantized
         torch.testing.assert_close(out[i:i + 1], half(x[i:i + 1]), rtol=0, atol=1e-6)
 
@@ -67,7 +70,8 @@ def test_mask_groups_ops_and_selects_rows():
     assert mask.split_for("z") is None
     x_split = mask.split_for("x")
     assert x_split.dense_rows.tolist() == [0, 1] and x_split.quantized_rows.tolist() == [2, 3, 4, 5]
-    assert mask.split_for("y").dense_rows.tolist() == [0, 1, 4, 5]
+    assert x_split.overwrite  # 2 dense rows of 6: the quantized half runs every row
+    assert mask.split_for("y").dense_rows.tolist() == [0, 1, 4, 5] and not mask.split_for("y").overwrite
     assert mask.split_for("y") is mask.split_for("y")  # computed once per step
     head = mask.select([1, 3, 5])
     assert head.split_for("x").dense_rows.tolist() == [0] and head.split_for("y").dense_rows.tolist() == [0, 2]

@@ -17,10 +17,20 @@ from ember.quant.linear import QuantLinear
 
 @dataclass(frozen=True)
 class RowSplit:
-    """Rows of one call that take the dense path; ``quantized_rows`` None means every row does."""
+    """Rows of one call that take the dense path; ``quantized_rows`` None means every row does.
+
+    With at most as many dense rows as quantized ones (``overwrite``) the quantized half runs on every
+    row and the dense rows of its output are overwritten: the quantized rows come out exactly as in a
+    call with no dense row (the same kernel for the same row count), and the step skips selecting and
+    placing them. With more dense rows each half runs on its own rows only.
+    """
 
     dense_rows: torch.Tensor  # [num_dense] int64
     quantized_rows: torch.Tensor | None  # [num_quantized] int64
+
+    @property
+    def overwrite(self) -> bool:
+        return self.quantized_rows is not None and len(self.dense_rows) <= len(self.quantized_rows)
 
 
 class PrecisionMask:
@@ -84,8 +94,9 @@ class DualPrecisionLinear(nn.Module):
     """One op with a quantized and a high-precision ("bf16") copy of its weight; each row of a call
     takes the path its ``PrecisionMask`` names, so one batch mixes precisions without copying weights.
 
-    No dense row: the quantized call only. All dense: the dense call only. Mixed: each half runs only
-    its own rows (index_select in, index_copy out), so a row's output is exactly what its half gives.
+    No dense row: the quantized call only. All dense: the dense call only. Mixed: the dense half runs
+    its own rows (index_select in, index_copy out); the quantized half runs every row when dense rows are
+    the fewer (``RowSplit.overwrite``: its rows come out as with no dense row), else its own rows only.
 
     Args:
         quantized: the served quantized layer.
@@ -115,9 +126,12 @@ class DualPrecisionLinear(nn.Module):
             return self.quantized(x)
         if split.quantized_rows is None:
             return self.dense(x)
-        quantized_out = self.quantized(x.index_select(0, split.quantized_rows))
-        out = quantized_out.new_empty(x.shape[0], self.out_features)
-        out.index_copy_(0, split.quantized_rows, quantized_out)
+        if split.overwrite:
+            out = self.quantized(x)
+        else:
+            quantized_out = self.quantized(x.index_select(0, split.quantized_rows))
+            out = quantized_out.new_empty(x.shape[0], self.out_features)
+            out.index_copy_(0, split.quantized_rows, quantized_out)
         return out.index_copy_(0, split.dense_rows, self.dense(x.index_select(0, split.dense_rows)))
 
     def extra_repr(self) -> str:

@@ -6,6 +6,10 @@
 // Linears: W4A8 and weight-only int8 / int4 from the quant extension (through its c_api table), the dense
 // bf16 GEMV and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
 //
+// Dual-precision ops (a quantized and a dense copy of one op) whose rows split between the two in this step
+// run as the modules' DualPrecisionLinear does: the dense kernel on the dense rows, copied over the quantized
+// kernel's output of every row (when dense rows are the fewer) or beside its output of the quantized rows.
+//
 // Per layer: RMSNorm -> qkv linear -> RoPE on q, k (in place) -> K/V written at the step's slots (bf16, or
 // int8 per token) -> paged decode attention -> o_proj -> residual add -> RMSNorm -> gate_up -> SiLU-mul ->
 // down -> add.
@@ -87,6 +91,15 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
   return Linear{kind, std::move(operands), arg};
 }
 
+// One linear of a layer as the step runs it: `main` on every row, or, when `split` >= 0, `dense` on the dense
+// rows of the step's row split number `split` and `main` on every row (`overwrite`) or on the quantized rows.
+struct Op {
+  Linear main;
+  int64_t split = -1;
+  bool overwrite = false;
+  std::vector<Linear> dense;  // one entry when split >= 0
+};
+
 // The layer's KV cache: bfloat16 K and V blocks, or an int8 cache with per-token scales and no residuals
 // (K then V, each as paged_decode_attention_int8 takes it: codes, scales, empty residual index, codes, scales).
 struct Cache {
@@ -97,8 +110,11 @@ struct Cache {
 struct Layer {
   torch::Tensor input_norm, post_norm;
   Cache cache;
-  Linear qkv, o_proj, gate_up, down;
+  Op qkv, o_proj, gate_up, down;
 };
+
+// add_layer's description of a dual-precision linear's split: (split, overwrite, dense kernel, operands, argument).
+using Half = std::tuple<int64_t, bool, std::string, std::vector<torch::Tensor>, int64_t>;
 
 class DecodeLayers {
  public:
@@ -114,17 +130,24 @@ class DecodeLayers {
   }
 
   // cache: [key, value] bfloat16 blocks, or the 10 tensors of an int8 cache (see Cache); linears: (kernel name,
-  // operands, argument) for qkv_proj, o_proj, gate_up_proj, down_proj.
+  // operands, argument) for qkv_proj, o_proj, gate_up_proj, down_proj; halves: empty, or for each of the four
+  // linears (split, overwrite, dense kernel name, operands, argument), split -1 where its rows do not split.
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, std::vector<torch::Tensor> cache,
-                 const std::vector<std::tuple<std::string, std::vector<torch::Tensor>, int64_t>>& linears) {
+                 const std::vector<std::tuple<std::string, std::vector<torch::Tensor>, int64_t>>& linears,
+                 const std::vector<Half>& halves) {
     TORCH_CHECK(linears.size() == 4, "a layer has four linears: qkv_proj, o_proj, gate_up_proj, down_proj");
-    std::vector<Linear> ops;
-    for (const auto& [kernel, operands, arg] : linears) {
-      ops.push_back(make_linear(kernel, operands, arg));
-      const Linear::Kind kind = ops.back().kind;
-      const bool from_quant = kind == Linear::kW4A8 || kind == Linear::kInt8Gemv || kind == Linear::kInt8Dpbf16 ||
-                              kind == Linear::kInt4Dpbf16;
-      TORCH_CHECK(!from_quant || quant_ != nullptr, "kernel '", kernel, "' needs the quant extension");
+    TORCH_CHECK(halves.empty() || halves.size() == 4, "halves: none, or one entry per linear");
+    std::vector<Op> ops;
+    for (size_t i = 0; i < linears.size(); ++i) {
+      const auto& [kernel, operands, arg] = linears[i];
+      Op op{checked_linear(kernel, operands, arg)};
+      if (!halves.empty() && std::get<0>(halves[i]) >= 0) {
+        const auto& [split, overwrite, dense_kernel, dense_operands, dense_arg] = halves[i];
+        op.split = split;
+        op.overwrite = overwrite;
+        op.dense.push_back(checked_linear(dense_kernel, dense_operands, dense_arg));
+      }
+      ops.push_back(std::move(op));
     }
     TORCH_CHECK(cache.size() == 2 || cache.size() == 10, "a cache is [key, value] or an int8 cache's 10 tensors");
     const bool int8 = cache.size() == 10;
@@ -140,20 +163,24 @@ class DecodeLayers {
   }
 
   // x: [T, hidden] bf16, the embedded tokens; cos, sin: [T, 1, D]; slot_mapping: [T]; block_tables:
-  // [T, max_blocks]; seq_lens: [T]. Returns the last layer's output (before the final norm).
+  // [T, max_blocks]; seq_lens: [T]; row_splits: the dense rows and the quantized rows (int64 indices into the
+  // T rows) of each row split the layers' ops refer to. Returns the last layer's output (before the final norm).
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
-                        torch::Tensor block_tables, torch::Tensor seq_lens) const {
+                        torch::Tensor block_tables, torch::Tensor seq_lens,
+                        const std::vector<torch::Tensor>& row_splits) const {
+    TORCH_CHECK(row_splits.size() % 2 == 0, "row_splits: (dense rows, quantized rows) pairs");
     const int64_t tokens = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     for (const Layer& layer : layers_) {
-      const torch::Tensor qkv = run(layer.qkv, rms_norm_bf16(x, layer.input_norm, eps_));
+      const torch::Tensor qkv = run(layer.qkv, rms_norm_bf16(x, layer.input_norm, eps_), row_splits);
       const torch::Tensor q = qkv.narrow(1, 0, q_size).reshape({tokens, num_heads_, head_dim_});
       const torch::Tensor k = qkv.narrow(1, q_size, kv_size).reshape({tokens, num_kv_heads_, head_dim_});
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).reshape({tokens, num_kv_heads_, head_dim_});
       rope_bf16_(q, cos, sin);
       rope_bf16_(k, cos, sin);
       const torch::Tensor attn = attend(layer.cache, q, k, v, slot_mapping, block_tables, seq_lens);
-      x = x + run(layer.o_proj, attn.reshape({tokens, q_size}));
-      x = x + run(layer.down, silu_mul_bf16(run(layer.gate_up, rms_norm_bf16(x, layer.post_norm, eps_))));
+      x = x + run(layer.o_proj, attn.reshape({tokens, q_size}), row_splits);
+      x = x + run(layer.down, silu_mul_bf16(run(layer.gate_up, rms_norm_bf16(x, layer.post_norm, eps_), row_splits)),
+                  row_splits);
     }
     return x;
   }
@@ -173,6 +200,31 @@ class DecodeLayers {
     c[0].view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, k);
     c[1].view({-1, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, v);
     return paged_decode_attention(q, c[0], c[1], block_tables, seq_lens, scale_);
+  }
+
+  Linear checked_linear(const std::string& kernel, const std::vector<torch::Tensor>& operands, int64_t arg) const {
+    Linear linear = make_linear(kernel, operands, arg);
+    const bool from_quant = linear.kind == Linear::kW4A8 || linear.kind == Linear::kInt8Gemv ||
+                            linear.kind == Linear::kInt8Dpbf16 || linear.kind == Linear::kInt4Dpbf16;
+    TORCH_CHECK(!from_quant || quant_ != nullptr, "kernel '", kernel, "' needs the quant extension");
+    return linear;
+  }
+
+  // A dual-precision op's split rows, as DualPrecisionLinear.forward computes them.
+  torch::Tensor run(const Op& op, const torch::Tensor& x, const std::vector<torch::Tensor>& row_splits) const {
+    if (op.split < 0) return run(op.main, x);
+    TORCH_CHECK(2 * op.split + 1 < static_cast<int64_t>(row_splits.size()), "row split ", op.split, " not given");
+    const torch::Tensor& dense_rows = row_splits[2 * op.split];
+    const torch::Tensor& quantized_rows = row_splits[2 * op.split + 1];
+    torch::Tensor out;
+    if (op.overwrite) {
+      out = run(op.main, x);
+    } else {
+      const torch::Tensor quantized_out = run(op.main, x.index_select(0, quantized_rows));
+      out = at::empty({x.size(0), quantized_out.size(1)}, quantized_out.options());
+      out.index_copy_(0, quantized_rows, quantized_out);
+    }
+    return out.index_copy_(0, dense_rows, run(op.dense.front(), x.index_select(0, dense_rows)));
   }
 
   torch::Tensor run(const Linear& linear, const torch::Tensor& x) const {
@@ -214,6 +266,9 @@ void register_decode_layers(pybind11::module& m) {
   py::class_<DecodeLayers>(m, "DecodeLayers", "the decoder layers of one decode step in one native call")
       .def(py::init<int64_t, int64_t, int64_t, double, double, py::object>(), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"), py::arg("quant_api"))
-      .def("add_layer", &DecodeLayers::add_layer)
-      .def("forward", &DecodeLayers::forward, py::call_guard<py::gil_scoped_release>());
+      .def("add_layer", &DecodeLayers::add_layer, py::arg("input_norm"), py::arg("post_norm"), py::arg("cache"),
+           py::arg("linears"), py::arg("halves") = std::vector<Half>{})
+      .def("forward", &DecodeLayers::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("seq_lens"), py::arg("row_splits") = std::vector<torch::Tensor>{},
+           py::call_guard<py::gil_scoped_release>());
 }
