@@ -189,3 +189,22 @@ def test_model_without_dual_layers_refuses_precision_changes(tiny_llama_dir):
     out = llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2, precision="quantized"),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("native", ["0", "1"], ids=["modules", "native-loop"])
+def test_in_bfloat16_the_others_keep_their_exact_logprobs(dual_precision_checkpoint, monkeypatch, native):
+    """bfloat16, where the quantized kernel (and so its rounding) depends on the row count it is given (up to 4
+    rows and beyond): while one of 5 requests is dense the quantized kernels still run all 5 rows (the dense
+    row overwrites its own), so the other 4 get exactly the tokens and logprobs of steps without it, in the
+    layer modules and in the native decode loop."""
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0" if native == "1" else "1")
+    prompts = batch_prompts()[:5]
+    params = GREEDY.clone(logprobs=3)
+    expected, _ = run_batch(dual_precision_checkpoint.make_engine("bfloat16", num_kv_blocks=64), prompts, params)
+    outputs, _ = run_batch(dual_precision_checkpoint.make_engine("bfloat16", num_kv_blocks=64), prompts, params,
+                           forced="3", switch_at=4)
+    for i, output in enumerate(outputs):
+        if i != 3:
+            assert output.outputs[0].token_ids == expected[i].outputs[0].token_ids, f"request {i} changed"
+            assert output.outputs[0].logprobs == expected[i].outputs[0].logprobs, f"request {i} changed"
+    assert outputs[3].outputs[0].logprobs[4:] != expected[3].outputs[0].logprobs[4:]  # the switch mattered
