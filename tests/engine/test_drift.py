@@ -73,3 +73,22 @@ def test_several_rows_per_request_equal_one_at_a_time(reference):
     for index, owner in enumerate("pppqq"):
         single.observe([owner], rows[index:index + 1])
     assert grouped.check("p") == single.check("p") and grouped.check("q") is single.check("q") is None
+
+
+def test_windows_of_released_requests_leave_nothing_behind(reference):
+    """Requests come and go in one monitor (more of them than its first table holds, rows reused after a
+    check or a release): each verdict equals that of a fresh monitor fed only that request's rows."""
+    gen = torch.Generator().manual_seed(6)
+    monitor = DriftMonitor(reference, interval=2)
+    for wave in range(3):
+        ids = [f"{wave}-{i}" for i in range(20)]
+        rows = [torch.randn(2, 576, generator=gen) * (1 + i % 3) for i in range(20)]
+        for step in range(2):
+            monitor.observe(ids, torch.cat([r[step:step + 1] for r in rows]))
+        for i, request_id in enumerate(ids):
+            if i % 4 == 3:
+                monitor.release(request_id)  # aborted before its check
+                continue
+            fresh = DriftMonitor(reference, interval=2)
+            fresh.observe([request_id], rows[i], [2])
+            assert monitor.check(request_id) == fresh.check(request_id)

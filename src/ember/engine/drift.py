@@ -84,6 +84,9 @@ class DriftCheck:
 class DriftMonitor:
     """Per-request sliding-window histograms and moments of the monitored rows, checked every ``interval``.
 
+    A request's window is one row of a table ([slots, num_bins + 4]: its bin counts, then its moments),
+    so a step adds every request's rows with one ``index_add_``; rows are reused after `release`.
+
     Args:
         reference: the calibrated histogram.
         kl_threshold: drift when KL(window || reference) exceeds it.
@@ -96,8 +99,10 @@ class DriftMonitor:
         self.reference = reference
         self.log_ref = torch.tensor(reference.probs, dtype=torch.float64).log()
         self.kl_threshold, self.skew_threshold, self.interval = kl_threshold, skew_threshold, interval
-        self._counts: dict[str, torch.Tensor] = {}
-        self._moments: dict[str, torch.Tensor] = {}
+        self._num_bins = len(reference.probs)
+        self._table = torch.zeros(0, self._num_bins + 4, dtype=torch.float64)
+        self._slots: dict[str, int] = {}  # request id -> its row of the table
+        self._free: list[int] = []
         self._tokens: dict[str, int] = {}
 
     def observe(self, request_ids: list[str], rows: torch.Tensor, num_rows: list[int] | None = None) -> None:
@@ -105,40 +110,52 @@ class DriftMonitor:
         ``num_rows[i]`` rows (default one each)."""
         if not request_ids:
             return
-        num_rows = num_rows or [1] * len(request_ids)
-        num_bins, ref = len(self.reference.probs), self.reference
-        owner = torch.repeat_interleave(torch.arange(len(request_ids)), torch.tensor(num_rows))  # [rows]
+        num_bins, ref, n = self._num_bins, self.reference, len(request_ids)
+        if num_rows is None or all(count == 1 for count in num_rows):
+            num_rows, owner = [1] * n, torch.arange(n)
+        else:
+            owner = torch.repeat_interleave(torch.arange(n), torch.tensor(num_rows))  # [rows]
         index = bin_index(rows, ref.low, ref.high, num_bins)  # [rows, hidden]
         # one bincount for the whole batch: request i's bins are [i * num_bins, (i + 1) * num_bins)
         counts = torch.bincount((index + owner.unsqueeze(1) * num_bins).reshape(-1),
-                                minlength=len(request_ids) * num_bins).view(len(request_ids), num_bins).double()
+                                minlength=n * num_bins).view(n, num_bins).double()
         x = rows.double()
         per_row = torch.stack([torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64),
                                x.sum(1), x.pow(2).sum(1), x.pow(3).sum(1)], dim=1)  # [rows, 4]
-        stats = torch.zeros(len(request_ids), 4, dtype=torch.float64).index_add_(0, owner, per_row)
-        for i, request_id in enumerate(request_ids):
-            if request_id in self._counts:
-                self._counts[request_id] += counts[i]
-                self._moments[request_id] += stats[i]
-                self._tokens[request_id] += num_rows[i]
-            else:
-                self._counts[request_id], self._moments[request_id] = counts[i].clone(), stats[i].clone()
-                self._tokens[request_id] = num_rows[i]
+        stats = torch.zeros(n, 4, dtype=torch.float64).index_add_(0, owner, per_row)
+        slots = torch.tensor([self._slot(request_id) for request_id in request_ids])
+        self._table.index_add_(0, slots, torch.cat([counts, stats], dim=1))
+        for request_id, count in zip(request_ids, num_rows):
+            self._tokens[request_id] = self._tokens.get(request_id, 0) + count
 
     def check(self, request_id: str) -> DriftCheck | None:
         """The verdict once the request's window is full (then the window restarts), else None."""
         if self._tokens.get(request_id, 0) < self.interval:
             return None
-        counts = self._counts[request_id] + _EPS
+        window = self._table[self._slots[request_id]]
+        counts = window[:self._num_bins] + _EPS
         probs = counts / counts.sum()
         kl = float((probs * (probs.log() - self.log_ref)).sum())
-        skew = moments_skew(self._moments[request_id])
+        skew = moments_skew(window[self._num_bins:])
         self.release(request_id)
         drifted = kl > self.kl_threshold or abs(skew - self.reference.skew) > self.skew_threshold
         return DriftCheck(kl, skew, drifted)
 
     def release(self, request_id: str) -> None:
         """Forget a request's window (finished, aborted or already fallen back)."""
-        self._counts.pop(request_id, None)
-        self._moments.pop(request_id, None)
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self._table[slot].zero_()
+            self._free.append(slot)
         self._tokens.pop(request_id, None)
+
+    def _slot(self, request_id: str) -> int:
+        """The request's row of the table, a free (zeroed) one for a new window; the table doubles when full."""
+        slot = self._slots.get(request_id)
+        if slot is None:
+            if not self._free:
+                grown = max(16, 2 * len(self._table))
+                self._free = list(range(grown - 1, len(self._table) - 1, -1))
+                self._table = torch.cat([self._table, self._table.new_zeros(grown - len(self._table), self._num_bins + 4)])
+            slot = self._slots[request_id] = self._free.pop()
+        return slot
