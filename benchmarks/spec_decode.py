@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each setting, alternating")
     parser.add_argument("--num-passages", type=int, default=W3_NUM_PASSAGES, help="W3 single-stream requests")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--disable-kernels", default=None, help="ember's flag: linear kernels never to use")
     parser.add_argument("--json-out", default=None)
     return parser.parse_args(argv)
 
@@ -77,7 +78,7 @@ def make_llm(args, method: str):
     elif method == "draft_model":
         spec = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens}
     return LLM(dtype=args.dtype, max_model_len=wl.MAX_MODEL_LEN, num_threads=args.threads,
-               enable_prefix_caching=False, speculative_config=spec)
+               enable_prefix_caching=False, speculative_config=spec, disable_kernels=args.disable_kernels)
 
 
 def params(max_tokens: int):
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     same_tokens = all(runs[m]["w3"][0]["first_token_ids"] == runs[methods[0]]["w3"][0]["first_token_ids"]
                       for m in methods) if "w3" in workloads else None
     wl.emit({"benchmark": "spec_decode", "dtype": args.dtype, "threads": args.threads or wl.default_threads(),
+             "disable_kernels": args.disable_kernels,
              "num_speculative_tokens": args.num_speculative_tokens, "draft_model": args.draft_model,
              "w3_prompt_tokens": [len(r.prompt_token_ids) for r in w3], "same_first_tokens": same_tokens,
              "summary": summary, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M:%S")}, args.json_out)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from ember.kernels.linear.dense import AMX_MAX_TOKENS, onednn_bf16_available
+from ember.kernels.linear.dense import AMX_MAX_TOKENS, PANELS_MAX_TOKENS, PANELS_MIN_TOKENS, onednn_bf16_available
 from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy
-from ember.kernels.linear.tiles import tile_bf16_weight
+from ember.kernels.linear.tiles import pair_panels, tile_bf16_weight
 from ember.kernels.ops import core_ops
 from ember.models.layers.linear import DenseLinear, use_dense_kernels
 
@@ -98,10 +98,11 @@ def test_tile_layout_holds_vnni_pairs():
 @pytest.mark.parametrize("out_features, in_features", [(3, 32), (100, 96), (1728, 576), (576, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
 def test_gemv_path_rounds_the_float32_sum_once(out_features, in_features, rows):
-    # rows 1-4 take the GEMV where there is no AMX; 5 rows go to oneDNN
+    # rows 1-2 take the GEMV where there is no AMX (3-4 too with the panels disabled); 5 rows go to the
+    # panels or oneDNN
     gen = torch.Generator().manual_seed(out_features + rows)
     linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
-    layer = DenseLinear(linear)
+    layer = DenseLinear(linear, KernelPolicy(disabled=frozenset({"bf16_dpbf16"})))
     gemv = KERNEL_REGISTRY["bf16_gemv"]
     if not gemv.supports(layer.spec, torch.bfloat16) or layer.select_kernel(1, torch.bfloat16) is not gemv:
         pytest.skip("no AVX512-BF16 GEMV here (or AMX serves short calls)")
@@ -113,3 +114,36 @@ def test_gemv_path_rounds_the_float32_sum_once(out_features, in_features, rows):
         assert layer.select_kernel(rows, torch.bfloat16) is gemv
         direct = core_ops().bf16_gemv(x, linear.weight.contiguous())
         assert torch.equal(direct, out[0])
+
+
+def test_pair_panels_hold_bf16_pairs_of_k():
+    weight = torch.randn(48, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    words = pair_panels(weight)
+    assert words.dtype == torch.int32 and words.numel() * 2 == weight.numel()
+    values = words.view(torch.bfloat16)
+    # a full panel of 32 channels: [pair][block][channel][k parity]; pair 3, block 1, channel 5, odd k
+    assert torch.equal(values[:32 * 8].view(4, 2, 16, 2)[3, 1, 5, 1], weight[16 + 5, 7])
+    # the last 16 channels: [pair][channel][k parity]; pair 2, channel 7, even k
+    assert torch.equal(values[32 * 8:].view(4, 16, 2)[2, 7, 0], weight[32 + 7, 4])
+    assert sorted(values.float().tolist()) == sorted(weight.float().flatten().tolist())  # a permutation
+
+
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (80, 192), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, PANELS_MIN_TOKENS, 5, 11, 12, 13, 25, PANELS_MAX_TOKENS])
+def test_pair_panel_path_rounds_the_float32_sum_once(out_features, in_features, rows):
+    # 48 and 80 channels end in a panel of 16; 12-row blocks leave 1-11 rows over; 1 row only when forced
+    gen = torch.Generator().manual_seed(out_features + rows)
+    linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
+    layer = DenseLinear(linear)
+    panels = KERNEL_REGISTRY["bf16_dpbf16"]
+    if not panels.supports(layer.spec, torch.bfloat16):
+        pytest.skip("no AVX512-BF16 panels here (or AMX serves these calls)")
+    assert (layer.select_kernel(rows, torch.bfloat16) is panels) == (rows >= PANELS_MIN_TOKENS)
+    assert layer.select_kernel(PANELS_MAX_TOKENS + 1, torch.bfloat16) is not panels
+    if rows < PANELS_MIN_TOKENS:
+        layer = DenseLinear(linear, KernelPolicy(forced=("bf16_dpbf16",)))
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    out = layer(x.view(1, rows, in_features))
+    assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
+    _assert_float32_sum_rounded_once(out[0], x, linear.weight)
+    assert torch.equal(core_ops().bf16_linear_dpbf16(x, pair_panels(linear.weight), out_features), out[0])

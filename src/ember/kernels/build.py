@@ -43,7 +43,7 @@ class ExtensionSpec:
 
 EXTENSIONS: dict[str, ExtensionSpec] = {spec.name: spec for spec in (
     ExtensionSpec("core", ("core/module.cpp", "core/paged_decode.cpp", "core/paged_decode_int8.cpp",
-                           "core/fused_ops.cpp", "core/bf16_gemv.cpp",
+                           "core/fused_ops.cpp", "core/bf16_gemv.cpp", "core/bf16_dpbf16.cpp",
                            "core/bf16_amx.cpp", "core/decode_layers.cpp",
                            "core/paged_prefill.cpp"), fast_math=True),
     ExtensionSpec("quant", ("quant/quant_ops.cpp", "quant/woq_amx.cpp", "quant/w8a8_amx.cpp", "quant/int8_gemv.cpp",

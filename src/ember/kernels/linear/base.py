@@ -35,6 +35,8 @@ class LinearKernel:
         fuses_bias: whether run() adds the bias itself (else the caller adds it, in x's dtype).
         max_tokens: (spec) -> the most tokens per call this kernel is chosen for, or None for no limit.
             Each limit lives here, once: the native GEMVs' row limit, the measured crossovers.
+        min_tokens: the fewest tokens per call it is chosen for (a measured crossover: below it a later
+            kernel is faster); a forced kernel takes fewer.
         native: (spec, operands) -> (tensors, integer argument) that the core extension's decode loop
             (``DecodeLayers``) passes this kernel by its name; None: the loop cannot call it.
     """
@@ -46,6 +48,7 @@ class LinearKernel:
     run: Callable[[torch.Tensor, LinearSpec, Operands], torch.Tensor]
     fuses_bias: bool = False
     max_tokens: Callable[[LinearSpec], int | None] = lambda spec: None
+    min_tokens: int = 1
     native: Callable[[LinearSpec, Operands], tuple[list[torch.Tensor], int]] | None = None
 
     def why_not(self, spec: LinearSpec, dtype: torch.dtype) -> str | None:

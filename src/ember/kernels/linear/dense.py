@@ -1,5 +1,5 @@
-"""Kernels for float (dense) weights: AMX tiles and the AVX512-BF16 GEMV for short bfloat16 calls,
-oneDNN on a prepacked weight (bfloat16 and float32), and torch's F.linear as the reference.
+"""Kernels for float (dense) weights: AMX tiles, the AVX512-BF16 GEMV and pair panels for short bfloat16
+calls, oneDNN on a prepacked weight (bfloat16 and float32), and torch's F.linear as the reference.
 
 Where each one wins is measured in docs/performance.md ("Dense bfloat16 linears").
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ember.kernels.linear.base import LinearKernel, LinearWeights, always, require
 from ember.kernels.linear.spec import DENSE, LinearSpec
-from ember.kernels.linear.tiles import TILE_K_BF16, TILE_N, tile_bf16_weight
+from ember.kernels.linear.tiles import PANEL_BLOCK_N, TILE_K_BF16, TILE_N, pair_panels, tile_bf16_weight
 from ember.kernels.ops import core_ops, native_has
 
 DENSE_KINDS = frozenset({DENSE})
@@ -24,6 +24,9 @@ PACK_BATCH_HINT = 64
 AMX_MAX_TOKENS = 256
 AMX_MAX_TOKENS_WIDE = 32
 WIDE_OUT_FEATURES = 16384
+# the pair-panel kernel beats the GEMV from 3 tokens and oneDNN up to 64 (Zen 4, docs/performance.md)
+PANELS_MIN_TOKENS = 3
+PANELS_MAX_TOKENS = 64
 
 
 @functools.cache
@@ -98,4 +101,20 @@ BF16_GEMV = LinearKernel(
     lambda x, spec, rows: core_ops().bf16_gemv(x, rows),
     max_tokens=lambda spec: core_ops().max_gemv_tokens, native=lambda spec, rows: ([rows], 0))
 
-DENSE_KERNELS = (AMX_BF16, BF16_GEMV, ONEDNN_BF16, ONEDNN_F32, DENSE_REFERENCE)
+def _panels_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
+    return require((dtype == torch.bfloat16, "bfloat16 activations only"),
+                   (spec.out_features % PANEL_BLOCK_N == 0 and spec.in_features % 2 == 0, "needs N % 16 == 0 and K even"),
+                   (native_has("core", "avx512_bf16"), "no AVX512-BF16 in the native build here"),
+                   (not native_has("core", "amx"), "AMX tiles run here (amx_bf16, then oneDNN on AMX)"))
+
+
+# 3 to 64 rows on AVX512-BF16 without AMX: the weight prepacked once into pair panels and streamed once a
+# call, blocks of 12 rows multiplied from cache; oneDNN's small-row kernel reads the weight at about half
+# the memory's speed, the GEMV slows down past 2 rows (docs/performance.md, "Dense bfloat16 linears")
+BF16_DPBF16 = LinearKernel(
+    "bf16_dpbf16", DENSE_KINDS, _panels_check, lambda spec, w, dtype: pair_panels(w.weight.to(torch.bfloat16)),
+    lambda x, spec, panels: core_ops().bf16_linear_dpbf16(x, panels, spec.out_features),
+    max_tokens=lambda spec: PANELS_MAX_TOKENS, min_tokens=PANELS_MIN_TOKENS,
+    native=lambda spec, panels: ([panels], spec.out_features))
+
+DENSE_KERNELS = (AMX_BF16, BF16_DPBF16, BF16_GEMV, ONEDNN_BF16, ONEDNN_F32, DENSE_REFERENCE)

@@ -129,7 +129,7 @@ class KernelPolicy:
 
     @staticmethod
     def _usable(kernel: LinearKernel, spec: LinearSpec, num_tokens: int, dtype: torch.dtype) -> bool:
-        return kernel.supports(spec, dtype) and kernel.fits(spec, num_tokens)
+        return kernel.supports(spec, dtype) and kernel.fits(spec, num_tokens) and num_tokens >= kernel.min_tokens
 
 
 def _describe(spec: LinearSpec) -> str:

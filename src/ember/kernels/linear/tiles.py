@@ -13,6 +13,7 @@ TILE_K_BF16 = 32  # k values per bf16 tile (16 pairs)
 TILE_K_INT8 = 64  # k values per int8 tile (16 quads)
 VNNI_BLOCK_N = 16  # output channels per vector of int32 sums (W4A8)
 VNNI_CHUNK_K = 8  # k values per 64-byte chunk of repacked 4-bit codes (W4A8)
+PANEL_BLOCK_N = 16  # output channels per block of a bf16 pair panel (bf16_dpbf16), two blocks a panel
 
 
 def b_tiles(matrix: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -71,3 +72,16 @@ def vnni_codes(qweight: torch.Tensor) -> torch.Tensor:
     # the two quads of a byte side by side (low nibble first)
     chunks = codes.view(rows // VNNI_BLOCK_N, VNNI_BLOCK_N, cols // VNNI_CHUNK_K, 2, 4).permute(0, 2, 1, 4, 3)
     return pack_int4(chunks.reshape(rows // VNNI_BLOCK_N, cols // VNNI_CHUNK_K, 128)).contiguous()
+
+
+def pair_panels(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] (N % 16 == 0, K even) -> int32 words [N K / 2], the panels ``bf16_linear_dpbf16`` reads:
+    32 channels a panel as [K / 2][2][16] (pair p, block b, word c: channel 32 i + 16 b + c's k = 2p in the
+    low half and k = 2p + 1 in the high half, the pair ``vdpbf16ps`` multiplies), then a last panel of 16
+    channels as [K / 2][16] when N % 32 == 16. A call reads each panel as one stream. Same size."""
+    n, k = weight.shape
+    words = weight.contiguous().view(torch.int32)  # [N, K / 2]: k even in the low half (little endian)
+    full = n // (2 * PANEL_BLOCK_N) * 2 * PANEL_BLOCK_N
+    head = words[:full].view(-1, 2, PANEL_BLOCK_N, k // 2).permute(0, 3, 1, 2).reshape(-1)
+    tail = words[full:].view(-1, PANEL_BLOCK_N, k // 2).permute(0, 2, 1).reshape(-1)
+    return torch.cat([head, tail])

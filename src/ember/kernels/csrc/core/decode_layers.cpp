@@ -4,7 +4,7 @@
 // result is bit for bit what the modules compute (ember.models.native_decode checks when that holds).
 //
 // Linears: W4A8 and weight-only int8 / int4 from the quant extension (through its c_api table), the dense
-// bf16 GEMV and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
+// bf16 GEMV, panel and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
 //
 // Dual-precision ops (a quantized and a dense copy of one op) whose rows split between the two in this step
 // run as the modules' DualPrecisionLinear does: the dense kernel on the dense rows, copied over the quantized
@@ -21,7 +21,7 @@
 
 #include "quant_api.h"
 
-// The core extension's own ops (fused_ops.cpp, paged_decode.cpp, bf16_gemv.cpp, bf16_amx.cpp).
+// The core extension's own ops (fused_ops.cpp, paged_decode.cpp, bf16_gemv.cpp, bf16_dpbf16.cpp, bf16_amx.cpp).
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 void rope_bf16_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul_bf16(torch::Tensor gate_up);
@@ -34,17 +34,18 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes
                                           torch::Tensor seq_lens, double scale);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight);
 torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features);
+torch::Tensor bf16_linear_dpbf16(torch::Tensor x, torch::Tensor panels, int64_t out_features);
 
 namespace {
 
 // One linear as its kernel runs it: the kernel's name, its prepared operands and one integer argument.
 struct Linear {
   enum Kind {
-    kW4A8, kBf16Gemv, kBf16Amx, kOneDnn,                     // W4A8 and dense bf16
+    kW4A8, kBf16Gemv, kBf16Amx, kBf16Dpbf16, kOneDnn,        // W4A8 and dense bf16
     kInt8Gemv, kInt8Dpbf16, kInt4Dpbf16, kInt4Packed, kInt8Packed  // weight-only
   } kind;
   std::vector<torch::Tensor> operands;
-  int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16: out_features; others unused
+  int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16, bf16_dpbf16: out_features; others unused
 };
 
 // torch's mkldnn::_linear_pointwise (what the onednn_bf16 kernel calls from Python) on a prepacked weight.
@@ -66,6 +67,8 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
     kind = Linear::kBf16Gemv;
   } else if (kernel == "amx_bf16") {
     kind = Linear::kBf16Amx;
+  } else if (kernel == "bf16_dpbf16") {
+    kind = Linear::kBf16Dpbf16;
   } else if (kernel == "onednn_bf16") {
     kind = Linear::kOneDnn;
   } else if (kernel == "int8_gemv") {
@@ -237,6 +240,8 @@ class DecodeLayers {
         return bf16_gemv(x, w[0]);
       case Linear::kBf16Amx:
         return bf16_linear_amx(x, w[0], linear.arg);
+      case Linear::kBf16Dpbf16:
+        return bf16_linear_dpbf16(x, w[0], linear.arg);
       case Linear::kOneDnn:
         return onednn_linear(x, w[0]);
       case Linear::kInt8Gemv:

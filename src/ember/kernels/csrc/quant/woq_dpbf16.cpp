@@ -1,7 +1,6 @@
 // Weight-only linears for calls of more rows than a GEMV takes, on AVX512-BF16 without AMX: a call turns
-// each panel of 32 output channels into bfloat16 pairs of k ([K/2][16] 32-bit words per 16 channels) in a
-// per-thread buffer, and every block of up to 12 rows multiplies the panel with `vdpbf16ps` (the products
-// of two bfloat16 values are exact in float32), 12 x 2 float32 accumulators rounded once to bfloat16.
+// each panel of 32 output channels into bfloat16 pairs of k in a per-thread buffer, and every block of up to
+// 12 rows multiplies the panel with `vdpbf16ps` (dpbf16_panels.h).
 // - int8, one scale per channel: the codes are widened as they are (bfloat16 holds every code exactly)
 //   and the scale multiplies the float32 sum: int8_gemv.cpp's arithmetic, summed in another order.
 // - int4, a scale and an offset per group: the codes are dequantized as dequantize_bf16 does (code *
@@ -9,23 +8,16 @@
 // The codes are kept in panel order by pairs of k (ember.kernels.linear.weight_only repacks them once,
 // same size); scales and offsets per group as [N / 16, G, 16].
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <vector>
 
+#include "dpbf16_panels.h"
 #include "quant_api.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define EMBER_DPBF16 1
-#endif
 
 namespace {
 
 #ifdef EMBER_DPBF16
-constexpr int64_t kBlockN = 16;  // channels per accumulator vector
-constexpr int kMaxRows = 12;     // rows per micro-kernel call: 12 x 2 accumulators, 2 weight vectors, 1 broadcast
+using ember_dpbf16::kBlockN;
 
 // One 16-channel block's int8 codes [K/2][16][2] -> bfloat16 pairs [K/2][16] (word c: k even low, k odd high).
 void widen_block_int8(const int8_t* codes, int64_t pairs, uint32_t* out) {
@@ -54,64 +46,6 @@ void dequant_block_int4(const uint8_t* codes, const float* scales, const float* 
   }
 }
 
-// MR rows of x (bfloat16 pairs, `pairs` words a row) against NB blocks of the panel; the accumulators are
-// multiplied by the channels' `scale` when given.
-template <int MR, int NB>
-void micro(const uint32_t* panel, int64_t pairs, const uint32_t* x, const float* scale, at::BFloat16* y,
-           int64_t n) {
-  __m512 acc[MR][NB];
-  for (int m = 0; m < MR; ++m)
-    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh w[NB];
-    for (int b = 0; b < NB; ++b) w[b] = (__m512bh)_mm512_loadu_si512(panel + b * pairs * kBlockN + kBlockN * p);
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * pairs + p]));
-      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], w[b], xv);
-    }
-  }
-  for (int b = 0; b < NB; ++b) {
-    const __m512 s = scale ? _mm512_loadu_ps(scale + b * kBlockN) : _mm512_set1_ps(1.f);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 out = scale ? _mm512_mul_ps(acc[m][b], s) : acc[m][b];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * n + b * kBlockN), (__m256i)_mm512_cvtneps_pbh(out));
-    }
-  }
-}
-
-// micro<rows, NB> for rows = 1..MR.
-template <int NB, int MR = kMaxRows>
-void rows_block(int rows, const uint32_t* panel, int64_t pairs, const uint32_t* x, const float* scale,
-                at::BFloat16* y, int64_t n) {
-  if constexpr (MR > 1) {
-    if (rows < MR) return rows_block<NB, MR - 1>(rows, panel, pairs, x, scale, y, n);
-  }
-  micro<MR, NB>(panel, pairs, x, scale, y, n);
-}
-
-// y [M, N] = x [M, K] against every panel: fill(block, out) writes a 16-channel block's pairs; `scale`
-// (per channel, or null) multiplies the sums.
-template <typename Fill>
-void run_panels(const torch::Tensor& x, int64_t n, const float* scale, torch::Tensor& y, Fill fill) {
-  const int64_t m = x.size(0), pairs = x.size(1) / 2;
-  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t blocks = n / kBlockN, panels = (blocks + 1) / 2;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> panel(2 * pairs * kBlockN);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t nb = 2 * i, count = std::min<int64_t>(2, blocks - nb);
-      for (int64_t b = 0; b < count; ++b) fill(nb + b, panel.data() + b * pairs * kBlockN);
-      const float* panel_scale = scale ? scale + nb * kBlockN : nullptr;
-      for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m - m0));
-        at::BFloat16* dst = yp + m0 * n + nb * kBlockN;
-        if (count == 2) rows_block<2>(rows, panel.data(), pairs, xp + m0 * pairs, panel_scale, dst, n);
-        else rows_block<1>(rows, panel.data(), pairs, xp + m0 * pairs, panel_scale, dst, n);
-      }
-    }
-  });
-}
 #endif
 
 }  // namespace
@@ -131,8 +65,13 @@ torch::Tensor int8_linear_dpbf16(torch::Tensor x, torch::Tensor codes, torch::Te
   codes = codes.contiguous();
   scale = scale.contiguous();
   const int8_t* cp = codes.data_ptr<int8_t>();
-  run_panels(x, n, scale.data_ptr<float>(), y,
-             [&](int64_t block, uint32_t* out) { widen_block_int8(cp + block * pairs * 32, pairs, out); });
+  ember_dpbf16::run_panels(x, n, scale.data_ptr<float>(), y,
+                           [&](int64_t first, int64_t count, std::vector<uint32_t>& buffer) {
+                             buffer.resize(2 * pairs * kBlockN);
+                             for (int64_t b = 0; b < count; ++b)
+                               widen_block_int8(cp + (first + b) * pairs * 32, pairs, buffer.data() + b * pairs * kBlockN);
+                             return ember_dpbf16::Panel{buffer.data(), pairs * kBlockN, kBlockN};
+                           });
 #else
   TORCH_CHECK(false, "built without AVX512-BF16");
 #endif
@@ -164,9 +103,14 @@ torch::Tensor int4_linear_dpbf16(torch::Tensor x, torch::Tensor codes, torch::Te
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = offsets.data_ptr<float>();
-  run_panels(x, n, nullptr, y, [&](int64_t block, uint32_t* out) {
-    dequant_block_int4(cp + block * pairs * 16, sp + block * groups * 16, op + block * groups * 16, pairs,
-                       group_len / 2, out);
+  ember_dpbf16::run_panels(x, n, nullptr, y, [&](int64_t first, int64_t count, std::vector<uint32_t>& buffer) {
+    buffer.resize(2 * pairs * kBlockN);
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t block = first + b;
+      dequant_block_int4(cp + block * pairs * 16, sp + block * groups * 16, op + block * groups * 16, pairs,
+                         group_len / 2, buffer.data() + b * pairs * kBlockN);
+    }
+    return ember_dpbf16::Panel{buffer.data(), pairs * kBlockN, kBlockN};
   });
 #else
   TORCH_CHECK(false, "built without AVX512-BF16");
