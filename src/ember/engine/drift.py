@@ -156,6 +156,7 @@ class DriftMonitor:
             if not self._free:
                 grown = max(16, 2 * len(self._table))
                 self._free = list(range(grown - 1, len(self._table) - 1, -1))
-                self._table = torch.cat([self._table, self._table.new_zeros(grown - len(self._table), self._num_bins + 4)])
+                more = self._table.new_zeros(grown - len(self._table), self._num_bins + 4)
+                self._table = torch.cat([self._table, more])
             slot = self._slots[request_id] = self._free.pop()
         return slot

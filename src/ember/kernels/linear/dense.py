@@ -1,7 +1,7 @@
 """Kernels for float (dense) weights: AMX tiles, the AVX512-BF16 GEMV and pair panels for short bfloat16
 calls, oneDNN on a prepacked weight (bfloat16 and float32), and torch's F.linear as the reference.
 
-Where each one wins is measured in docs/performance.md ("Dense bfloat16 linears").
+Where each one wins is measured in docs/performance.md ("Kernel limits").
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _panels_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
 
 # 3 to 64 rows on AVX512-BF16 without AMX: the weight prepacked once into pair panels and streamed once a
 # call, blocks of 12 rows multiplied from cache; oneDNN's small-row kernel reads the weight at about half
-# the memory's speed, the GEMV slows down past 2 rows (docs/performance.md, "Dense bfloat16 linears")
+# the memory's speed, the GEMV slows down past 2 rows (docs/performance.md, "Kernel limits")
 BF16_DPBF16 = LinearKernel(
     "bf16_dpbf16", DENSE_KINDS, _panels_check, lambda spec, w, dtype: pair_panels(w.weight.to(torch.bfloat16)),
     lambda x, spec, panels: core_ops().bf16_linear_dpbf16(x, panels, spec.out_features),
