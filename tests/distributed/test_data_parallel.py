@@ -127,3 +127,50 @@ def test_a_killed_replica_fails_over_and_rejoins(ray_cluster, backend):
         assert all(len(o.outputs[0].token_ids) == 4 and "error" not in o.extra for o in after.values())
     finally:
         engine.shutdown()
+
+
+def test_a_restarting_replica_is_asked_again_after_an_error_or_a_lost_call(monkeypatch):
+    """Ray can lose a call submitted while an actor is between processes (its future never completes,
+    though the actor is back): a probe with no answer in _PROBE_TIMEOUT_S is asked again, and after an
+    error ("the actor is restarting") the next probe waits _PROBE_RETRY_S. No Ray here: a scripted handle."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from ember.distributed import dp_engine
+
+    answers = ["error", "lost", "back"]
+    submitted = []
+
+    class Handle:
+        pid = None
+
+        def submit(self, method):
+            submitted.append(method)
+            future = concurrent.futures.Future()
+            answer = answers[len(submitted) - 1]
+            if answer == "error":
+                future.set_exception(RuntimeError("The actor is restarting"))
+            elif answer == "back":
+                future.set_result(SimpleNamespace(pid=4321))
+            return future
+
+    clock = [100.0]
+    monkeypatch.setattr(dp_engine.time, "monotonic", lambda: clock[0])
+    engine = DataParallelEngine.__new__(DataParallelEngine)  # only the probe bookkeeping is exercised
+    engine.parallel_config = ParallelConfig(data_parallel_size=2, max_worker_restarts=3)
+    replica = dp_engine._Replica(0, Handle(), state="restarting", num_restarts=1)
+    engine.replicas = [replica]
+    engine._probe(replica)
+    engine._poll_probes()  # the error: no new call yet
+    assert len(submitted) == 1 and replica.state == "restarting"
+    clock[0] += dp_engine._PROBE_RETRY_S
+    engine._poll_probes()  # asked again: this call is lost
+    assert len(submitted) == 2
+    clock[0] += dp_engine._PROBE_TIMEOUT_S / 2
+    engine._poll_probes()
+    assert len(submitted) == 2 and replica.state == "restarting"  # still waiting for it
+    clock[0] += dp_engine._PROBE_TIMEOUT_S
+    engine._poll_probes()  # no answer in time: asked again
+    assert len(submitted) == 3
+    engine._poll_probes()
+    assert replica.state == "ready" and replica.handle.pid == 4321 and submitted == ["describe"] * 3

@@ -28,6 +28,11 @@ from ember.outputs import RequestOutput
 logger = logging.getLogger("ember.distributed")
 
 _IDLE_WAIT_S = 0.05  # how long `step` waits when every replica with work is restarting
+# A restarting replica is asked `describe` again this long after an error, and a call that has not answered
+# in _PROBE_TIMEOUT_S is asked again: Ray can lose a call submitted while the actor is between processes
+# (it never completes, though the actor is back), and one lost probe must not keep a replica out.
+_PROBE_RETRY_S = 1.0
+_PROBE_TIMEOUT_S = 10.0
 _NO_STATS = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)  # a replica that has not stepped yet
 
 
@@ -52,6 +57,8 @@ class _Replica:
     step_future: concurrent.futures.Future | None = None
     step_started: float = 0.0
     probe: concurrent.futures.Future | None = None  # describe() while loading or restarting
+    probe_started: float = 0.0
+    probe_after: float | None = None  # when to ask a restarting replica again (after a failed probe)
     stats: Any = None
     num_restarts: int = 0
 
@@ -195,7 +202,7 @@ class DataParallelEngine(DistributedEngine):
             self._owner.pop(placed.request_id, None)
         if replica.num_restarts < self.parallel_config.max_worker_restarts and replica.handle.restart():
             replica.num_restarts += 1
-            replica.probe = replica.handle.submit("describe")
+            self._probe(replica)
         else:
             replica.state = "dead"
         failures = []
@@ -213,10 +220,24 @@ class DataParallelEngine(DistributedEngine):
                                           "retry the request"))
         self._pending_failures.extend(failures)
 
+    def _probe(self, replica: _Replica) -> None:
+        """Ask a restarting replica `describe` (answered: it is back)."""
+        replica.probe = replica.handle.submit("describe")
+        replica.probe_started, replica.probe_after = time.monotonic(), None
+
     def _poll_probes(self) -> None:
         """A restarted replica rejoins once it answers `describe`."""
+        now = time.monotonic()
         for replica in self.replicas:
-            if replica.probe is None or not replica.probe.done():
+            if replica.probe is None:
+                if replica.state == "restarting" and replica.probe_after is not None and now >= replica.probe_after:
+                    self._probe(replica)
+                continue
+            if not replica.probe.done():
+                if replica.state == "restarting" and now - replica.probe_started > _PROBE_TIMEOUT_S:
+                    logger.warning("replica %d: no answer to describe in %.0f s; asking again", replica.index,
+                                   _PROBE_TIMEOUT_S)
+                    self._probe(replica)
                 continue
             probe, replica.probe = replica.probe, None
             try:
@@ -224,7 +245,7 @@ class DataParallelEngine(DistributedEngine):
             except Exception as exc:  # still restarting (Ray), or it died again
                 if replica.state == "restarting" and replica.num_restarts <= self.parallel_config.max_worker_restarts:
                     logger.warning("replica %d not back yet: %s", replica.index, exc)
-                    replica.probe = replica.handle.submit("describe")
+                    replica.probe_after = now + _PROBE_RETRY_S
                 continue
             replica.state, replica.handle.pid = "ready", info.pid
             logger.info("replica %d is back (pid %d)", replica.index, info.pid)
