@@ -103,3 +103,16 @@ def test_not_ready_is_503():
             await engine.add_request("x", [5], SamplingParams())
         assert info.value.status_code == 503
     asyncio.run(main())
+
+
+def test_an_idle_loop_polls_a_distributed_engine_s_workers():
+    """With no request running the loop does not step, so a distributed engine's restarted worker could only
+    rejoin with the next request; the idle loop calls `poll_workers` (here: counted) so it rejoins on its own."""
+    polls = []
+
+    async def body(engine, fake):
+        fake.poll_workers = lambda: polls.append(1)
+        await asyncio.sleep(2.5)  # the idle loop wakes at least once a second
+        return len(polls)
+
+    assert _run(body) >= 2

@@ -220,6 +220,10 @@ class DataParallelEngine(DistributedEngine):
                                           "retry the request"))
         self._pending_failures.extend(failures)
 
+    def poll_workers(self) -> None:
+        """While idle too: a replica that comes back after the last request finished must rejoin."""
+        self._poll_probes()
+
     def _probe(self, replica: _Replica) -> None:
         """Ask a restarting replica `describe` (answered: it is back)."""
         replica.probe = replica.handle.submit("describe")

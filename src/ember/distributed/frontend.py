@@ -89,6 +89,10 @@ class DistributedEngine:
     def new_request_id(self) -> str:
         return str(next(self._counter))
 
+    def poll_workers(self) -> None:
+        """Housekeeping while no request runs (the server's engine loop calls it when idle, as it would
+        `step`): nothing here; an engine whose restarted workers rejoin on an answer looks for it."""
+
     def _unsupported(self, what: str) -> ValueError:
         return ValueError(f"{what} is not supported with {self.mode}")
 

@@ -301,6 +301,9 @@ class AsyncEngine:
                     return
                 self._apply(command, active)
             if not self.engine.has_unfinished_requests():
+                poll = getattr(self.engine, "poll_workers", None)  # distributed engines: restarted workers rejoin
+                if poll is not None:
+                    poll()
                 self._post(self._dispatch, [], self.engine.get_stats())
                 continue
             try:
