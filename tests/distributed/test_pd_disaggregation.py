@@ -184,6 +184,76 @@ def test_block_tables_per_window_group_are_refused():
         KVTransfer(engine, pool=None)
 
 
+def test_a_restart_is_seen_while_idle_and_its_clock_stops_between_steps(monkeypatch):
+    """A decode worker that restarts while no request runs: the server's idle loop (`poll_workers`) pings
+    it until it answers; an offline engine that nobody stepped for longer than `worker_timeout_s` does not
+    take the restart for a hung one on its next step; a restart watched past the timeout still fails.
+    No Ray here: scripted handles and clock."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from ember.distributed import pd_engine as pd
+
+    class Handle:
+        pid = None
+
+        def __init__(self):
+            self.calls, self.futures = [], []
+
+        def submit(self, method):
+            self.calls.append(method)
+            self.futures.append(concurrent.futures.Future())
+            return self.futures[-1]
+
+        def answer(self):
+            self.futures[-1].set_result(SimpleNamespace(pid=4321))
+
+        def kill(self):
+            self.calls.append("kill")
+
+        def restart(self):
+            return True
+
+    clock = [100.0]
+    monkeypatch.setattr(pd.time, "monotonic", lambda: clock[0])
+    engine = pd.PDEngine.__new__(pd.PDEngine)  # only the restart bookkeeping is exercised
+    engine.parallel_config = ParallelConfig(pd_disaggregation=True, worker_timeout_s=30.0)
+    engine._requests, engine._pending, engine._failed_outputs = {}, {}, []
+    engine._watched_at = clock[0]
+
+    def restarting():
+        worker = pd._Worker("decode0", "decode", Handle(), state="restarting", retry_at=clock[0],
+                            deadline=clock[0] + engine.parallel_config.worker_timeout_s)
+        engine.workers = [worker]
+        return worker
+
+    worker = restarting()  # the server's idle loop polls once a second
+    engine.poll_workers()
+    assert worker.handle.calls == ["describe"]
+    clock[0] += 1.0
+    engine.poll_workers()  # no answer yet: still waiting
+    worker.handle.answer()
+    clock[0] += 1.0
+    engine.poll_workers()
+    assert worker.state == "ready" and worker.handle.pid == 4321 and worker.handle.calls == ["describe"]
+
+    worker = restarting()  # an offline engine: nobody steps for three timeouts, then a request comes
+    clock[0] += 90.0
+    assert engine.step() == []  # the ping goes out and is not yet answered
+    assert worker.handle.calls == ["describe"] and worker.state == "restarting"
+    worker.handle.answer()
+    engine.step()
+    assert worker.state == "ready" and "kill" not in worker.handle.calls
+
+    worker = restarting()  # watched all along, never answers: it fails after worker_timeout_s
+    engine._watched_at = clock[0]
+    for _ in range(31):
+        clock[0] += 1.0
+        engine.poll_workers()
+    assert worker.handle.calls == ["describe", "kill"] and worker.num_failures == 1
+    assert worker.state == "restarting" and worker.deadline == clock[0] + 30.0  # restarted again
+
+
 @pytest.mark.slow
 def test_a_dead_decode_worker_fails_its_streams_and_the_rest_is_served(pd_engine, reference):
     """Runs last: Ray restarts the killed worker (a fresh model load)."""

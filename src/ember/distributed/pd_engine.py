@@ -37,6 +37,7 @@ from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger("ember.distributed")
 
+UNWATCHED_GAP_S = 2.0  # longer between two steps or polls: the engine sat idle, and a restart's clock stops
 MAX_STEP_WAIT_S = 0.05  # `step` returns after this long with nothing finished (the caller adds requests then)
 PING_RETRY_S = 0.5  # a restarting worker is pinged this often until it answers
 
@@ -128,6 +129,7 @@ class PDEngine(DistributedEngine):
         self._adopt(info)
         self._requests: dict[str, _PDRequest] = {}
         self._pending: dict[str, _PDRequest] = {}  # waiting for a decode worker to come back
+        self._watched_at = time.monotonic()  # the last step or poll (see `_watch`)
         self._failed_outputs: list[RequestOutput] = []
         self.kv_transfer_bytes = 0
         self.kv_transfer_seconds = 0.0
@@ -227,6 +229,7 @@ class PDEngine(DistributedEngine):
     def step(self) -> list[RequestOutput]:
         """Keep one step in flight per busy worker; return the outputs of those that finished within
         `MAX_STEP_WAIT_S` (the first to finish ends the wait). A worker past `worker_timeout_s` counts as dead."""
+        self._watch()
         self._start_steps()
         running = {w.future: w for w in self.workers if w.future is not None}
         outputs: list[RequestOutput] = []
@@ -245,6 +248,37 @@ class PDEngine(DistributedEngine):
         outputs.extend(self._failed_outputs)
         self._failed_outputs = []
         return outputs
+
+    def poll_workers(self) -> None:
+        """While idle too (the server's loop calls this when no request runs): a restarting worker is
+        pinged and rejoins once it answers, or fails when its restart outlives `worker_timeout_s`.
+        Otherwise a restart that ended between requests stayed unseen, and the next request's step
+        found its deadline long past and killed the worker that had come back."""
+        now = self._watch()
+        for worker in self.workers:
+            if worker.state != "restarting":
+                continue
+            if worker.future is None:
+                if now >= worker.retry_at:
+                    worker.future = worker.handle.submit("describe")
+            elif worker.future.done():
+                self._finish_step(worker, worker.future)
+            elif now > worker.deadline:
+                timeout_s = self.parallel_config.worker_timeout_s
+                self._on_worker_failure(worker, TimeoutError(f"no answer within {timeout_s} s"), kill=True)
+
+    def _watch(self) -> float:
+        """The time now. A restart's `worker_timeout_s` runs only while the engine steps or polls: after a
+        gap (an offline engine between two `generate` calls), every restarting worker's deadline moves by
+        it, so a restart nobody could watch is not taken for a hung one."""
+        now = time.monotonic()
+        unwatched = now - self._watched_at
+        if unwatched > UNWATCHED_GAP_S:
+            for worker in self.workers:
+                if worker.state == "restarting":
+                    worker.deadline += unwatched
+        self._watched_at = now
+        return now
 
     def _start_steps(self) -> None:
         """A step for each busy worker that is ready, a ping for each restarting one that is due."""
