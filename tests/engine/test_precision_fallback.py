@@ -1,7 +1,6 @@
 """Per-request precision fallback: the drift monitor switches a request to its float copies exactly as a
 manual `set_request_precision` at the same token would, and leaves the others alone."""
 import pytest
-import torch
 
 from ember import LLM, SamplingParams
 
