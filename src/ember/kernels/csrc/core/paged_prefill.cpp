@@ -1,5 +1,5 @@
 // Causal prefill attention of one prompt chunk straight over the paged KV cache, bfloat16 or int8 codes
-// (flash-attention style: 16 keys at a time, online softmax in float32), with AVX512-BF16 dot products for
+// (flash-attention style: tiles of 16 keys, online softmax in float32), with AVX512-BF16 dot products for
 // both products.
 //
 // PyTorch's CPU SDPA runs a 512-token prompt of SmolLM2 at ~55 GFLOP/s in bfloat16, a seventh of what the
@@ -9,9 +9,11 @@
 //   - V of each tile is repacked so that lane d holds dimension d of two neighbouring keys; the pair of
 //     their softmax weights (rounded to bfloat16, as PyTorch's flash kernel rounds P before P V)
 //     broadcast against it accumulates 16 output dimensions per instruction.
-// The repack is made once per call for every KV head and tile, then shared by every query row. A task is
-// one KV head and 16 query positions (all query heads of that KV head: GQA rows share K/V); tasks are
-// ordered short and long alternately so that a static split of the causal triangle is balanced.
+// Two tiles make one online-softmax step: one maximum and one rescale per 32 keys (those fixed costs, not
+// the products, bound the loop). The repack is made once per call for every KV head and tile, then shared
+// by every query row. A task is one KV head and 16 query positions (all query heads of that KV head: GQA
+// rows share K/V); tasks are ordered short and long alternately so that a static split of the causal
+// triangle is balanced.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -78,33 +80,59 @@ void run_task(const Problem& p, int64_t g, int64_t block, std::vector<float>& st
     limit[r] = p.context + i;
   }
   const int64_t last_tile = (p.context + i1 - 1) / kTile;
-  alignas(64) uint32_t weights[kRowBlock][kTile / 2];
+  alignas(64) uint32_t weights[kRowBlock][kTile];  // two tiles' pairs of bfloat16 probabilities
   alignas(64) float m_old[16], m_new[16];
-  for (int64_t t = 0; t <= last_tile; ++t) {
-    const int64_t key0 = t * kTile;
-    const uint32_t* kt = p.k_tiles + ((g * p.tiles + t) * pairs) * kTile;
-    const uint32_t* vt = p.v_tiles + ((g * p.tiles + t) * (kTile / 2)) * D;
+  // Tiles go two at a time: one maximum, one rescale of O and of the sums per 32 keys (the online
+  // softmax's fixed costs, which bound the loop, halved), and 8 independent chains of scores.
+  for (int64_t t = 0; t <= last_tile; t += 2) {
+    const int64_t key0 = t * kTile, key1 = key0 + kTile;
+    const bool pair_of_tiles = t + 1 <= last_tile;
+    const uint32_t* kt0 = p.k_tiles + ((g * p.tiles + t) * pairs) * kTile;
+    const uint32_t* kt1 = kt0 + pairs * kTile;
+    const uint32_t* vt0 = p.v_tiles + ((g * p.tiles + t) * (kTile / 2)) * D;
+    const uint32_t* vt1 = vt0 + (kTile / 2) * D;
     for (int64_t r0 = 0; r0 < padded; r0 += kRowBlock) {
       if (visible(key0, limit[r0 + kRowBlock - 1]) == 0) continue;  // later rows see at least as much
-      __m512 acc[kRowBlock];
-      for (int rr = 0; rr < kRowBlock; ++rr) acc[rr] = _mm512_setzero_ps();
-      for (int64_t pp = 0; pp < pairs; ++pp) {
-        const __m512bh keys = (__m512bh)_mm512_loadu_si512(kt + pp * kTile);
-        for (int rr = 0; rr < kRowBlock; ++rr) {
-          int32_t pair;
-          std::memcpy(&pair, qrow[r0 + rr] + 2 * pp, sizeof(pair));
-          acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)_mm512_set1_epi32(pair), keys);
+      const bool second = pair_of_tiles && visible(key1, limit[r0 + kRowBlock - 1]) != 0;
+      __m512 acc0[kRowBlock], acc1[kRowBlock];
+      for (int rr = 0; rr < kRowBlock; ++rr) acc0[rr] = acc1[rr] = _mm512_setzero_ps();
+      if (second) {
+        for (int64_t pp = 0; pp < pairs; ++pp) {
+          const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(kt0 + pp * kTile);
+          const __m512bh keys1 = (__m512bh)_mm512_loadu_si512(kt1 + pp * kTile);
+          for (int rr = 0; rr < kRowBlock; ++rr) {
+            int32_t pair;
+            std::memcpy(&pair, qrow[r0 + rr] + 2 * pp, sizeof(pair));
+            const __m512bh query = (__m512bh)_mm512_set1_epi32(pair);
+            acc0[rr] = _mm512_dpbf16_ps(acc0[rr], query, keys0);
+            acc1[rr] = _mm512_dpbf16_ps(acc1[rr], query, keys1);
+          }
+        }
+      } else {
+        for (int64_t pp = 0; pp < pairs; ++pp) {
+          const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(kt0 + pp * kTile);
+          for (int rr = 0; rr < kRowBlock; ++rr) {
+            int32_t pair;
+            std::memcpy(&pair, qrow[r0 + rr] + 2 * pp, sizeof(pair));
+            acc0[rr] = _mm512_dpbf16_ps(acc0[rr], (__m512bh)_mm512_set1_epi32(pair), keys0);
+          }
         }
       }
-      // online softmax of the block's rows: new maxima, one vector exp2 for the four rescale factors
-      __mmask16 seen[kRowBlock];
-      __m512 s[kRowBlock];
+      // online softmax of the block's rows over both tiles: new maxima, one vector exp2 for the four
+      // rescale factors
+      __mmask16 seen0[kRowBlock], seen1[kRowBlock];
+      __m512 s0[kRowBlock], s1[kRowBlock];
+      const __m512 lowest = _mm512_set1_ps(-FLT_MAX);
       for (int rr = 0; rr < kRowBlock; ++rr) {
         const int64_t r = r0 + rr;
-        seen[rr] = visible(key0, limit[r]);
-        s[rr] = _mm512_mul_ps(acc[rr], _mm512_set1_ps(p.scale_log2));
+        seen0[rr] = visible(key0, limit[r]);
+        seen1[rr] = second ? visible(key1, limit[r]) : __mmask16(0);
+        s0[rr] = _mm512_mul_ps(acc0[rr], _mm512_set1_ps(p.scale_log2));
+        s1[rr] = _mm512_mul_ps(acc1[rr], _mm512_set1_ps(p.scale_log2));
+        const __m512 both = _mm512_max_ps(_mm512_mask_mov_ps(lowest, seen0[rr], s0[rr]),
+                                          _mm512_mask_mov_ps(lowest, seen1[rr], s1[rr]));
         m_old[rr] = m[r];
-        m_new[rr] = seen[rr] ? std::max(m[r], _mm512_mask_reduce_max_ps(seen[rr], s[rr])) : m[r];
+        m_new[rr] = seen0[rr] ? std::max(m[r], _mm512_reduce_max_ps(both)) : m[r];
         m[r] = m_new[rr];
       }
       alignas(64) float alpha[16];
@@ -112,11 +140,14 @@ void run_task(const Problem& p, int64_t g, int64_t block, std::vector<float>& st
                                                                 _mm512_maskz_loadu_ps(0xF, m_new))));
       for (int rr = 0; rr < kRowBlock; ++rr) {
         const __m512 top = _mm512_set1_ps(m_new[rr]);  // hidden lanes: 2^0, then zeroed
-        const __m512 e = _mm512_maskz_mov_ps(seen[rr], ember_simd::exp2_512(
-                                                           _mm512_sub_ps(_mm512_mask_mov_ps(top, seen[rr], s[rr]), top)));
+        const __m512 e0 = _mm512_maskz_mov_ps(seen0[rr], ember_simd::exp2_512(
+                                                             _mm512_sub_ps(_mm512_mask_mov_ps(top, seen0[rr], s0[rr]), top)));
+        const __m512 e1 = _mm512_maskz_mov_ps(seen1[rr], ember_simd::exp2_512(
+                                                             _mm512_sub_ps(_mm512_mask_mov_ps(top, seen1[rr], s1[rr]), top)));
         float* ls = lsum + (r0 + rr) * 16;
-        _mm512_storeu_ps(ls, _mm512_fmadd_ps(_mm512_loadu_ps(ls), _mm512_set1_ps(alpha[rr]), e));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[rr]), (__m256i)_mm512_cvtneps_pbh(e));
+        _mm512_storeu_ps(ls, _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(ls), _mm512_set1_ps(alpha[rr]), e0), e1));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[rr]), (__m256i)_mm512_cvtneps_pbh(e0));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[rr] + kTile / 2), (__m256i)_mm512_cvtneps_pbh(e1));
       }
       // O = O * alpha + P V, kPv rows at a time sharing each loaded V vector
       for (int r1 = 0; r1 < kRowBlock; r1 += kPv) {
@@ -126,14 +157,19 @@ void run_task(const Problem& p, int64_t g, int64_t block, std::vector<float>& st
           const float* orow = o + (r0 + r1 + rr) * D;
           for (int v = 0; v < NV; ++v) acc_o[rr][v] = _mm512_mul_ps(_mm512_loadu_ps(orow + 16 * v), a);
         }
-        for (int64_t kp = 0; kp < kTile / 2; ++kp) {
-          if (!(seen[r1 + kPv - 1] >> (2 * kp) & 3)) break;  // visible lanes are a prefix; the last row sees most
-          __m512bh w[kPv];
-          for (int rr = 0; rr < kPv; ++rr) w[rr] = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(weights[r1 + rr][kp]));
-          const uint32_t* vrow = vt + kp * D;
-          for (int v = 0; v < NV; ++v) {
-            const __m512bh values = (__m512bh)_mm512_loadu_si512(vrow + 16 * v);
-            for (int rr = 0; rr < kPv; ++rr) acc_o[rr][v] = _mm512_dpbf16_ps(acc_o[rr][v], w[rr], values);
+        for (int tile = 0; tile < 2; ++tile) {
+          const __mmask16 last_seen = tile == 0 ? seen0[r1 + kPv - 1] : seen1[r1 + kPv - 1];
+          const uint32_t* vt = tile == 0 ? vt0 : vt1;
+          for (int64_t kp = 0; kp < kTile / 2; ++kp) {
+            if (!(last_seen >> (2 * kp) & 3)) break;  // visible lanes are a prefix; the last row sees most
+            __m512bh w[kPv];
+            for (int rr = 0; rr < kPv; ++rr)
+              w[rr] = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(weights[r1 + rr][tile * (kTile / 2) + kp]));
+            const uint32_t* vrow = vt + kp * D;
+            for (int v = 0; v < NV; ++v) {
+              const __m512bh values = (__m512bh)_mm512_loadu_si512(vrow + 16 * v);
+              for (int rr = 0; rr < kPv; ++rr) acc_o[rr][v] = _mm512_dpbf16_ps(acc_o[rr][v], w[rr], values);
+            }
           }
         }
         for (int rr = 0; rr < kPv; ++rr)
