@@ -21,6 +21,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -96,28 +97,22 @@ void run_task(const Problem& p, int64_t g, int64_t block, std::vector<float>& st
       const bool second = pair_of_tiles && visible(key1, limit[r0 + kRowBlock - 1]) != 0;
       __m512 acc0[kRowBlock], acc1[kRowBlock];
       for (int rr = 0; rr < kRowBlock; ++rr) acc0[rr] = acc1[rr] = _mm512_setzero_ps();
-      if (second) {
+      const auto score = [&](auto both) {  // both tiles, or the first alone (decided at compile time)
         for (int64_t pp = 0; pp < pairs; ++pp) {
           const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(kt0 + pp * kTile);
-          const __m512bh keys1 = (__m512bh)_mm512_loadu_si512(kt1 + pp * kTile);
+          __m512bh keys1;
+          if constexpr (both) keys1 = (__m512bh)_mm512_loadu_si512(kt1 + pp * kTile);
           for (int rr = 0; rr < kRowBlock; ++rr) {
             int32_t pair;
             std::memcpy(&pair, qrow[r0 + rr] + 2 * pp, sizeof(pair));
             const __m512bh query = (__m512bh)_mm512_set1_epi32(pair);
             acc0[rr] = _mm512_dpbf16_ps(acc0[rr], query, keys0);
-            acc1[rr] = _mm512_dpbf16_ps(acc1[rr], query, keys1);
+            if constexpr (both) acc1[rr] = _mm512_dpbf16_ps(acc1[rr], query, keys1);
           }
         }
-      } else {
-        for (int64_t pp = 0; pp < pairs; ++pp) {
-          const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(kt0 + pp * kTile);
-          for (int rr = 0; rr < kRowBlock; ++rr) {
-            int32_t pair;
-            std::memcpy(&pair, qrow[r0 + rr] + 2 * pp, sizeof(pair));
-            acc0[rr] = _mm512_dpbf16_ps(acc0[rr], (__m512bh)_mm512_set1_epi32(pair), keys0);
-          }
-        }
-      }
+      };
+      if (second) score(std::true_type{});
+      else score(std::false_type{});
       // online softmax of the block's rows over both tiles: new maxima, one vector exp2 for the four
       // rescale factors
       __mmask16 seen0[kRowBlock], seen1[kRowBlock];
