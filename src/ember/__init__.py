@@ -1,5 +1,9 @@
 """Ember: a CPU-first LLM inference engine and quantization workbench."""
 
+from ember.kernels.onednn import bound_primitive_caches
+
+bound_primitive_caches()  # before anything in the process creates a oneDNN primitive
+
 from ember.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
 from ember.lora.request import LoRARequest
 from ember.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
