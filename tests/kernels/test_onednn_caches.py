@@ -1,6 +1,5 @@
 """`import ember` bounds torch's oneDNN primitive caches, so calls with ever new row counts (a server's
 prompt steps) stop adding memory; a capacity the environment names is kept."""
-import ctypes
 import json
 import os
 import subprocess
@@ -9,29 +8,22 @@ import sys
 import pytest
 import torch
 
+from heap import HAS_MALLINFO2
 from ember.kernels.onednn import CACHE_CAPACITY_VARIABLES, PRIMITIVE_CACHE_CAPACITY
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch was built without oneDNN"),
-              pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2 (2.33+)")]
+              pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc's mallinfo2 (2.33+)")]
 
 # oneDNN's float32 matmul through ember's kernel, one call per row count (each a new primitive); the
 # memory malloc holds for live allocations (not RSS, which also keeps freed holes) after every 100 calls
 CHILD = """
-import ctypes, json, os
+import json, os, sys
+sys.path.insert(0, TESTS_DIR)
 import ember, torch
 from ember.kernels.linear.base import LinearWeights
 from ember.kernels.linear.dense import ONEDNN_F32
 from ember.kernels.linear.spec import LinearSpec
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
-
-def live_mib():
-    info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
+from heap import live_heap_mib
 
 torch.set_num_threads(2)
 spec = LinearSpec(in_features=576, out_features=1536)
@@ -42,9 +34,9 @@ marks = []
 for rows in range(600, 1000):
     ONEDNN_F32.run(x[:rows], spec, packed)
     if rows % 100 == 99:
-        marks.append(live_mib())
+        marks.append(live_heap_mib())
 print(json.dumps({"live_mib": marks, "capacities": [os.environ[name] for name in NAMES]}))
-""".replace("NAMES", repr(CACHE_CAPACITY_VARIABLES))
+""".replace("NAMES", repr(CACHE_CAPACITY_VARIABLES)).replace("TESTS_DIR", repr(os.path.dirname(os.path.dirname(__file__))))
 
 
 def _child(env_overrides: dict[str, str]) -> dict:

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import torch
 
+from heap import HAS_MALLINFO2, live_heap_mib
 from ember.request import Request
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.scheduler.scheduler import Scheduler
@@ -158,3 +159,19 @@ def test_bad_grammar_fails_its_request_only(bundled_llm_fp32):
                 finals[output.request_id] = output
     assert finals["bad"].outputs[0].finish_reason == "abort" and "grammar" in finals["bad"].extra["error"]
     assert finals["good"].outputs[0].finish_reason == "length" and len(finals["good"].outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc's mallinfo2 (2.33+)")
+def test_distinct_schemas_past_the_cache_do_not_add_memory(manager):
+    # a server sees schemas without end: past the manager's LRU (2 here) a compiled grammar must be freed
+    def schema(i: int) -> StructuredOutputsParams:
+        properties = {f"field_{i}": {"type": "string", "maxLength": 5 + i % 50}, "n": {"type": "integer", "minimum": i}}
+        return StructuredOutputsParams(json={"type": "object", "required": [f"field_{i}"], "properties": properties})
+
+    for i in range(10):
+        manager.compile(schema(i)).result()
+    before = live_heap_mib()
+    for i in range(10, 110):
+        manager.compile(schema(i)).result()
+    # each of these grammars holds ~0.4 MiB: kept, the 100 would add ~40
+    assert live_heap_mib() - before < 8

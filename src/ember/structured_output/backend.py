@@ -52,7 +52,9 @@ class XgrammarBackend:
         xgr = _xgrammar()
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size)
         self.vocab_size = vocab_size
-        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=num_threads)
+        # the manager's LRU of compile futures is the one cache: xgrammar's own (unbounded by default) kept
+        # every grammar ever compiled, ~0.4 MiB for a small schema, so distinct schemas grew a server without end
+        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=num_threads, cache_enabled=False)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """Compile one constraint (seconds at worst; callers run this off the step loop).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -42,7 +41,6 @@ class StructuredOutputManager:
         self._cache: collections.OrderedDict[tuple, concurrent.futures.Future] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-grammar")
-        self.compile_seconds: dict[tuple, float] = {}  # per grammar key, for benchmarks
         self.num_failed_compiles = 0
 
     @property
@@ -64,21 +62,18 @@ class StructuredOutputManager:
             if future is not None and not (future.done() and future.exception() is not None):
                 self._cache.move_to_end(key)
                 return future
-            future = self._pool.submit(self._timed_compile, key, params)
+            future = self._pool.submit(self._compile, params)
             self._cache[key] = future
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
             return future
 
-    def _timed_compile(self, key: tuple, params: StructuredOutputsParams):
-        start = time.perf_counter()
+    def _compile(self, params: StructuredOutputsParams):
         try:
-            grammar = self.backend.compile(params)
+            return self.backend.compile(params)
         except Exception:
             self.num_failed_compiles += 1  # lets the engine skip looking for failed requests until one exists
             raise
-        self.compile_seconds[key] = time.perf_counter() - start
-        return grammar
 
     def new_request(self, params: StructuredOutputsParams) -> StructuredOutputRequest:
         """The state of one constrained sequence (each of a request's n samples gets its own)."""
