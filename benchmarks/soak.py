@@ -1,5 +1,6 @@
 """A bounded mixed-traffic soak against `ember serve`: chat, completions, streaming, mid-stream disconnects,
-bad inputs and tokenize from several workers, with the server's RSS, KV usage and open requests sampled.
+bad inputs, tokenize and JSON-schema chats (a new schema each) from several workers, with the server's RSS,
+KV usage and open requests sampled.
 
 Starts its own server (bundled model) unless `--url` is given. Prints one JSON object: request counts by
 kind and outcome, unexpected errors (5xx or transport failures), RSS first / last / max and its slope over
@@ -52,8 +53,8 @@ class Traffic:
         return " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(lo, hi)))
 
     def one(self) -> None:
-        kind = self.rng.choices(["chat", "completion", "stream", "disconnect", "bad", "tokenize", "n2"],
-                                weights=[3, 3, 3, 2, 2, 1, 1])[0]
+        kind = self.rng.choices(["chat", "completion", "stream", "disconnect", "bad", "tokenize", "n2", "schema"],
+                                weights=[3, 3, 3, 2, 2, 1, 1, 2])[0]
         try:
             status = getattr(self, "_" + kind)()
         except httpx.HTTPError as exc:
@@ -78,6 +79,16 @@ class Traffic:
     def _n2(self) -> int:
         body = {"prompt": self.text(), "n": 2, **self._params(), "temperature": 0.8}
         return self.http.post("/v1/completions", json=body).status_code
+
+    def _schema(self) -> int:
+        # a new JSON schema nearly every time, as clients send them: compiled grammars must not pile up
+        field = self.rng.choice(WORDS) + str(self.rng.randint(0, 10**6))
+        schema = {"type": "object", "required": [field],
+                  "properties": {field: {"type": "string", "maxLength": self.rng.randint(3, 40)},
+                                 "n": {"type": "integer", "minimum": self.rng.randint(0, 1000)}}}
+        body = {"messages": [{"role": "user", "content": self.text()}], **self._params(),
+                "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+        return self.http.post("/v1/chat/completions", json=body).status_code
 
     def _stream(self) -> int:
         body = {"messages": [{"role": "user", "content": self.text()}], "stream": True, **self._params()}

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
+from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import SamplingParams
-from ember.server.async_engine import AsyncEngine
+from ember.server.async_engine import AsyncEngine, RequestStream
 from ember.server.errors import APIError
+from ember.server.serving import merge_streams
 from fake_engine import FakeEngine
 
 
@@ -116,3 +120,36 @@ def test_an_idle_loop_polls_a_distributed_engine_s_workers():
         return len(polls)
 
     assert _run(body) >= 2
+
+
+def test_a_reader_that_stops_reading_holds_the_newest_output_not_a_backlog():
+    def output(request_id: str, num_tokens: int, finished: bool = False) -> RequestOutput:
+        tokens = list(range(num_tokens))  # cumulative: each output carries every token so far
+        return RequestOutput(request_id, None, [1], [CompletionOutput(0, "x" * num_tokens, tokens)], finished)
+
+    async def body():
+        streams = [RequestStream(f"r{i}", 1, lambda request_id: None) for i in range(2)]
+        merged = merge_streams(streams)
+        streams[0].put(output("r0", 1))
+        assert (await anext(merged))[0] == 0  # the client reads one event, then stops reading
+        sent = []
+        for num_tokens in range(2, 52):
+            for stream in streams:
+                item = output(stream.request_id, num_tokens)
+                sent.append(weakref.ref(item))
+                stream.put(item)
+                del item
+            await asyncio.sleep(0)  # the event loop runs on while the client is away
+        gc.collect()
+        kept = [ref() for ref in sent if ref() is not None]
+        # stream 1's read that completed while the client was away, and each stream's newest output
+        assert len(kept) <= 3, [(o.request_id, len(o.outputs[0].token_ids)) for o in kept]
+        del kept
+        for stream in streams:
+            stream.put(output(stream.request_id, 60, finished=True))
+        rest = [(i, len(o.outputs[0].token_ids), o.finished) async for i, o in merged]
+        # the client reads on: the outputs still held, then each stream's final one, nothing lost at the end
+        assert sorted(r for r in rest if r[2]) == [(0, 60, True), (1, 60, True)]
+        assert all(n in (51, 60) or (i == 1 and n == 2) for i, n, _ in rest), rest
+
+    asyncio.run(body())

@@ -1,7 +1,7 @@
 """Drives the synchronous engine from one background thread and streams its outputs to asyncio.
 
 All engine calls (add, abort, step, admin calls) happen on that thread; the event loop talks to it
-through a command list, and outputs come back with `call_soon_threadsafe` into one queue per request.
+through a command list, and outputs come back with `call_soon_threadsafe` into one slot per request.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ _MAX_CONSECUTIVE_STEP_FAILURES = 3
 class RequestStream:
     """The outputs of one request, in order; iterating ends after the finished output.
 
-    Outputs are cumulative, so a slow reader only needs the latest one: pending outputs are
-    coalesced and each iteration yields the newest.
+    Outputs are cumulative, so a slow reader only needs the latest one: one slot holds the newest
+    output not yet read (an error, once put, stays). A client that stops reading a stream therefore
+    holds one output, not every output since (each carrying all tokens so far).
     """
 
     def __init__(self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None]) -> None:
@@ -38,17 +39,20 @@ class RequestStream:
         self.num_output_tokens = 0  # over all samples, as of the latest output
         self.is_queued = True  # admitted, no token yet
         self.finished = False
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
         self._on_abort = on_abort
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        if not isinstance(self._pending, BaseException):
+            self._pending = item
+            self._ready.set()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
-            item = await self._queue.get()
-            while not self._queue.empty() and not isinstance(item, BaseException):
-                item = self._queue.get_nowait()
+            await self._ready.wait()
+            item, self._pending = self._pending, None
+            self._ready.clear()
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item

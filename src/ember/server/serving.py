@@ -25,7 +25,6 @@ from ember.server.serving_models import ServingModels
 from ember.server.structured_outputs import structured_outputs_from_request
 from ember.server.tool_calling import template_tool_calls
 
-_END = object()
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
 
 
@@ -283,31 +282,27 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams as (prompt index, output), in arrival order."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """Interleave several request streams as (prompt index, output), in arrival order.
 
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for output in stream:
-                queue.put_nowait((i, output))
-            queue.put_nowait((i, _END))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
+    At most one read per stream is in flight and nothing is buffered here, so while the caller waits
+    (a client that stops reading) each stream keeps only its newest output.
+    """
+    iterators = [stream.__aiter__() for stream in streams]
+    reads = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
     try:
-        while remaining:
-            i, item = await queue.get()
-            if item is _END:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+        while reads:
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            for read in sorted(done, key=reads.__getitem__):
+                i = reads.pop(read)
+                try:
+                    output = read.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, output
+                reads[asyncio.ensure_future(anext(iterators[i]))] = i
     finally:
-        for task in tasks:
-            task.cancel()
+        for read in reads:
+            read.cancel()
 
 
 class SSEResponse(StreamingResponse):
