@@ -34,24 +34,45 @@ def test_lookup_counts_the_leading_present_keys_only():
     assert (stats.num_blocks, stats.num_bytes, stats.num_queried_blocks, stats.num_hit_blocks) == (3, 12, 4, 2)
 
 
-def test_eviction_takes_the_least_recent_prefix_tail_first_and_keeps_old_copies():
+def test_eviction_takes_whole_chunks_the_prefix_tail_first_and_keeps_old_copies():
     pool = KVPool(4 * 4)  # four 4-byte blocks
-    first, second = rows(3, fill=0), rows(3, fill=100)
-    pool.put(KEYS[:3], first, 4)
-    assert pool.put(KEYS[:3], second, 4) == 0  # present keys keep their old copy
-    assert pool.get(KEYS[:3]) == [(first, 0), (first, 1), (first, 2)]
-    other = block_keys(list(range(100, 116)), 8)
-    assert pool.put(other, rows(2), 4) == 2  # needs one block's room: the older prefix loses its tail
-    assert pool.lookup(KEYS[:3]) == 2 and pool.lookup(other) == 2
-    assert pool.stats().num_evicted_blocks == 1 and pool.stats().num_bytes == 16
+    head, tail = rows(2, fill=0), rows(2, fill=100)
+    pool.put(KEYS[:2], head, 4)
+    pool.put(KEYS[2:4], tail, 4)  # one prefix exported in two chunks
+    assert pool.put(KEYS[:2], rows(2, fill=200), 4) == 0  # present keys keep their old copy
+    assert pool.get(KEYS[:4]) == [(head, 0), (head, 1), (tail, 0), (tail, 1)]
+    other = block_keys(list(range(100, 108)), 8)
+    assert pool.put(other, rows(1), 4) == 1  # needs one block's room: the prefix's tail chunk goes whole
+    assert pool.lookup(KEYS) == 2 and pool.lookup(other) == 1
+    assert pool.stats().num_evicted_blocks == 2 and pool.stats().num_bytes == 12
+
+
+def test_a_chunk_counts_whole_while_any_key_holds_it():
+    # the bytes of a chunk are freed only with its last key: a pool that counted blocks would let chunks
+    # whose heads outlive their tails hold more than its capacity
+    pool = KVPool(4 * 4)
+    chunk = rows(4)
+    pool.put(KEYS[:4], chunk, 4)
+    pool.drop(KEYS[1:4])
+    assert pool.lookup(KEYS) == 1 and pool.stats().num_bytes == 16
+    assert pool.put(block_keys(list(range(100, 108)), 8), rows(1), 4) == 1  # room only by evicting the chunk
+    assert pool.lookup(KEYS) == 0 and pool.stats().num_bytes == 4
+    pool.drop(block_keys(list(range(100, 108)), 8))
+    assert pool.stats().num_bytes == 0 and pool.stats().num_blocks == 0
 
 
 def test_a_put_larger_than_the_pool_keeps_what_fits_and_drop_forgets():
     pool = KVPool(2 * 4)
-    assert pool.put(KEYS[:3], rows(3), 4) == 2
-    assert pool.lookup(KEYS) == 2
+    big = rows(3)
+    assert pool.put(KEYS[:3], big, 4) == 2
+    assert pool.lookup(KEYS) == 2 and pool.stats().num_bytes == 8
+    stored = pool.get(KEYS)[0][0]
+    assert not np.shares_memory(stored, big) and (stored == big[:2]).all()  # a copy: the third row is freed
+    assert pool.put(KEYS[4:7], object(), 4) == 0  # a chunk it cannot cut (an object-store ref) stays out
     pool.drop([KEYS[0]])
-    assert pool.lookup(KEYS) == 0 and pool.stats().num_bytes == 4
+    assert pool.lookup(KEYS) == 0 and pool.stats().num_bytes == 8
+    pool.drop([KEYS[1]])
+    assert pool.stats().num_bytes == 0
     with pytest.raises(ValueError, match="positive"):
         KVPool(0)
 

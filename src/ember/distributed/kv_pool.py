@@ -2,7 +2,7 @@
 shared by every worker (a prefix cache one level above each engine's own) and bounded by bytes, LRU.
 
 The blocks of one export travel as one chunk ([num_blocks, block_nbytes] bytes); the pool maps each key
-to (chunk, row). With Ray the chunk is an object in Ray's object store (the pool, an actor, keeps its
+to (chunk, row), and counts and evicts whole chunks: a chunk's bytes stay held while any of its keys does. With Ray the chunk is an object in Ray's object store (the pool, an actor, keeps its
 ObjectRef, so the bytes never pass through it or the driver); in process, and for the mp executor
 behind a `multiprocessing` manager, the chunk is the array itself.
 """
@@ -36,19 +36,22 @@ class KVPoolStats:
 
 
 class KVPool:
-    """LRU map BlockKey -> (chunk, row), at most `capacity_bytes` of blocks.
+    """LRU map BlockKey -> (chunk, row), at most `capacity_bytes` of chunks.
 
-    Invariants: the held bytes are `len(keys) * block_nbytes` of their puts and never exceed the capacity;
-    a prefix's blocks are touched head last, so eviction takes a prefix's tail before its head (a block is
-    only useful while every block before it is present: lookups stop at the first missing key).
-    A chunk's memory is freed once none of its keys is left.
+    Invariants: the held bytes are the whole chunks that any key still names (a chunk's memory lives
+    until its last key goes, so that is what is counted) and never exceed the capacity; eviction takes
+    least recently used chunks whole, with all their keys. A prefix's blocks are touched head last, so a
+    prefix exported in several chunks loses its tail chunk before its head (a block is only useful while
+    every block before it is present: lookups stop at the first missing key).
     """
 
     def __init__(self, capacity_bytes: int = DEFAULT_KV_POOL_BYTES) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"the KV pool's capacity must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[BlockKey, tuple[Any, int, int]] = OrderedDict()  # (chunk, row, nbytes)
+        self._entries: dict[BlockKey, tuple[Any, int]] = {}  # (chunk, row)
+        # id(chunk) -> (chunk, its keys here, its bytes), least recently used first
+        self._chunks: OrderedDict[int, tuple[Any, list[BlockKey], int]] = OrderedDict()
         self._num_bytes = 0
         self._counts = {"queried": 0, "hit": 0, "put": 0, "evicted": 0}
 
@@ -65,43 +68,70 @@ class KVPool:
         num = self.lookup(keys)
         self._counts["queried"] += len(keys)
         self._counts["hit"] += num
-        return [self._entries[key][:2] for key in keys[:num]]
+        return [self._entries[key] for key in keys[:num]]
 
     def put(self, keys: list[BlockKey], chunk: Any, block_nbytes: int) -> int:
-        """Store row i of `chunk` under keys[i] (keys already present keep their old copy), evicting least
-        recently used blocks to make room; keys that cannot fit at all are dropped, tail first.
+        """Store row i of `chunk` (one row per key) under keys[i]; keys already present keep their old copy.
+        Least recently used chunks are evicted to make room. A chunk larger than the whole pool keeps the
+        rows that fit when it is an array (copied, so the rest is freed), else nothing.
 
         Returns:
             how many keys were stored.
         """
         new = [(row, key) for row, key in enumerate(keys) if key not in self._entries]
-        new = new[:max(0, self.capacity_bytes // max(block_nbytes, 1))]
-        while self._entries and self._num_bytes + len(new) * block_nbytes > self.capacity_bytes:
-            _, (_, _, nbytes) = self._entries.popitem(last=False)
-            self._num_bytes -= nbytes
-            self._counts["evicted"] += 1
+        if not new:
+            self._touch(keys)
+            return 0
+        nbytes = len(keys) * block_nbytes
+        if nbytes > self.capacity_bytes:
+            fit = self.capacity_bytes // max(block_nbytes, 1)
+            if not isinstance(chunk, np.ndarray) or fit == 0:
+                return 0
+            chunk, keys = chunk[:fit].copy(), keys[:fit]
+            new, nbytes = [(row, key) for row, key in new if row < fit], fit * block_nbytes
+            if not new:
+                return 0
+        while self._chunks and self._num_bytes + nbytes > self.capacity_bytes:
+            self._evict(self._chunks.popitem(last=False)[1])
+        self._chunks[id(chunk)] = (chunk, [key for _, key in new], nbytes)
         for row, key in new:
-            self._entries[key] = (chunk, row, block_nbytes)
-        self._num_bytes += len(new) * block_nbytes
+            self._entries[key] = (chunk, row)
+        self._num_bytes += nbytes
         self._counts["put"] += len(new)
         self._touch([key for key in keys if key in self._entries])
         return len(new)
 
     def drop(self, keys: list[BlockKey]) -> None:
-        """Forget `keys` (their bytes were lost, e.g. with the worker that owned them)."""
+        """Forget `keys` (their bytes were lost, e.g. with the worker that owned them); a chunk none of whose
+        keys is left is freed."""
         for key in keys:
             entry = self._entries.pop(key, None)
-            if entry is not None:
-                self._num_bytes -= entry[2]
+            if entry is None:
+                continue
+            chunk_id = id(entry[0])
+            chunk, chunk_keys, nbytes = self._chunks[chunk_id]
+            chunk_keys.remove(key)
+            if not chunk_keys:
+                del self._chunks[chunk_id]
+                self._num_bytes -= nbytes
 
     def stats(self) -> KVPoolStats:
         c = self._counts
         return KVPoolStats(len(self._entries), self._num_bytes, self.capacity_bytes, c["queried"], c["hit"],
                            c["put"], c["evicted"])
 
+    def _evict(self, held: tuple[Any, list[BlockKey], int]) -> None:
+        _, chunk_keys, nbytes = held
+        for key in chunk_keys:
+            del self._entries[key]
+        self._num_bytes -= nbytes
+        self._counts["evicted"] += len(chunk_keys)
+
     def _touch(self, keys: list[BlockKey]) -> None:
-        for key in reversed(keys):  # the head ends most recently used
-            self._entries.move_to_end(key)
+        for key in reversed(keys):  # the head's chunk ends most recently used
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._chunks.move_to_end(id(entry[0]))
 
 
 def as_segments(entries: list[tuple[Any, int]], resolve: Callable[[list], list],
