@@ -59,6 +59,11 @@ def test_a_chunk_counts_whole_while_any_key_holds_it():
     assert pool.lookup(KEYS) == 0 and pool.stats().num_bytes == 4
     pool.drop(block_keys(list(range(100, 108)), 8))
     assert pool.stats().num_bytes == 0 and pool.stats().num_blocks == 0
+    pool.put(KEYS[:2], chunk[:2], 4)
+    shared = pool.get(KEYS)[0][0]
+    assert pool.put(KEYS[2:4], shared, 4) == 2 and pool.stats().num_bytes == 8  # one array, counted once
+    pool.drop(KEYS[:4])
+    assert pool.stats().num_bytes == 0
 
 
 def test_a_put_larger_than_the_pool_keeps_what_fits_and_drop_forgets():

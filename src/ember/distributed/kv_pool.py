@@ -82,6 +82,13 @@ class KVPool:
         if not new:
             self._touch(keys)
             return 0
+        held = self._chunks.get(id(chunk))
+        if held is not None:  # the same array again (in process): its bytes are counted once
+            held[1].extend(key for _, key in new)
+            self._entries.update((key, (chunk, row)) for row, key in new)
+            self._counts["put"] += len(new)
+            self._touch(keys)
+            return len(new)
         nbytes = len(keys) * block_nbytes
         if nbytes > self.capacity_bytes:
             fit = self.capacity_bytes // max(block_nbytes, 1)
