@@ -2,9 +2,10 @@
 shared by every worker (a prefix cache one level above each engine's own) and bounded by bytes, LRU.
 
 The blocks of one export travel as one chunk ([num_blocks, block_nbytes] bytes); the pool maps each key
-to (chunk, row), and counts and evicts whole chunks: a chunk's bytes stay held while any of its keys does. With Ray the chunk is an object in Ray's object store (the pool, an actor, keeps its
-ObjectRef, so the bytes never pass through it or the driver); in process, and for the mp executor
-behind a `multiprocessing` manager, the chunk is the array itself.
+to (chunk, row), and counts and evicts whole chunks: a chunk's bytes stay held while any of its keys
+does. With Ray the chunk is an object in Ray's object store (the pool, an actor, keeps its ObjectRef, so
+the bytes never pass through it or the driver); in process, and for the mp executor behind a
+`multiprocessing` manager, the chunk is the array itself.
 """
 
 from __future__ import annotations
@@ -82,30 +83,25 @@ class KVPool:
         if not new:
             self._touch(keys)
             return 0
-        held = self._chunks.get(id(chunk))
-        if held is not None:  # the same array again (in process): its bytes are counted once
-            held[1].extend(key for _, key in new)
-            self._entries.update((key, (chunk, row)) for row, key in new)
-            self._counts["put"] += len(new)
-            self._touch(keys)
-            return len(new)
-        nbytes = len(keys) * block_nbytes
-        if nbytes > self.capacity_bytes:
-            fit = self.capacity_bytes // max(block_nbytes, 1)
-            if not isinstance(chunk, np.ndarray) or fit == 0:
-                return 0
-            chunk, keys = chunk[:fit].copy(), keys[:fit]
-            new, nbytes = [(row, key) for row, key in new if row < fit], fit * block_nbytes
-            if not new:
-                return 0
-        while self._chunks and self._num_bytes + nbytes > self.capacity_bytes:
-            self._evict(self._chunks.popitem(last=False)[1])
-        self._chunks[id(chunk)] = (chunk, [key for _, key in new], nbytes)
-        for row, key in new:
-            self._entries[key] = (chunk, row)
-        self._num_bytes += nbytes
+        held = self._chunks.get(id(chunk))  # the same array again (in process): its bytes count once
+        if held is None:
+            nbytes = len(keys) * block_nbytes
+            if nbytes > self.capacity_bytes:
+                fit = self.capacity_bytes // max(block_nbytes, 1)
+                if not isinstance(chunk, np.ndarray) or fit == 0:
+                    return 0
+                chunk, keys = chunk[:fit].copy(), keys[:fit]
+                new, nbytes = [(row, key) for row, key in new if row < fit], fit * block_nbytes
+                if not new:
+                    return 0
+            while self._chunks and self._num_bytes + nbytes > self.capacity_bytes:
+                self._evict(self._chunks.popitem(last=False)[1])
+            held = self._chunks[id(chunk)] = (chunk, [], nbytes)
+            self._num_bytes += nbytes
+        held[1].extend(key for _, key in new)
+        self._entries.update((key, (chunk, row)) for row, key in new)
         self._counts["put"] += len(new)
-        self._touch([key for key in keys if key in self._entries])
+        self._touch(keys)
         return len(new)
 
     def drop(self, keys: list[BlockKey]) -> None:
@@ -116,7 +112,7 @@ class KVPool:
             if entry is None:
                 continue
             chunk_id = id(entry[0])
-            chunk, chunk_keys, nbytes = self._chunks[chunk_id]
+            _, chunk_keys, nbytes = self._chunks[chunk_id]
             chunk_keys.remove(key)
             if not chunk_keys:
                 del self._chunks[chunk_id]

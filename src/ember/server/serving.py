@@ -287,7 +287,7 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
     At most one read per stream is in flight and nothing is buffered here, so while the caller waits
     (a client that stops reading) each stream keeps only its newest output.
     """
-    iterators = [stream.__aiter__() for stream in streams]
+    iterators = [aiter(stream) for stream in streams]
     reads = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
     try:
         while reads:
