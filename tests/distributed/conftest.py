@@ -11,3 +11,19 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fail_next_step():
+    """A function for a worker's `call`: the worker engine's next step raises, once; the process lives on.
+    (Defined inside the fixture, so Ray pickles it by value.)"""
+    def inject(engine):
+        step = engine.step
+
+        def failing():
+            engine.step = step
+            raise RuntimeError("injected step failure")
+
+        engine.step = failing
+
+    return inject

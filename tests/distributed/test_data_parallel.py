@@ -129,6 +129,34 @@ def test_a_killed_replica_fails_over_and_rejoins(ray_cluster, backend):
         engine.shutdown()
 
 
+def test_a_replica_whose_step_raises_keeps_none_of_the_requests_taken_from_it(ray_cluster, fail_next_step):
+    """The actor stays alive when its step raises (Ray restarts only a dead one): the requests the front
+    end placed again or failed must also leave that replica's engine, or they hold its KV blocks."""
+    engine = DataParallelEngine(EngineConfig(**ENGINE), ParallelConfig(
+        data_parallel_size=2, routing_policy="round_robin", worker_timeout_s=60))
+    try:
+        prompts = _prompts(8, seed=3)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt["prompt_token_ids"], _greedy(16))
+        victim = engine.replicas[0]
+        victim_ids = set(victim.requests)
+        for _ in range(3):
+            engine.step()
+        victim.handle.submit("call", fail_next_step).result(30)
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        assert set(finished) == {str(i) for i in range(8)}
+        errors = {rid for rid, o in finished.items() if "error" in o.extra}
+        assert errors and errors <= victim_ids
+        assert victim.handle.submit("call", lambda e: e.has_unfinished_requests()).result(30) is False
+        assert victim.handle.submit("call", lambda e: e.get_stats().kv_cache_blocks_used).result(30) == 0
+        after = _run(engine, [(f"after{i}", p["prompt_token_ids"], _greedy(4)) for i, p in enumerate(prompts[:4])])
+        assert all(len(o.outputs[0].token_ids) == 4 and "error" not in o.extra for o in after.values())
+    finally:
+        engine.shutdown()
+
+
 def test_a_restarting_replica_is_asked_again_after_an_error_or_a_lost_call(monkeypatch):
     """Ray can lose a call submitted while an actor is between processes (its future never completes,
     though the actor is back): a probe with no answer in _PROBE_TIMEOUT_S is asked again, and after an

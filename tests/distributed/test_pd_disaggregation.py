@@ -254,6 +254,25 @@ def test_a_restart_is_seen_while_idle_and_its_clock_stops_between_steps(monkeypa
     assert worker.state == "restarting" and worker.deadline == clock[0] + 30.0  # restarted again
 
 
+def test_a_worker_whose_step_raises_keeps_none_of_the_requests_taken_from_it(pd_engine, reference, fail_next_step):
+    """A raising step leaves the actor alive: the request failed for it must also leave its engine."""
+    rng = random.Random(6)
+    decode = pd_engine.workers[1]
+    pd_engine.add_request("held", random_prompt(rng, 8), greedy(200))  # straight to the decode worker
+    while not any(o.outputs[0].token_ids for o in pd_engine.step()):
+        pass
+
+    decode.handle.submit("call", fail_next_step).result(30)
+    final = {}
+    while pd_engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in pd_engine.step() if o.finished})
+    assert final["held"].extra["status"] == 503 and "injected step failure" in final["held"].extra["error"]
+    assert decode.handle.submit("call", lambda engine: engine.has_unfinished_requests()).result(30) is False
+    prompt = random_prompt(rng, 40)
+    after = run(pd_engine, {"after": (prompt, greedy(6))})
+    assert token_ids(after)["after"] == run(reference, {"a": (prompt, greedy(6))})["a"].outputs[0].token_ids
+
+
 @pytest.mark.slow
 def test_a_dead_decode_worker_fails_its_streams_and_the_rest_is_served(pd_engine, reference):
     """Runs last: Ray restarts the killed worker (a fresh model load)."""

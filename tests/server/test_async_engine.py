@@ -88,6 +88,38 @@ def test_queue_limits_answer_429_with_retry_after():
     _run(body, max_queued_requests=1, retry_after_s=3)
 
 
+def test_requests_being_prepared_hold_a_place_in_the_queue_until_added():
+    """A request holds a place from arrival (template, tokenization, grammar compile), so a burst beyond
+    the limit is refused before that work; adding it gives the place up, so a running request whose
+    handler waits for the end (no streaming) does not keep one."""
+    async def body(engine, fake):
+        release = asyncio.Event()
+
+        async def prepare_then_add(request_id):
+            with engine.preparing():
+                await release.wait()  # still being prepared
+                stream = await engine.add_request(request_id, [5], SamplingParams(max_tokens=2))
+                return [o async for o in stream][-1]  # still inside: a handler that waits for the end
+
+        fake.step_gate.clear()
+        tasks = [asyncio.create_task(prepare_then_add(rid)) for rid in ("a", "b")]
+        await asyncio.sleep(0.05)
+        assert engine.num_preparing == 2 and engine.num_queued_requests == 0
+        with pytest.raises(APIError) as info:
+            with engine.preparing():
+                raise AssertionError("a third request must not be prepared")
+        assert info.value.status_code == 429 and info.value.headers["Retry-After"] == "1"
+        release.set()
+        await asyncio.sleep(0.05)  # both added, both waiting for their outputs
+        assert engine.num_preparing == 0 and engine.num_queued_requests == 2
+        fake.step_gate.set()
+        assert all(o.finished for o in await asyncio.gather(*tasks))
+        with engine.preparing():  # everything finished: a place is free again
+            assert engine.num_preparing == 1
+        assert engine.num_preparing == 0
+    _run(body, max_queued_requests=2)
+
+
 def test_token_limit_counts_prompt_tokens():
     async def body(engine, fake):
         fake.step_gate.clear()

@@ -17,7 +17,7 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.distributed.block_keys import BlockKey, block_keys
 from ember.distributed.config import ParallelConfig
-from ember.distributed.executor import create_worker, remote_error
+from ember.distributed.executor import abandon, create_worker, remote_error
 from ember.distributed.frontend import ClusterStats, DistributedEngine, failed_output, worker_engine_config
 from ember.distributed.router import PrefixRouter
 from ember.distributed.worker import build_engine
@@ -200,6 +200,7 @@ class DataParallelEngine(DistributedEngine):
         orphans, replica.requests = list(replica.requests.values()), {}
         for placed in orphans:
             self._owner.pop(placed.request_id, None)
+        abandon(replica.handle, [placed.request_id for placed in orphans])
         if replica.num_restarts < self.parallel_config.max_worker_restarts and replica.handle.restart():
             replica.num_restarts += 1
             self._probe(replica)

@@ -15,10 +15,24 @@ from typing import Any, Callable
 from ember.distributed.ray_env import init_ray
 from ember.distributed.worker import EngineWorker
 
+
 def remote_error(exc: BaseException) -> BaseException:
     """The worker's own exception: Ray wraps it (a RayTaskError whose `cause` it is), a process pool does not."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def abandon(handle, request_ids: list[str]) -> None:
+    """Abort `request_ids` on a worker whose call failed and whose requests the front end has placed again
+    or failed. A Ray actor whose step raised is still alive (Ray restarts only a dead one): its engine would
+    keep those requests, holding their KV blocks and running them beside later work. A dead worker has
+    nothing to abort; the call's failure is ignored."""
+    if not request_ids:
+        return
+    try:
+        handle.submit("abort_request", list(request_ids))
+    except Exception:  # a broken process pool refuses the call at once
+        pass
 
 
 class RayWorkerHandle:

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from ember.config import EngineConfig
 from ember.distributed.block_keys import block_keys
 from ember.distributed.config import ParallelConfig
-from ember.distributed.executor import create_worker, remote_error
+from ember.distributed.executor import abandon, create_worker, remote_error
 from ember.distributed.frontend import ClusterStats, DistributedEngine, failed_output, worker_engine_config
 from ember.distributed.kv_pool import DEFAULT_KV_POOL_BYTES, create_kv_pool
 from ember.distributed.kv_transfer import PDWorker, TransferRecord, check_pd_config
@@ -354,7 +354,7 @@ class PDEngine(DistributedEngine):
             self._fail(request, error)
 
     def _on_worker_failure(self, worker: _Worker, exc: BaseException, kill: bool = False) -> None:
-        """A dead or hung worker: restarted while restarts last (pinged until it answers, within
+        """A dead, hung or raising worker: restarted while restarts last (pinged until it answers, within
         `worker_timeout_s`); its requests that produced nothing are placed again (a prefill's on a decode
         worker), the others end with an error."""
         logger.error("worker %s failed: %s", worker.name, exc)
@@ -364,6 +364,8 @@ class PDEngine(DistributedEngine):
                 worker.handle.kill()
             except Exception:
                 pass
+        else:
+            abandon(worker.handle, list(worker.requests))
         worker.num_failures += 1
         if worker.num_failures <= self.parallel_config.max_worker_restarts and worker.handle.restart():
             worker.state, worker.retry_at = "restarting", time.monotonic()

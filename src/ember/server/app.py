@@ -83,7 +83,8 @@ def build_app(engine_factory: Callable[[], Any], config: ServerConfig) -> FastAP
         """Run a generation handler; count refusals (429/503) for /metrics."""
         try:
             served_name()
-            return await fn(*args)
+            with async_engine.preparing():
+                return await fn(*args)
         except Exception as exc:
             if isinstance(exc, APIError) and exc.status_code in (429, 503):
                 metrics.observe_rejected(exc.status_code)

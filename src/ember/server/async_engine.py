@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ember.outputs import RequestOutput
 from ember.server.errors import APIError
 
 logger = logging.getLogger("ember.server")
+
+# The place the current task holds through `AsyncEngine.preparing` ([True] while held): its first
+# `add_request` gives it up, from then on the request counts as queued.
+_PREPARING: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("ember_preparing", default=None)
 
 # Consecutive failed steps after which the engine is declared dead (/health turns 503).
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
@@ -96,6 +102,7 @@ class AsyncEngine:
         self.stats: Any = None  # the engine's latest EngineStats
         self.num_queued_requests = 0
         self.num_queued_tokens = 0
+        self.num_preparing = 0  # requests being tokenized or having their grammar compiled (`preparing`)
         self._streams: dict[str, RequestStream] = {}
         self._commands: list[tuple] = []
         self._cond = threading.Condition()
@@ -161,6 +168,7 @@ class AsyncEngine:
                           lora_request: Any = None) -> RequestStream:
         """Admit and submit one request (on `lora_request`'s adapter, if given); raises APIError (429/503)
         or the engine's ValueError."""
+        self._give_up(_PREPARING.get())
         self._admit(len(prompt_token_ids))
         stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
         self._streams[request_id] = stream
@@ -192,14 +200,42 @@ class AsyncEngine:
                 self.on_finished(stream, None)
         self._submit(("abort", [request_id]))
 
-    def _admit(self, num_prompt_tokens: int) -> None:
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Hold a place while a request is prepared (template, tokenization, grammar compile) before
+        `add_request`: refused at once with 429 when the queued requests and those being prepared already
+        fill `max_queued_requests`, so a flood beyond the limit is turned away before that work, not after."""
+        self._check_open()
+        if self.num_queued_requests + self.num_preparing + 1 > self.max_queued_requests:
+            raise self._queue_full()
+        self.num_preparing += 1
+        place = [True]
+        token = _PREPARING.set(place)
+        try:
+            yield
+        finally:
+            _PREPARING.reset(token)
+            self._give_up(place)
+
+    def _give_up(self, place: list[bool] | None) -> None:
+        if place is not None and place[0]:
+            place[0] = False
+            self.num_preparing -= 1
+
+    def _check_open(self) -> None:
         if self.is_draining:
             raise APIError("the server is shutting down", 503)
         if self.state != "ready":
             raise APIError("the engine is not ready", 503, headers=self._retry_header())
+
+    def _queue_full(self) -> APIError:
+        return APIError(f"too many queued requests (limit {self.max_queued_requests}); retry later",
+                        429, headers=self._retry_header())
+
+    def _admit(self, num_prompt_tokens: int) -> None:
+        self._check_open()
         if self.num_queued_requests + 1 > self.max_queued_requests:
-            raise APIError(f"too many queued requests (limit {self.max_queued_requests}); retry later",
-                           429, headers=self._retry_header())
+            raise self._queue_full()
         # A lone request larger than the token limit is still admitted, or it could never run.
         if self.num_queued_requests and self.num_queued_tokens + num_prompt_tokens > self.max_queued_tokens:
             raise APIError(f"too many queued prompt tokens (limit {self.max_queued_tokens}); retry later",
