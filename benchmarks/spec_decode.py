@@ -31,9 +31,13 @@ W3_INSTRUCTION = "Repeat the following text exactly:"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
-    parser.add_argument("--methods", default="off,ngram", help="comma-separated: off, ngram, draft_model")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--methods", default="off,ngram", help="comma-separated: off, ngram, draft_model, suffix")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="default: 4, and for suffix its tree depth (24), as vLLM")
     parser.add_argument("--draft-model", default=None, help="draft_model: the draft checkpoint")
+    parser.add_argument("--suffix-max-cached-requests", type=int, default=None,
+                        help="suffix: finished requests the global tree keeps (default vLLM's 10000; 0: none, so "
+                             "a repeated run cannot draft from the outputs of the run before)")
     parser.add_argument("--workloads", default="w3,w3-batch,w2", help="comma-separated: w3, w3-batch, w2")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each setting, alternating")
     parser.add_argument("--num-passages", type=int, default=W3_NUM_PASSAGES, help="W3 single-stream requests")
@@ -73,10 +77,12 @@ def make_llm(args, method: str):
     from ember import LLM
 
     spec = None
-    if method == "ngram":
-        spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
-    elif method == "draft_model":
-        spec = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens}
+    if method != "off":
+        spec = {"method": method, "num_speculative_tokens": args.num_speculative_tokens}
+        if method == "draft_model":
+            spec["model"] = args.draft_model
+        if method == "suffix" and args.suffix_max_cached_requests is not None:
+            spec["suffix_decoding_max_cached_requests"] = args.suffix_max_cached_requests
     return LLM(dtype=args.dtype, max_model_len=wl.MAX_MODEL_LEN, num_threads=args.threads,
                enable_prefix_caching=False, speculative_config=spec, disable_kernels=args.disable_kernels)
 

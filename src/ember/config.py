@@ -97,7 +97,7 @@ class EngineConfig:
     speculative_config: str | dict | None = field(default=None, metadata={
         "help": 'speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 4, '
                 '"prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, '
-                '"num_speculative_tokens": 4} (docs/speculative_decoding.md)'})
+                '"num_speculative_tokens": 4} or {"method": "suffix"} (docs/speculative_decoding.md)'})
     enable_lora: bool = field(default=False, metadata={
         "help": "serve LoRA adapters (PEFT directories) next to the base model, mixed in one batch"})
     max_loras: int = field(default=1, metadata={"help": "LoRA adapters resident at once (and in one batch)"})

@@ -10,6 +10,14 @@ from ember import LLM, SamplingParams
 
 BASE = dict(dtype="float32", max_model_len=256, num_kv_blocks=96)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "min_acceptance_rate": 0.0}
+SUFFIX = {"method": "suffix", "min_acceptance_rate": 0.0}  # up to 24 drafts a step, vLLM's default
+
+
+def spec_config(method, checkpoint):
+    if method == "suffix":
+        pytest.importorskip("arctic_inference.suffix_decoding")
+        return SUFFIX
+    return NGRAM if method == "ngram" else draft_config(checkpoint.path)
 
 
 def draft_config(path, k=3):
@@ -41,12 +49,14 @@ def plain_greedy(tiny_llama_dir):
 def assert_clean(llm):
     llm.engine.scheduler.check_invariants()
     assert llm.engine.kv_cache_manager.usage == 0.0
+    suffix = getattr(llm.engine.speculator, "suffix", None)
+    assert suffix is None or not suffix.cache.active_requests  # every request's tree stopped
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "suffix"])
 def test_greedy_batch_of_16_is_token_exact(method, tiny_llama_dir, dual_precision_checkpoint, plain_greedy):
     # The draft model is the tiny model's own RTN int4 checkpoint: it agrees often, not always.
-    spec = NGRAM if method == "ngram" else draft_config(dual_precision_checkpoint.path)
+    spec = spec_config(method, dual_precision_checkpoint)
     llm = LLM(model=tiny_llama_dir, **BASE, speculative_config=spec)
     prompts, expected = plain_greedy
     assert generate(llm, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)) == expected
@@ -55,11 +65,11 @@ def test_greedy_batch_of_16_is_token_exact(method, tiny_llama_dir, dual_precisio
     assert_clean(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "suffix"])
 def test_five_times_oversubscribed_cache_stays_exact_through_preemption(method, tiny_llama_dir, hf_greedy,
                                                                          dual_precision_checkpoint):
     # 16 blocks of 16 tokens = 256 tokens of KV; 20 requests of 64 tokens each need 1280.
-    spec = NGRAM if method == "ngram" else draft_config(dual_precision_checkpoint.path)
+    spec = spec_config(method, dual_precision_checkpoint)
     llm = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=16, max_num_seqs=16,
               max_num_batched_tokens=64, max_model_len=256, speculative_config=spec)
     prompts = [p[:40] for p in repetitive_prompts(20, seed=3)]

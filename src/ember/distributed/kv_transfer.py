@@ -57,7 +57,7 @@ def check_pd_config(config) -> None:
     if not config.enable_prefix_caching or config.kv_eviction != "none":
         raise ValueError("prefill/decode disaggregation needs prefix caching on and no --kv-eviction")
     if config.speculative_config is not None and config.speculative_config.method == "draft_model":
-        raise ValueError("prefill/decode disaggregation does not move a draft model's KV; use ngram speculation")
+        raise ValueError("prefill/decode disaggregation does not move a draft model's KV; use ngram or suffix speculation")
     if config.enable_lora:
         raise ValueError("LoRA adapters are not supported with prefill/decode disaggregation")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "suffix")
 
 
 @dataclass(frozen=True)
@@ -15,12 +15,16 @@ class SpeculativeConfig:
     `ngram` looks the last 2..4 tokens up in the request's own prompt and output (prompt lookup) and
     proposes what followed them; `draft_model` runs a smaller model with the same vocabulary (a quantized
     checkpoint of the target itself works) greedily for `num_speculative_tokens` steps on its own paged
-    KV cache. The target verifies every proposal in one pass (exactly: greedy by comparison, sampling by
-    rejection sampling), so outputs follow the target's distribution whatever the proposer guesses.
+    KV cache; `suffix` (suffix decoding, `suffix_proposer.py`) matches the request's latest tokens in
+    suffix trees over its own prompt and output and over earlier requests' outputs, with drafts as long as
+    the match supports. The target verifies every proposal in one pass (exactly: greedy by comparison,
+    sampling by rejection sampling), so outputs follow the target's distribution whatever the proposer
+    guesses.
     """
 
     method: str
-    num_speculative_tokens: int = 4
+    # Most draft tokens a step (vLLM's default for suffix: suffix_decoding_max_tree_depth; 4 otherwise).
+    num_speculative_tokens: int | None = None
     prompt_lookup_min: int = 2  # ngram: shortest suffix looked up
     prompt_lookup_max: int = 4  # ngram: longest suffix looked up (tried first)
     model: str | None = None  # draft_model: GGUF, Hugging Face directory or quantized checkpoint
@@ -31,10 +35,30 @@ class SpeculativeConfig:
     # No request speculates in a step whose running batch is larger than this (vLLM's name): at large
     # batches the step is compute-bound and rejected rows cost as much as accepted ones.
     disable_by_batch_size: int | None = None
+    # suffix, with vLLM's names and defaults: the longest suffix matched (and the trees' depth), finished
+    # requests whose outputs the global tree keeps, a draft's length at most this factor times the match's,
+    # and the least probability the tree may give a draft token.
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative_config method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.suffix_decoding_max_tree_depth, int) or self.suffix_decoding_max_tree_depth < 1:
+            raise ValueError("suffix_decoding_max_tree_depth must be a positive integer, got "
+                             f"{self.suffix_decoding_max_tree_depth!r}")
+        if not isinstance(self.suffix_decoding_max_cached_requests, int) or self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError("suffix_decoding_max_cached_requests must be an integer >= 0 (0: no global tree), got "
+                             f"{self.suffix_decoding_max_cached_requests!r}")
+        if not self.suffix_decoding_max_spec_factor > 0:
+            raise ValueError(f"suffix_decoding_max_spec_factor must be positive, got {self.suffix_decoding_max_spec_factor}")
+        if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
+            raise ValueError(f"suffix_decoding_min_token_prob must be in [0, 1], got {self.suffix_decoding_min_token_prob}")
+        if self.num_speculative_tokens is None:
+            default = self.suffix_decoding_max_tree_depth if self.method == "suffix" else 4
+            object.__setattr__(self, "num_speculative_tokens", default)
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}")
         if self.method == "ngram" and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

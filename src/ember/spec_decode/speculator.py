@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ember.request import Request
 from ember.spec_decode.config import SpeculativeConfig
 from ember.spec_decode.ngram_proposer import NgramProposer
+from ember.spec_decode.suffix_proposer import SuffixProposer
 
 logger = logging.getLogger("ember.spec_decode")
 
@@ -89,20 +90,24 @@ class Speculator:
     """
 
     def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int) -> None:
-        """`proposer`: a `DraftModelProposer`, or None for the n-gram lookup."""
+        """`proposer`: a `DraftModelProposer`, or None for the n-gram lookup and suffix decoding."""
         self.config = config
         self.max_model_len = max_model_len
         self.draft_model = proposer
-        self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if proposer is None else None
+        self.ngram = self.suffix = None
+        if config.method == "ngram":
+            self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        elif config.method == "suffix":
+            self.suffix = SuffixProposer(config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests,
+                                         config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob)
         self.stats = SpecDecodingStats(accepted_per_position=[0] * config.num_speculative_tokens)
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of the running requests that will decode next step."""
         limit = self.config.disable_by_batch_size
-        if limit is not None and len(running) > limit:
-            running = []
+        drafting = [] if limit is not None and len(running) > limit else running
         candidates, budgets = [], []
-        for request in running:
+        for request in drafting:
             k = self._num_drafts(request)
             if k > 0:
                 candidates.append(request)
@@ -110,12 +115,15 @@ class Speculator:
         try:
             if self.ngram is not None:
                 proposals = [self.ngram.propose(request.all_token_ids, k) for request, k in zip(candidates, budgets)]
+            elif self.suffix is not None:
+                proposals = self.suffix.propose(running, candidates, budgets)
             else:
                 proposals = self.draft_model.propose(candidates, budgets)
         except Exception:  # drafts are optional: a failing proposer costs this step's drafts, not requests
             logger.exception("the %s proposer failed; this step runs without drafts", self.config.method)
-            if self.draft_model is not None:
-                self.draft_model.reset()
+            for proposer in (self.draft_model, self.suffix):
+                if proposer is not None:
+                    proposer.reset()
             return
         for request, drafts in zip(candidates, proposals):
             request.spec_token_ids = drafts
@@ -143,9 +151,11 @@ class Speculator:
         request.spec_pause.record(num_drafted, num_accepted, request.num_output_tokens + num_accepted + 1)
 
     def release(self, request_id: str) -> None:
-        """Free a finished or preempted request's draft-model state (the next `propose` also does)."""
-        if self.draft_model is not None:
-            self.draft_model.release(request_id)
+        """Free a finished or preempted request's draft-model or suffix-tree state (the next `propose`
+        also does)."""
+        for proposer in (self.draft_model, self.suffix):
+            if proposer is not None:
+                proposer.release(request_id)
 
 
 def build_speculator(config, model_config, tokenizer, kv_spec, num_blocks: int) -> Speculator | None:
