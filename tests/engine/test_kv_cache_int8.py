@@ -85,7 +85,7 @@ def test_outputs_unchanged_by_prefix_caching_chunking_and_preemption(tiny_llama_
                 enable_prefix_caching=False, **kv)
     expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
     # Prefix caching, 16-token prefill chunks and a cache too small for the batch: preemptions.
-    tight = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=24, max_model_len=256,
+    tight = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=14, max_model_len=256,
                 max_num_batched_tokens=16, **kv)
     outputs = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
     assert tight.engine.scheduler.num_preemptions_total > 0 and tight.get_stats().prefix_cache_hits > 0

@@ -105,7 +105,7 @@ def test_smaller_chunks_tighten_the_bound(tiny_llama_dir):
 
 
 def test_eviction_through_preemption_and_abort(tiny_llama_dir):
-    llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=9, kv_eviction="h2o",
+    llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=7, kv_eviction="h2o",
               kv_budget_tokens=BUDGET)
     engine = llm.engine
     gen = torch.Generator().manual_seed(23)

@@ -84,8 +84,8 @@ def test_prefix_cache_warm_engine_returns_every_prompt_logprob(tiny_llama_dir, r
 
 
 def test_preemption_recompute_does_not_duplicate_entries(tiny_llama_dir, reference):
-    # 16 blocks of 16 tokens for 12 requests of 64 tokens: requests are preempted and recompute.
-    llm = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=16, max_num_seqs=12,
+    # 14 blocks of 16 tokens for 12 requests of 64 tokens: requests are preempted and recompute.
+    llm = LLM(model=tiny_llama_dir, dtype="float32", num_kv_blocks=14, max_num_seqs=12,
               max_num_batched_tokens=64, max_model_len=256)
     prompts = _prompts([int(n) for n in torch.randint(20, 48, (12,), generator=torch.Generator().manual_seed(9))],
                        seed=10)

@@ -84,7 +84,7 @@ def test_tiny_gemma3_stays_exact_through_prefix_hits_preemption_and_drafts(tiny_
     for _ in range(4):
         chunk = [rng.randint(3, 511) for _ in range(5)]
         prompts.append(shared + chunk * 3)  # repeats, so prompt lookup drafts get accepted
-    llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=40, block_size=4,
+    llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
               max_num_seqs=4, max_num_batched_tokens=16,
               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -8,9 +8,10 @@ from ember.sampling_params import SamplingParams
 from ember.scheduler.scheduler import Scheduler
 
 
-def make_scheduler(num_blocks=8, block_size=4, max_num_seqs=4, budget=16, caching=False):
+def make_scheduler(num_blocks=8, block_size=4, max_num_seqs=4, budget=16, caching=False, reserve=1):
     manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching)
-    return Scheduler(manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    return Scheduler(manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                     reserve_blocks_per_seq=reserve)
 
 
 def request(request_id, num_prompt, first_token=100, max_tokens=8):
@@ -60,7 +61,7 @@ def test_fcfs_and_max_num_seqs():
 
 
 def test_preempts_most_recent_and_requeues_it_at_the_head():
-    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64, reserve=0)  # admission may fill the cache
     sched.add_request(request("a", 4))  # fills block 0; decode needs block 1
     sched.add_request(request("b", 8, first_token=300))  # blocks 1, 2 -> then needs a 4th
     sched.add_request(request("c", 3, first_token=400))  # block 3
@@ -79,13 +80,34 @@ def test_preempts_most_recent_and_requeues_it_at_the_head():
 
 
 def test_request_preempting_itself_when_it_is_last():
-    sched = make_scheduler(num_blocks=2, block_size=4, budget=64)
+    sched = make_scheduler(num_blocks=2, block_size=4, budget=64, reserve=0)
     sched.add_request(request("a", 4))
     sched.add_request(request("b", 4, first_token=300))
     run_step(sched)  # a -> block 0, b -> block 1
     out = run_step(sched)  # a needs block 2: preempt b; b would need one too
     assert [r.request_id for r in out.preempted] == ["b"]
     assert plan(out) == [("a", 1, [0, 1])]
+
+
+@pytest.mark.parametrize("reserve", [0, 1])
+def test_admission_leaves_a_block_per_running_request_so_the_newest_is_not_preempted(reserve):
+    """Three 4-token prompts, 4 blocks of 4, each request 4 new tokens (2 blocks at its end). Filling the
+    cache at admission, the next step's growth preempts the newest request, whose prompt was computed for
+    nothing; keeping a block per running request free, it waits instead and nothing is computed twice."""
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64, reserve=reserve)
+    for i, name in enumerate("abc"):
+        sched.add_request(request(name, 4, first_token=100 * (i + 1), max_tokens=4))
+    steps, computed = [], 0
+    while sched.has_unfinished_requests():
+        out = run_step(sched)
+        steps.append([e.request.request_id for e in out.scheduled])
+        computed += sum(e.num_new_tokens for e in out.scheduled)
+        done = [r.request_id for r in sched.running if r.num_output_tokens == r.sampling_params.max_tokens]
+        sched.finish_requests(done, RequestStatus.FINISHED_LENGTH)
+    if reserve == 0:
+        assert steps[0] == ["a", "b", "c"] and sched.num_preemptions_total > 0 and computed > 3 * 7
+    else:  # c waits for a block per running request; each prompt is computed once, then 3 decodes
+        assert steps[0] == ["a", "b"] and sched.num_preemptions_total == 0 and computed == 3 * 7
 
 
 def test_finish_and_abort_free_blocks():

@@ -207,13 +207,14 @@ class KVCacheManager(BlockImport):
                                                for g, blocks in enumerate(found, 1)])
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[int] | None = None) -> bool:
+                       new_computed_blocks: list[int] | None = None, num_reserved_blocks: int = 0) -> bool:
         """Grow the request's block tables to cover its computed, hit and new tokens.
 
         The tables must cover `request.num_kv_tokens + len(new_computed_blocks) * block_size +
         num_new_tokens` tokens. `new_computed_blocks` (from `get_computed_blocks`, only when the request
         holds no blocks) are listed first, one reference each. A local group first lets go of the blocks its
         window no longer reaches from the first new token (whatever the outcome: no later step reads them).
+        `num_reserved_blocks` must stay free afterwards (the scheduler keeps room for running requests).
 
         Returns:
             True on success; False, with nothing else changed, when too few blocks are available.
@@ -241,11 +242,11 @@ class KVCacheManager(BlockImport):
         num_needed = -(-num_covered // bs)
         firsts = [first_needed_block(w, start, bs) for w in self.windows]
         num_to_allocate = sum(max(num_needed - max(len(t), first), 0) for t, first in zip(tables, firsts))
-        if num_to_allocate > 0:
+        if num_to_allocate > 0 or num_reserved_blocks > 0:
             # Hit blocks sitting in the evictable set are about to be revived, not evicted.
             num_revived = (sum(1 for t in tables for b in t if b is not None and self._ref_counts[b] == 0)
                            if is_new else 0)
-            if num_to_allocate > self.num_free_blocks - num_revived:
+            if num_to_allocate + num_reserved_blocks > self.num_free_blocks - num_revived:
                 return False
         self._num_empty_slots -= self._empty_slots(request.request_id)
         if is_new:

@@ -19,15 +19,23 @@ class Scheduler:
     the most recently admitted running request is preempted by recompute: its blocks are
     freed and it goes back to the head of the waiting queue.
 
+    A waiting request is admitted only while `reserve_blocks_per_seq` blocks per running request stay
+    free after its allocation. A decoding request takes a new block every `block_size` tokens; a prompt
+    admitted into the last free blocks is the most recent request, so the next such growth preempts it
+    and its prompt was computed for nothing, again and again while the cache stays full.
+
     With speculative decoding a decoding request also asks for its draft tokens (`spec_token_ids`),
     which count in the budget; when the cache cannot hold them they are dropped before anyone is
     preempted.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, long_prefill_token_threshold: int | None = None) -> None:
-        """`long_prefill_token_threshold` (vLLM's name) caps the tokens one request computes in a step."""
+                 max_num_batched_tokens: int, long_prefill_token_threshold: int | None = None,
+                 reserve_blocks_per_seq: int = 1) -> None:
+        """`long_prefill_token_threshold` (vLLM's name) caps the tokens one request computes in a step;
+        `reserve_blocks_per_seq` 0 admits into every free block (as vLLM's V1 scheduler)."""
         self.kv_cache_manager = kv_cache_manager
+        self.reserve_blocks_per_seq = reserve_blocks_per_seq
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold or max_num_batched_tokens
@@ -91,7 +99,8 @@ class Scheduler:
                 continue
             cached_blocks, num_cached = manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget, self.long_prefill_token_threshold)
-            if not manager.allocate_slots(request, num_new, cached_blocks):
+            reserve = self.reserve_blocks_per_seq * len(self.running)
+            if not manager.allocate_slots(request, num_new, cached_blocks, num_reserved_blocks=reserve):
                 break  # FCFS: nobody jumps the head of the queue
             del self.waiting[index]
             if request.status is RequestStatus.WAITING:  # first admission, not a resume
