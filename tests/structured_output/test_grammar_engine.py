@@ -42,6 +42,23 @@ def test_compiles_once_per_constraint_and_evicts_least_recent(manager):
     assert first.result() is not None
 
 
+def test_cache_keys_name_a_schema_by_digest_not_by_its_text():
+    """A dict schema and its JSON text are one grammar; a cached entry keeps 32 bytes of a 1 MiB schema."""
+    import json
+    import sys
+
+    from ember.structured_output.backend import spec_key
+
+    schema = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(40000)}}
+    text = json.dumps(schema, sort_keys=True)
+    assert len(text) > 2**20
+    key = spec_key(StructuredOutputsParams(json=schema))
+    assert key == spec_key(StructuredOutputsParams(json=text))
+    assert key != spec_key(StructuredOutputsParams(json=text, disable_any_whitespace=True))
+    assert sum(sys.getsizeof(part) for part in key) < 200
+    assert spec_key(StructuredOutputsParams(choice=["a", "b"])) != spec_key(StructuredOutputsParams(choice=["a,b"]))
+
+
 def test_a_failed_compile_is_reported_and_not_cached(manager):
     bad = StructuredOutputsParams(json={"type": "nosuchtype"})
     future = manager.compile(bad)

@@ -5,6 +5,7 @@ xgrammar is imported on first use (it takes seconds), so engines that never cons
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -26,17 +27,18 @@ class GrammarError(ValueError):
 
 
 def spec_key(params: StructuredOutputsParams) -> tuple:
-    """A hashable key naming the grammar `params` compiles to (the LRU cache key)."""
+    """A hashable key naming the grammar `params` compiles to (the LRU cache key): the constraint's text
+    by its SHA-256, so a cached entry keeps 32 bytes of a schema, not the schema (up to the body limit)."""
     kind = params.kind
     if kind == "json":
-        value = params.json if isinstance(params.json, str) else json.dumps(params.json, sort_keys=True)
+        text = params.json if isinstance(params.json, str) else json.dumps(params.json, sort_keys=True)
     elif kind == "choice":
-        value = tuple(params.choice)
+        text = json.dumps(list(params.choice))
     elif kind == "json_object":
-        value = None
+        text = ""
     else:
-        value = getattr(params, kind)
-    return kind, value, params.disable_any_whitespace
+        text = getattr(params, kind)
+    return kind, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest(), params.disable_any_whitespace
 
 
 class XgrammarBackend:
