@@ -57,6 +57,11 @@ def w4a8_dir(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def w8a8_dir(tiny_llama_dir, tmp_path_factory):
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-w8a8", bits=8, act_bits=8)
+
+
+@pytest.fixture(scope="module")
 def int4_dir(tiny_llama_dir, tmp_path_factory):
     return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-int4", bits=4, group_size=32)
 
@@ -81,6 +86,7 @@ def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args)
 @needs_loop
 @pytest.mark.parametrize("checkpoint,kv_cache_dtype", [("bf16", "auto"), ("bf16", "int8"),
                                                        pytest.param("w4a8", "auto", marks=needs_vnni),
+                                                       pytest.param("w8a8", "auto", marks=needs_vnni),
                                                        ("int4", "auto"), ("int8", "auto")])
 def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_dtype, tiny_llama_dir, request,
                                                            monkeypatch, native_steps):
@@ -92,9 +98,12 @@ def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_
     # request i decodes 3 + 2 i steps: 3 steps of 6 rows, then 2 at each size down to the last request
     # alone; bf16 GEMV takes at most 4 rows, then AMX or oneDNN (all native entries), W4A8 every count;
     # weight-only: torch's packed int4 or the int8 GEMV up to 4 rows, then the dpbf16 kernels (woq_amx,
-    # where AMX runs, has no native entry)
+    # where AMX runs, has no native entry); W8A8: its GEMV up to 4 rows (w8a8_amx, first where AMX runs,
+    # and fbgemm have none)
     if checkpoint in ("int4", "int8"):
         largest = 4 if native_has("quant", "amx") else 6
+    elif checkpoint == "w8a8":
+        largest = 0 if native_has("quant", "amx") else 4
     else:
         largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") or onednn_bf16_available() else 4
     assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, largest + 1)}

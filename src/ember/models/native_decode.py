@@ -7,8 +7,9 @@ module decides when that holds and hands it the operands:
 
 - the model: every layer is the plain form (fused qkv and gate/up projections, SiLU, no q/k norms,
   window, softcap, MoE or LoRA), bfloat16, and every linear's kernel for the step's token count has a
-  native entry (``LinearKernel.native``: W4A8; bf16 GEMV, pair panels, AMX bf16, oneDNN bf16; weight-only
-  int8 GEMV, int8 / int4 dpbf16 and torch's packed int4 / int8) with its bias fused or absent;
+  native entry (``LinearKernel.native``: W4A8; the W8A8 GEMV; bf16 GEMV, pair panels, AMX bf16, oneDNN
+  bf16; weight-only int8 GEMV, int8 / int4 dpbf16 and torch's packed int4 / int8) with its bias fused or
+  absent;
 - the step: every token decodes (no prefill chunk), no attention recording, one KV-cache group of
   bfloat16 blocks or of int8 codes with per-token scales and no residuals; under a precision mask a
   dual-precision linear whose rows split runs each half's kernel on its own rows, as the module does;

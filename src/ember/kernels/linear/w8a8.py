@@ -64,8 +64,13 @@ def _gemv_run(x: torch.Tensor, spec: LinearSpec, operands) -> torch.Tensor:
     return in_row_chunks(x, ops.max_gemv_tokens, lambda rows: ops.w8a8_linear_gemv(rows, *operands))
 
 
+def _gemv_native(spec: LinearSpec, operands) -> tuple[list[torch.Tensor], int]:
+    codes, sums, scales, bias = operands
+    return [codes, sums, scales] + ([] if bias is None else [bias]), 0
+
+
 W8A8_GEMV = LinearKernel("w8a8_gemv", W8A8_KINDS, _gemv_check, _gemv_prepare, _gemv_run, fuses_bias=True,
-                         max_tokens=lambda spec: quant_ops().max_gemv_tokens)
+                         max_tokens=lambda spec: quant_ops().max_gemv_tokens, native=_gemv_native)
 
 
 # --- fbgemm linear_dynamic on row-normalised activations (per token in effect) ----------------------

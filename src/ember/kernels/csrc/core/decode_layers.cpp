@@ -42,7 +42,8 @@ namespace {
 struct Linear {
   enum Kind {
     kW4A8, kBf16Gemv, kBf16Amx, kBf16Dpbf16, kOneDnn,        // W4A8 and dense bf16
-    kInt8Gemv, kInt8Dpbf16, kInt4Dpbf16, kInt4Packed, kInt8Packed  // weight-only
+    kInt8Gemv, kInt8Dpbf16, kInt4Dpbf16, kInt4Packed, kInt8Packed,  // weight-only
+    kW8A8Gemv
   } kind;
   std::vector<torch::Tensor> operands;
   int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16, bf16_dpbf16: out_features; others unused
@@ -86,10 +87,14 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
   } else if (kernel == "int8_weight_only") {
     kind = Linear::kInt8Packed;
     expected = 2;  // codes, scales
+  } else if (kernel == "w8a8_gemv") {
+    kind = Linear::kW8A8Gemv;
+    expected = 3;  // codes, their row sums, scales (+ an optional bias)
   } else {
     TORCH_CHECK(false, "the decode loop cannot run kernel '", kernel, "'");
   }
-  TORCH_CHECK(operands.size() == expected || (kind == Linear::kW4A8 && operands.size() == 4),
+  const bool takes_bias = kind == Linear::kW4A8 || kind == Linear::kW8A8Gemv;
+  TORCH_CHECK(operands.size() == expected || (takes_bias && operands.size() == expected + 1),
               "kernel '", kernel, "' takes ", expected, " operands, got ", operands.size());
   return Linear{kind, std::move(operands), arg};
 }
@@ -208,7 +213,8 @@ class DecodeLayers {
   Linear checked_linear(const std::string& kernel, const std::vector<torch::Tensor>& operands, int64_t arg) const {
     Linear linear = make_linear(kernel, operands, arg);
     const bool from_quant = linear.kind == Linear::kW4A8 || linear.kind == Linear::kInt8Gemv ||
-                            linear.kind == Linear::kInt8Dpbf16 || linear.kind == Linear::kInt4Dpbf16;
+                            linear.kind == Linear::kInt8Dpbf16 || linear.kind == Linear::kInt4Dpbf16 ||
+                            linear.kind == Linear::kW8A8Gemv;
     TORCH_CHECK(!from_quant || quant_ != nullptr, "kernel '", kernel, "' needs the quant extension");
     return linear;
   }
@@ -254,6 +260,8 @@ class DecodeLayers {
         return at::_weight_int4pack_mm_for_cpu(x, w[0], linear.arg, w[1]);
       case Linear::kInt8Packed:
         return at::_weight_int8pack_mm(x, w[0], w[1]);
+      case Linear::kW8A8Gemv:
+        return quant_->w8a8_linear_gemv(x, w[0], w[1], w[2], w.size() > 3 ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt);
     }
     TORCH_CHECK(false, "unknown linear kind");
   }

@@ -9,7 +9,7 @@
 namespace ember_quant_api {
 
 constexpr const char* kCapsuleName = "ember.quant.c_api";
-constexpr int kVersion = 3;
+constexpr int kVersion = 4;
 
 struct Table {
   int version;
@@ -25,6 +25,9 @@ struct Table {
   // weight-only int4 groups, any M: codes by 16-channel blocks, scales and offsets [N / 16, G, 16], group length
   torch::Tensor (*int4_linear_dpbf16)(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                                       torch::Tensor offsets, int64_t group_len);
+  // W8A8 per channel, x [M <= 4, K] quantized per token: codes [N, K], their row sums, scale [N], optional bias
+  torch::Tensor (*w8a8_linear_gemv)(torch::Tensor x, torch::Tensor codes, torch::Tensor colsum, torch::Tensor w_scale,
+                                    c10::optional<torch::Tensor> bias);
 };
 
 // The quant extension's one table, filled while its module registers (quant_ops.cpp).

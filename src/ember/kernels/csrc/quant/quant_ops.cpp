@@ -286,7 +286,7 @@ void register_w4a8(pybind11::module& m);  // w4a8_vnni.cpp
 void register_woq_dpbf16(pybind11::module& m);  // woq_dpbf16.cpp
 
 ember_quant_api::Table& ember_quant_api::table() {
-  static Table table{kVersion, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static Table table{kVersion, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   return table;
 }
 
@@ -305,5 +305,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_w4a8(m);
   register_woq_dpbf16(m);
   ember_quant_api::table().write_rows_int8 = &write_rows_int8;
+  ember_quant_api::table().w8a8_linear_gemv = &w8a8_linear_gemv;
   m.attr("c_api") = pybind11::capsule(&ember_quant_api::table(), ember_quant_api::kCapsuleName);  // decode_layers.cpp
 }
