@@ -75,3 +75,20 @@ def test_config_defaults_follow_vllm_and_bad_values_are_refused():
                          ('{"method": "suffix", "suffix_decoding_min_token_prob": 2}', "min_token_prob")]:
         with pytest.raises(ValueError, match=message):
             SpeculativeConfig.parse(bad)
+
+
+def test_a_batch_over_disable_by_batch_size_drafts_nothing_but_keeps_its_trees():
+    from ember.spec_decode.speculator import Speculator
+
+    config = SpeculativeConfig.parse({"method": "suffix", "disable_by_batch_size": 1})
+    speculator = Speculator(config, None, max_model_len=256)
+    requests = [_request(name, [5, 6, 7, 5, 6, 7, 5, 6]) for name in "ab"]
+    for request in requests:
+        request.num_computed_tokens = request.num_tokens - 1  # decoding: one token to compute
+    speculator.propose(requests)
+    assert all(r.spec_token_ids == [] for r in requests)  # two running, the limit is one
+    assert set(speculator.suffix.cache.active_requests) == {"a", "b"}  # trees kept, not churned
+    speculator.propose(requests[:1])
+    drafts = requests[0].spec_token_ids
+    assert drafts and drafts == _built_at_once(requests[0], 24)  # alone: drafts; "b" left and was stopped
+    assert set(speculator.suffix.cache.active_requests) == {"a"}
