@@ -100,6 +100,7 @@ class Speculator:
         elif config.method == "suffix":
             self.suffix = SuffixProposer(config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests,
                                          config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob)
+        self._stateful = [p for p in (self.draft_model, self.suffix) if p is not None]  # per-request state to free
         self.stats = SpecDecodingStats(accepted_per_position=[0] * config.num_speculative_tokens)
 
     def propose(self, running: list[Request]) -> None:
@@ -121,9 +122,8 @@ class Speculator:
                 proposals = self.draft_model.propose(candidates, budgets)
         except Exception:  # drafts are optional: a failing proposer costs this step's drafts, not requests
             logger.exception("the %s proposer failed; this step runs without drafts", self.config.method)
-            for proposer in (self.draft_model, self.suffix):
-                if proposer is not None:
-                    proposer.reset()
+            for proposer in self._stateful:
+                proposer.reset()
             return
         for request, drafts in zip(candidates, proposals):
             request.spec_token_ids = drafts
@@ -153,9 +153,8 @@ class Speculator:
     def release(self, request_id: str) -> None:
         """Free a finished or preempted request's draft-model or suffix-tree state (the next `propose`
         also does)."""
-        for proposer in (self.draft_model, self.suffix):
-            if proposer is not None:
-                proposer.release(request_id)
+        for proposer in self._stateful:
+            proposer.release(request_id)
 
 
 def build_speculator(config, model_config, tokenizer, kv_spec, num_blocks: int) -> Speculator | None:

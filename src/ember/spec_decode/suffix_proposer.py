@@ -38,7 +38,7 @@ class SuffixProposer:
         self.max_tree_depth = max_tree_depth
         self.max_spec_factor = max_spec_factor
         self.min_token_prob = min_token_prob
-        self._num_outputs: dict[str, int] = {}  # output tokens already in each running request's tree
+        self._num_outputs: dict[str, int] = {}  # the active trees: output tokens already in each
 
     def propose(self, running: list[Request], requests: list[Request], budgets: list[int]) -> list[list[int]]:
         """Up to `budgets[i]` draft tokens for each of `requests` (a subset of `running`). Every running
@@ -71,7 +71,7 @@ class SuffixProposer:
 
     def release(self, request_id: str) -> None:
         """Stop a request's tree: its output joins the global tree (the oldest leave past the limit)."""
-        if self._num_outputs.pop(request_id, None) is not None and request_id in self.cache.active_requests:
+        if self._num_outputs.pop(request_id, None) is not None:
             self.cache.stop_request(request_id)
 
     def reset(self) -> None:

@@ -49,6 +49,11 @@ struct Linear {
   int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16, bf16_dpbf16: out_features; others unused
 };
 
+// Operand `i` if the linear has it (an optional bias follows the kernel's own operands).
+c10::optional<torch::Tensor> optional_operand(const std::vector<torch::Tensor>& operands, size_t i) {
+  return operands.size() > i ? c10::optional<torch::Tensor>(operands[i]) : c10::nullopt;
+}
+
 // torch's mkldnn::_linear_pointwise (what the onednn_bf16 kernel calls from Python) on a prepacked weight.
 torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed) {
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -240,8 +245,7 @@ class DecodeLayers {
     const auto& w = linear.operands;
     switch (linear.kind) {
       case Linear::kW4A8:
-        return quant_->w4a8_linear(x, w[0], w[1], w[2], w.size() > 3 ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt,
-                                   linear.arg);
+        return quant_->w4a8_linear(x, w[0], w[1], w[2], optional_operand(w, 3), linear.arg);
       case Linear::kBf16Gemv:
         return bf16_gemv(x, w[0]);
       case Linear::kBf16Amx:
@@ -261,7 +265,7 @@ class DecodeLayers {
       case Linear::kInt8Packed:
         return at::_weight_int8pack_mm(x, w[0], w[1]);
       case Linear::kW8A8Gemv:
-        return quant_->w8a8_linear_gemv(x, w[0], w[1], w[2], w.size() > 3 ? c10::optional<torch::Tensor>(w[3]) : c10::nullopt);
+        return quant_->w8a8_linear_gemv(x, w[0], w[1], w[2], optional_operand(w, 3));
     }
     TORCH_CHECK(false, "unknown linear kind");
   }
