@@ -147,3 +147,24 @@ def test_pair_panel_path_rounds_the_float32_sum_once(out_features, in_features, 
     assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
     _assert_float32_sum_rounded_once(out[0], x, linear.weight)
     assert torch.equal(core_ops().bf16_linear_dpbf16(x, pair_panels(linear.weight), out_features), out[0])
+
+
+def test_plans_are_kept_for_small_calls_only_and_large_calls_still_choose_their_kernel():
+    from ember.kernels.linear.module import PLAN_CACHE_MAX_TOKENS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16, bias=True)
+    layer = DenseLinear(linear)
+    sizes = [1, 3, PLAN_CACHE_MAX_TOKENS, PLAN_CACHE_MAX_TOKENS + 1, 700, 701, 1500]
+    for rows in sizes:
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(layer(x), linear(x))
+    assert sorted(rows for rows, _ in layer._plans) == [1, 3, PLAN_CACHE_MAX_TOKENS]
+    # an uncached size takes the kernel the policy picks for it, each call
+    chosen = []
+    with torch.no_grad():
+        layer.select_kernel = lambda num_tokens, dtype: chosen.append(num_tokens) or KERNEL_REGISTRY["dense_reference"]
+        layer(torch.randn(900, 32))
+        layer(torch.randn(900, 32))
+        layer(torch.randn(3, 32))  # cached before the patch
+    assert chosen == [900, 900]

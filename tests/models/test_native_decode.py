@@ -156,6 +156,34 @@ def test_a_swapped_linear_rebuilds_the_loop(tiny_llama_dir, monkeypatch, native_
     assert native_steps == {1: 10}  # before and after the swap
 
 
+@needs_loop
+def test_a_step_too_large_for_the_plan_cache_still_sees_reloaded_weights(tiny_llama_dir, monkeypatch, native_steps):
+    """Plans of calls over PLAN_CACHE_MAX_TOKENS rows are not kept, so the loop built for such a step must
+    notice new weights loaded in place (which drop the linear's prepared operands) some other way."""
+    from ember.kernels.linear.module import PLAN_CACHE_MAX_TOKENS
+
+    rows = PLAN_CACHE_MAX_TOKENS + 4
+    prompts = [[5 + i % 40, 17, 33] for i in range(rows)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=1)
+
+    def run(llm):
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs)
+                for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "0")
+    llm = LLM(model=tiny_llama_dir, dtype="bfloat16", num_kv_blocks=2 * rows, max_model_len=64, max_num_seqs=rows,
+              max_num_batched_tokens=4 * rows)
+    before = run(llm)
+    assert native_steps == {rows: 2}
+    down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    down.load_state_dict({"weight": down.weight.detach() * 4})  # copied into the same tensor
+    got = run(llm)
+    monkeypatch.setenv("EMBER_DISABLE_NATIVE_DECODE", "1")
+    want = run(llm)
+    assert native_steps == {rows: 4}
+    assert got == want and got != before
+
+
 def _mixed_precision_batch(ckpt, monkeypatch, native: bool):
     """Six requests on a tiny int4 checkpoint with bf16 copies of every linear: request 1 admitted in bf16,
     requests 4 and 5 admitted in bf16 after only layer 0's MLP kept its copies enabled, request 3 switched
