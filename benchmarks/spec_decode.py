@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suffix-max-cached-requests", type=int, default=None,
                         help="suffix: finished requests the global tree keeps (default vLLM's 10000; 0: none, so "
                              "a repeated run cannot draft from the outputs of the run before)")
+    parser.add_argument("--draft-budget", default=None,
+                        help='goodput (ember\'s default: the drafts that pay, measured as it runs) or max (every '
+                             'proposal whole, as vLLM)')
     parser.add_argument("--workloads", default="w3,w3-batch,w2", help="comma-separated: w3, w3-batch, w2")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each setting, alternating")
     parser.add_argument("--num-passages", type=int, default=W3_NUM_PASSAGES, help="W3 single-stream requests")
@@ -83,6 +86,8 @@ def make_llm(args, method: str):
             spec["model"] = args.draft_model
         if method == "suffix" and args.suffix_max_cached_requests is not None:
             spec["suffix_decoding_max_cached_requests"] = args.suffix_max_cached_requests
+        if args.draft_budget is not None:
+            spec["draft_budget"] = args.draft_budget
     return LLM(dtype=args.dtype, max_model_len=wl.MAX_MODEL_LEN, num_threads=args.threads,
                enable_prefix_caching=False, speculative_config=spec, disable_kernels=args.disable_kernels)
 
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                       for m in methods) if "w3" in workloads else None
     wl.emit({"benchmark": "spec_decode", "dtype": args.dtype, "threads": args.threads or wl.default_threads(),
              "disable_kernels": args.disable_kernels,
-             "num_speculative_tokens": args.num_speculative_tokens, "draft_model": args.draft_model,
+             "num_speculative_tokens": args.num_speculative_tokens, "draft_budget": args.draft_budget,
+             "draft_model": args.draft_model,
              "w3_prompt_tokens": [len(r.prompt_token_ids) for r in w3], "same_first_tokens": same_tokens,
              "summary": summary, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M:%S")}, args.json_out)
 

@@ -65,6 +65,7 @@ class Request:
         # the request's `SpecPause` (None until it first drafts).
         self.spec_token_ids: list[int] = []
         self.spec_pause = None
+        self.spec_acceptance = None  # spec_decode.draft_budget.AcceptanceEstimate, from the first round
         # LoRA: the adapter slot this request's rows use and the key of that load (None: the base model).
         self.lora_slot: int | None = None
         self.lora_cache_key: int | None = None

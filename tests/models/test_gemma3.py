@@ -86,7 +86,8 @@ def test_tiny_gemma3_stays_exact_through_prefix_hits_preemption_and_drafts(tiny_
         prompts.append(shared + chunk * 3)  # repeats, so prompt lookup drafts get accepted
     llm = LLM(model=tiny_gemma3_dir, dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
               max_num_seqs=4, max_num_batched_tokens=16,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0,
+                                  "draft_budget": "max"})
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     engine = llm.engine

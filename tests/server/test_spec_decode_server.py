@@ -10,7 +10,7 @@ from ember import LLM, SamplingParams
 
 PROMPT = [40, 41, 42, 43, 44, 45, 40, 41, 42, 43, 44, 45, 40, 41, 42]  # a repeated run: prompt lookup hits
 FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "64"]
-SPEC = {"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0}
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "min_acceptance_rate": 0.0, "draft_budget": "max"}
 
 
 @pytest.fixture(scope="module")

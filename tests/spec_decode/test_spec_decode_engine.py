@@ -9,8 +9,9 @@ from scipy.stats import chisquare
 from ember import LLM, SamplingParams
 
 BASE = dict(dtype="float32", max_model_len=256, num_kv_blocks=96)
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "min_acceptance_rate": 0.0}
-SUFFIX = {"method": "suffix", "min_acceptance_rate": 0.0}  # up to 24 drafts a step, vLLM's default
+# Every proposal verified whole ("max"), whatever the step costs: these tests exercise verification.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "min_acceptance_rate": 0.0, "draft_budget": "max"}
+SUFFIX = {"method": "suffix", "min_acceptance_rate": 0.0, "draft_budget": "max"}  # up to 24 drafts a step
 
 
 def spec_config(method, checkpoint):
@@ -21,7 +22,8 @@ def spec_config(method, checkpoint):
 
 
 def draft_config(path, k=3):
-    return {"method": "draft_model", "model": path, "num_speculative_tokens": k, "min_acceptance_rate": 0.0}
+    return {"method": "draft_model", "model": path, "num_speculative_tokens": k, "min_acceptance_rate": 0.0,
+            "draft_budget": "max"}
 
 
 def repetitive_prompts(n, seed=0):

@@ -310,7 +310,10 @@ class LLMEngine:
             if not failed and self.scheduler.waiting:
                 time.sleep(0.001)  # only grammars still compiling: let their thread run
             return failed
+        start = time.perf_counter()
         runner_output = self.runner.execute(scheduler_output)
+        if self.speculator is not None:
+            self.speculator.observe_step(scheduler_output.scheduled, time.perf_counter() - start)
         outputs = failed + self._postprocess(scheduler_output, runner_output)
         if self.eviction is not None:
             self.eviction.after_step(scheduler_output, runner_output)

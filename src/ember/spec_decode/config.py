@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, fields
 
 METHODS = ("ngram", "draft_model", "suffix")
+DRAFT_BUDGETS = ("goodput", "max")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ class SpeculativeConfig:
     # No request speculates in a step whose running batch is larger than this (vLLM's name): at large
     # batches the step is compute-bound and rejected rows cost as much as accepted ones.
     disable_by_batch_size: int | None = None
+    # How many drafts a step verifies (Ember's keys; vLLM has no such choice and always verifies the
+    # proposals whole). "goodput": the drafts that raise the step's expected tokens per second, and while
+    # a request in the step is not expected to gain (a grammar, paused, or accepting under half its
+    # drafts' tokens) only as many as slow it by at most `max_request_slowdown` against a step without
+    # drafts (`draft_budget.py`; it measures decode step times as it runs). "max": every proposal whole.
+    draft_budget: str = "goodput"
+    max_request_slowdown: float = 0.05
     # suffix, with vLLM's names and defaults: the longest suffix matched (and the trees' depth), finished
     # requests whose outputs the global tree keeps, a draft's length at most this factor times the match's,
     # and the least probability the tree may give a draft token.
@@ -72,6 +80,10 @@ class SpeculativeConfig:
             raise ValueError(f"min_acceptance_rate must be in [0, 1], got {self.min_acceptance_rate}")
         if self.min_drafted_tokens < 1:
             raise ValueError(f"min_drafted_tokens must be positive, got {self.min_drafted_tokens}")
+        if self.draft_budget not in DRAFT_BUDGETS:
+            raise ValueError(f"draft_budget must be one of {DRAFT_BUDGETS}, got {self.draft_budget!r}")
+        if not 0.0 <= self.max_request_slowdown < 1.0:
+            raise ValueError(f"max_request_slowdown must be in [0, 1), got {self.max_request_slowdown}")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ember.request import Request
 from ember.spec_decode.config import SpeculativeConfig
+from ember.spec_decode.draft_budget import LOW_ACCEPTANCE, AcceptanceEstimate, StepCosts, plan_drafts
 from ember.spec_decode.ngram_proposer import NgramProposer
 from ember.spec_decode.suffix_proposer import SuffixProposer
 
@@ -86,7 +87,9 @@ class Speculator:
     A request gets no drafts when it has a grammar (the target's bitmask covers one position), while its
     speculation is paused (`SpecPause`: fewer than `min_acceptance_rate` of its last `min_drafted_tokens`
     drafts accepted), when the running batch is above `disable_by_batch_size`, or when one more token would
-    end it; otherwise at most as many as fit in its `max_tokens` and the model length.
+    end it; otherwise at most as many as fit in its `max_tokens` and the model length. With `draft_budget`
+    "goodput" the step's drafts are then cut to those that pay (`draft_budget.plan_drafts`, from each
+    request's acceptance and the decode step times `observe_step` measures).
     """
 
     def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int) -> None:
@@ -102,6 +105,7 @@ class Speculator:
                                          config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob)
         self._stateful = [p for p in (self.draft_model, self.suffix) if p is not None]  # per-request state to free
         self.stats = SpecDecodingStats(accepted_per_position=[0] * config.num_speculative_tokens)
+        self.step_costs = StepCosts()
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of the running requests that will decode next step."""
@@ -113,6 +117,10 @@ class Speculator:
             if k > 0:
                 candidates.append(request)
                 budgets.append(k)
+        goodput = self.config.draft_budget == "goodput" and bool(candidates)
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1] if goodput else []
+        if goodput and self.draft_model is not None:  # drafts cost draft-model passes: plan before proposing
+            budgets = self._plan(decoding, candidates, budgets)
         try:
             if self.ngram is not None:
                 proposals = [self.ngram.propose(request.all_token_ids, k) for request, k in zip(candidates, budgets)]
@@ -125,8 +133,30 @@ class Speculator:
             for proposer in self._stateful:
                 proposer.reset()
             return
+        if goodput and self.draft_model is None:  # cheap proposals: plan on what was actually proposed
+            proposed = [(request, drafts) for request, drafts in zip(candidates, proposals) if drafts]
+            kept = self._plan(decoding, [r for r, _ in proposed], [len(d) for _, d in proposed])
+            candidates, proposals = [r for r, _ in proposed], [d[:k] for (_, d), k in zip(proposed, kept)]
         for request, drafts in zip(candidates, proposals):
             request.spec_token_ids = drafts
+
+    def _plan(self, decoding: list[Request], requests: list[Request], max_drafts: list[int]) -> list[int]:
+        """`plan_drafts` for `requests` among the `decoding` ones. Protected: a request with a grammar, one
+        whose speculation is paused, and one whose drafts were accepted with a chance under LOW_ACCEPTANCE."""
+        if not requests:
+            return []
+        rates = [r.spec_acceptance.rate if r.spec_acceptance is not None else AcceptanceEstimate().rate
+                 for r in requests]
+        candidates = {id(r) for r in requests}
+        idle = sum(1 for r in decoding if id(r) not in candidates and _is_protected(r))
+        return plan_drafts(len(decoding), rates, max_drafts, self.step_costs, self.config.max_request_slowdown,
+                           [_is_protected(r) for r in requests], idle)
+
+    def observe_step(self, scheduled: list, seconds: float) -> None:
+        """Time one model step (`SchedulerOutput.scheduled`): a decode-only step (each request one token
+        and its drafts) goes into the step costs the draft plan reads."""
+        if scheduled and all(entry.num_new_tokens == 1 + len(entry.spec_token_ids) for entry in scheduled):
+            self.step_costs.observe(sum(entry.num_new_tokens for entry in scheduled), seconds)
 
     def _num_drafts(self, request: Request) -> int:
         if (request.structured_output is not None or request.is_finished
@@ -148,6 +178,8 @@ class Speculator:
             stats.accepted_per_position[position] += 1
         if request.spec_pause is None:
             request.spec_pause = SpecPause(self.config.min_drafted_tokens, self.config.min_acceptance_rate)
+            request.spec_acceptance = AcceptanceEstimate()
+        request.spec_acceptance.record(num_drafted, num_accepted)
         request.spec_pause.record(num_drafted, num_accepted, request.num_output_tokens + num_accepted + 1)
 
     def release(self, request_id: str) -> None:
@@ -155,6 +187,13 @@ class Speculator:
         also does)."""
         for proposer in self._stateful:
             proposer.release(request_id)
+
+
+def _is_protected(request: Request) -> bool:
+    """Whether drafts are not expected to pay for `request` (see `Speculator._plan`)."""
+    return (request.structured_output is not None
+            or (request.spec_pause is not None and request.spec_pause.is_paused(request.num_output_tokens))
+            or (request.spec_acceptance is not None and request.spec_acceptance.rate < LOW_ACCEPTANCE))
 
 
 def build_speculator(config, model_config, tokenizer, kv_spec, num_blocks: int) -> Speculator | None:
