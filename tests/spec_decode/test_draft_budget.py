@@ -45,14 +45,18 @@ def test_acceptance_estimate_finds_the_per_token_chance_of_geometric_rounds():
 
 def test_step_costs_average_each_row_count_and_fill_the_gaps():
     costs = StepCosts()
+    costs.observe(4, 0.050)  # a row count's first step (it builds that count's decode loop) is dropped
     assert costs.estimate(3) is None
     costs.observe(4, 0.010)
+    costs.observe(12, 0.030)
     costs.observe(12, 0.020)
-    assert costs.estimate(8) == pytest.approx(0.015)  # between two seen counts: on the line
+    assert costs.estimate(8) == pytest.approx(0.015)  # between two measured counts: on the line
     assert costs.estimate(2) == pytest.approx(0.005)  # below: in proportion to the rows
     assert costs.estimate(30) == pytest.approx(0.020)  # above: the largest's time
     costs.observe(4, 0.020)
     assert costs.estimate(4) == pytest.approx(0.012)  # an average, a fifth of the way to the new step
+    costs.observe(4, 1.0)  # a stall counts as twice the average
+    assert costs.estimate(4) == pytest.approx(0.012 + 0.2 * 0.012)
 
 
 def plan(num_decoding, rates, max_drafts, costs, protected=None, idle=0, slowdown=0.05):
