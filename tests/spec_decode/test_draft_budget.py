@@ -25,6 +25,9 @@ class FixedCosts(StepCosts):
     def estimate(self, num_rows):
         return self.seconds(num_rows)
 
+    def estimates(self, first, last):
+        return [self.seconds(rows) for rows in range(first, last + 1)]
+
 
 def expected_tokens(rate, drafts):
     return sum(rate ** j for j in range(drafts + 1))
@@ -57,6 +60,9 @@ def test_step_costs_average_each_row_count_and_fill_the_gaps():
     assert costs.estimate(4) == pytest.approx(0.012)  # an average, a fifth of the way to the new step
     costs.observe(4, 1.0)  # a stall counts as twice the average
     assert costs.estimate(4) == pytest.approx(0.012 + 0.2 * 0.012)
+    costs.observe(20, 0.04)
+    costs.observe(20, 0.04)
+    assert costs.estimates(1, 30) == pytest.approx([costs.estimate(rows) for rows in range(1, 31)])
 
 
 def plan(num_decoding, rates, max_drafts, costs, protected=None, idle=0, slowdown=0.05):
