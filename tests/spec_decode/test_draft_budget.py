@@ -181,3 +181,24 @@ def test_draft_budget_keys_are_checked():
         SpeculativeConfig.parse({"method": "ngram", "draft_budget": "all"})
     with pytest.raises(ValueError, match="max_request_slowdown"):
         SpeculativeConfig.parse({"method": "ngram", "max_request_slowdown": 1.0})
+
+
+def test_a_failing_plan_costs_drafts_not_requests(tiny_llama_dir):
+    tokens, _, _ = run(tiny_llama_dir, draft_budget="max")
+    llm = LLM(model=tiny_llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=96,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "min_acceptance_rate": 0.0})
+    costs, plans = FixedCosts(lambda rows: 0.01), [0]
+    free_estimate = costs.estimate
+
+    def estimate(rows):  # read once a plan, for the step without drafts: every other plan fails
+        plans[0] += 1
+        if plans[0] % 2:
+            raise RuntimeError("injected plan fault")
+        return free_estimate(rows)
+
+    costs.estimate = estimate
+    llm.engine.speculator.step_costs = costs
+    outs = llm.generate([{"prompt_token_ids": p} for p in repeating_prompts(4)],
+                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == tokens
+    assert plans[0] > 4 and llm.engine.get_stats().spec_decoding.num_accepted_tokens > 0

@@ -119,24 +119,25 @@ class Speculator:
                 budgets.append(k)
         goodput = self.config.draft_budget == "goodput" and bool(candidates)
         decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1] if goodput else []
-        if goodput and self.draft_model is not None:  # drafts cost draft-model passes: plan before proposing
-            budgets = self._plan(decoding, candidates, budgets)
         try:
+            if goodput and self.draft_model is not None:  # drafts cost draft-model passes: plan before proposing
+                budgets = self._plan(decoding, candidates, budgets)
             if self.ngram is not None:
                 proposals = [self.ngram.propose(request.all_token_ids, k) for request, k in zip(candidates, budgets)]
             elif self.suffix is not None:
                 proposals = self.suffix.propose(running, candidates, budgets)
             else:
                 proposals = self.draft_model.propose(candidates, budgets)
-        except Exception:  # drafts are optional: a failing proposer costs this step's drafts, not requests
-            logger.exception("the %s proposer failed; this step runs without drafts", self.config.method)
+            if goodput and self.draft_model is None:  # cheap proposals: plan on what was actually proposed
+                proposed = [(request, drafts) for request, drafts in zip(candidates, proposals) if drafts]
+                kept = self._plan(decoding, [r for r, _ in proposed], [len(d) for _, d in proposed])
+                candidates, proposals = [r for r, _ in proposed], [d[:k] for (_, d), k in zip(proposed, kept)]
+        except Exception:  # drafts are optional: a failing proposer or plan costs this step's drafts, not requests
+            logger.exception("the %s proposer or the draft plan failed; this step runs without drafts",
+                             self.config.method)
             for proposer in self._stateful:
                 proposer.reset()
             return
-        if goodput and self.draft_model is None:  # cheap proposals: plan on what was actually proposed
-            proposed = [(request, drafts) for request, drafts in zip(candidates, proposals) if drafts]
-            kept = self._plan(decoding, [r for r, _ in proposed], [len(d) for _, d in proposed])
-            candidates, proposals = [r for r, _ in proposed], [d[:k] for (_, d), k in zip(proposed, kept)]
         for request, drafts in zip(candidates, proposals):
             request.spec_token_ids = drafts
 
