@@ -73,21 +73,8 @@ class StepCosts:
             self._first_seen.add(num_rows)
 
     def estimate(self, num_rows: int) -> float | None:
-        """Seconds of a decode step of `num_rows` rows; None before any step was seen."""
-        if not self._rows:
-            return None
-        seen = self._seconds.get(num_rows)
-        if seen is not None:
-            return seen
-        i = bisect.bisect_left(self._rows, num_rows)
-        if i == 0:
-            first = self._rows[0]
-            return self._seconds[first] * num_rows / first
-        if i == len(self._rows):
-            return self._seconds[self._rows[-1]]
-        lo, hi = self._rows[i - 1], self._rows[i]
-        t_lo, t_hi = self._seconds[lo], self._seconds[hi]
-        return t_lo + (t_hi - t_lo) * (num_rows - lo) / (hi - lo)
+        """Seconds of a decode step of `num_rows` rows; None before any step was measured."""
+        return self.estimates(num_rows, num_rows)[0] if self._rows else None
 
     def estimates(self, first: int, last: int) -> list[float]:
         """`estimate` of every row count from `first` to `last` (one pass: a plan reads thousands)."""
@@ -132,12 +119,14 @@ def plan_drafts(num_decoding: int, rates: list[float], max_drafts: list[int], co
                      key=lambda inc: -inc[0])
     # The most likely drafts first; and, since a protected candidate's own drafts loosen the bound it
     # sets, also its drafts first and then the others'. The better plan of the two orders wins.
-    orders = [by_gain, [inc for inc in by_gain if protected[inc[1]]] + [inc for inc in by_gain if not protected[inc[1]]]]
+    orders = [by_gain]
+    if any(protected):
+        orders.append([inc for inc in by_gain if protected[inc[1]]] + [inc for inc in by_gain if not protected[inc[1]]])
     best_goodput, best_plan = num_decoding / plain, [0] * len(rates)
     step_seconds = costs.estimates(num_decoding, num_decoding + total)  # [drafts]: T(num_decoding + drafts)
-    for increments in orders[: 1 + any(protected)]:
-        goodput, length = _best_prefix(num_decoding, increments, len(rates), step_seconds,
-                                       plain / (1.0 - max_request_slowdown), protected, num_protected_idle)
+    for increments in orders:
+        goodput, length = _best_prefix(num_decoding, increments, step_seconds, plain / (1.0 - max_request_slowdown),
+                                       protected, num_protected_idle)
         if goodput > best_goodput:
             best_goodput, best_plan = goodput, [0] * len(rates)
             for _, i in increments[:length]:
@@ -145,12 +134,11 @@ def plan_drafts(num_decoding: int, rates: list[float], max_drafts: list[int], co
     return best_plan
 
 
-def _best_prefix(num_decoding: int, increments: list[tuple[float, int]], num_candidates: int,
-                 step_seconds: list[float], allowed: float, protected: list[bool],
-                 num_protected_idle: int) -> tuple[float, int]:
+def _best_prefix(num_decoding: int, increments: list[tuple[float, int]], step_seconds: list[float],
+                 allowed: float, protected: list[bool], num_protected_idle: int) -> tuple[float, int]:
     """(expected tokens per second, length) of the best prefix of `increments` whose step takes at most
     `allowed` times the least expected tokens of a protected request."""
-    expected = [1.0] * num_candidates
+    expected = [1.0] * len(protected)
     guarded = [i for i, p in enumerate(protected) if p]
     least = 1.0 if num_protected_idle or guarded else float("inf")
     tokens = float(num_decoding)

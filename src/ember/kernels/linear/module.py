@@ -26,8 +26,8 @@ class KernelLinear(nn.Module):
     """y = x W^T (+ b) computed by the kernel ``policy`` picks for each call's token count and dtype.
 
     The choice and its operands are cached per (token count, dtype) for calls of up to
-    ``PLAN_CACHE_MAX_TOKENS`` tokens: choosing costs more than a small call's matmul. Caches are dropped when the policy is replaced, the weights are loaded or the module
-    is moved.
+    ``PLAN_CACHE_MAX_TOKENS`` tokens: choosing costs more than a small call's matmul. Caches are dropped
+    when the policy is replaced, the weights are loaded or the module is moved.
     """
 
     def __init__(self, spec: LinearSpec, policy: KernelPolicy | None = None) -> None:
