@@ -4,8 +4,10 @@ Quantizes the bundled model (GPTQ int4 g64 by default) once per setting, writes 
 scratch directory, loads it like `ember eval perplexity` does and scores King Lear + Julius Caesar
 (first 4,096 tokens each, windows of 512, stride 256). Settings: uniform; the most sensitive ops in
 bf16 up to `--bf16-budget` of the linear weights (ranked by `--rank-by` in the `--sensitivity`
-report); `--seeds` random choices of ops with at most the same bf16 bytes; plus any `--checkpoint`
-directories (e.g. an `ember quantize --auto` result). Prints one JSON object.
+report); `--seeds` random choices of ops with at most the same bf16 bytes; with `--bf16-channels F`,
+GPTQ keeping each linear's most salient fraction F of input channels in bf16, and `--seeds` random
+choices of as many channels; plus any `--checkpoint` directories (e.g. an `ember quantize --auto`
+result). Prints one JSON object.
 
     .venv/bin/python benchmarks/mixed_precision.py --sensitivity sens.json --bf16-budget 0.10
 """
@@ -29,12 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16-budget", type=float, default=0.10)
     parser.add_argument("--rank-by", action="append", default=None,
                         help="metric ranking the ops (repeat for several mixes; the first sizes the random controls)")
+    parser.add_argument("--bf16-channels", type=float, default=0.0, metavar="FRACTION",
+                        help="also score GPTQ keeping this fraction of each linear's input channels in bf16 "
+                             "(salient, and random controls)")
     parser.add_argument("--seeds", type=int, default=3, help="random controls")
     parser.add_argument("--first-seed", type=int, default=0, help="seed of the first random control")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint directories to score")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per evaluation play")
-    parser.add_argument("--skip", action="append", default=[], help="settings to skip: float, uniform, mix, random")
+    parser.add_argument("--skip", action="append", default=[], help="settings to skip: float, uniform, mix, random, channels (the salient-channel one)")
     return parser.parse_args(argv)
 
 
@@ -59,15 +64,26 @@ def evaluation_ppl(model_dir: str | None, dtype: str, max_tokens: int) -> float:
     return math.exp(nll / count)
 
 
-def quantize_and_score(float_model, batches, precisions: dict[str, str], args, scratch: str) -> float:
-    from ember.quant import QuantConfig, quantize_model, save_quantized
+def quantize_and_score(float_model, batches, precisions: dict[str, str], args, scratch: str,
+                       **channels) -> tuple[float, dict]:
+    """Perplexity of the checkpoint written for this setting, and its float-channel bytes (when it keeps some)."""
+    from ember.quant import QuantConfig, QuantLinear, quantize_model, save_quantized
 
     config = QuantConfig(method=args.method, bits=4, group_size=args.group_size, precisions=precisions,
-                         calibration={"files": "calibration plays", "num_samples": 16, "seq_len": 256, "seed": 0})
+                         calibration={"files": "calibration plays", "num_samples": 16, "seq_len": 256, "seed": 0},
+                         **channels)
     model = copy.deepcopy(float_model)
     quantize_model(model, config, calib_batches=batches)
     save_quantized(model, scratch, config)
-    return evaluation_ppl(scratch, args.dtype, args.max_tokens)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    extra = {}
+    if config.bf16_channels:
+        kept = sum(m.channel_weight.numel() for m in layers)
+        extra = {"channel_bf16_bytes": 2 * kept, "channel_index_bytes": sum(m.channel_index.nbytes for m in layers),
+                 "codes_bytes": sum(m.qweight.nbytes + m.scales.nbytes for m in layers),
+                 "bf16_fraction": kept / sum(m.in_features * m.out_features for m in layers)}
+        extra["weight_bytes"] = extra["channel_bf16_bytes"] + extra["channel_index_bytes"] + extra["codes_bytes"]
+    return evaluation_ppl(scratch, args.dtype, args.max_tokens), extra
 
 
 def main() -> None:
@@ -109,11 +125,22 @@ def main() -> None:
             if label.split()[0] in args.skip or (label.startswith("sensitivity") and "mix" in args.skip):
                 continue
             start = time.monotonic()
-            ppl = quantize_and_score(float_model, batches, linear_precisions({r: "bf16" for r in kept}), args, scratch)
+            ppl, _ = quantize_and_score(float_model, batches, linear_precisions({r: "bf16" for r in kept}), args,
+                                        scratch)
             rows.append({"setting": label, "bf16_ops": [r.key() for r in kept], "weight_bytes": weight_bytes(kept),
                          "bf16_fraction": sum(op_weight_bytes(shapes[r], "bf16") for r in kept)
                          / sum(op_weight_bytes(s, "bf16") for s in shapes.values()),
                          "ppl": ppl, "seconds": round(time.monotonic() - start, 1)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        channel_settings = [("salient channels", {})] if "channels" not in args.skip else []
+        channel_settings += [(f"random channels seed {s}", {"channel_order": "random", "channel_seed": s})
+                             for s in range(args.first_seed, args.first_seed + args.seeds)]
+        for label, method_args in channel_settings if args.bf16_channels else []:
+            start = time.monotonic()
+            ppl, extra = quantize_and_score(float_model, batches, {}, args, scratch, bf16_channels=args.bf16_channels,
+                                            method_args=method_args)
+            rows.append({"setting": f"{label} {args.bf16_channels:.0%}", "ppl": ppl, **extra,
+                         "seconds": round(time.monotonic() - start, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for directory in args.checkpoint:
         rows.append({"setting": directory, "ppl": evaluation_ppl(directory, args.dtype, args.max_tokens),

@@ -42,8 +42,10 @@ def _quantized_dir(tiny_llama_dir, tmp_path_factory, name: str, **config_args) -
     from ember.quant.config import QuantConfig
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    config = QuantConfig(method="rtn", **config_args)
-    quantize_model(hf, config)
+    config = QuantConfig(**{"method": "rtn", **config_args})
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 512, (2, 48), generator=gen) for _ in range(4)] if config.needs_calibration else None
+    quantize_model(hf, config, calib_batches=batches)
     path = tmp_path_factory.mktemp(name)
     save_quantized(hf, path, config)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
@@ -67,6 +69,18 @@ def int4_dir(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def int4_channels_dir(tiny_llama_dir, tmp_path_factory):  # GPTQ keeping a quarter of the input channels in float
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-int4-channels", method="gptq", bits=4,
+                          group_size=32, bf16_channels=0.25)
+
+
+@pytest.fixture(scope="module")
+def w4a8_channels_dir(tiny_llama_dir, tmp_path_factory):
+    return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-w4a8-channels", method="gptq", bits=4,
+                          group_size=32, act_bits=8, bf16_channels=0.25)
+
+
+@pytest.fixture(scope="module")
 def int8_dir(tiny_llama_dir, tmp_path_factory):
     return _quantized_dir(tiny_llama_dir, tmp_path_factory, "tiny-llama-int8", bits=8)
 
@@ -87,7 +101,8 @@ def _generate(model_dir, monkeypatch, native: bool, prompts=PROMPTS, **llm_args)
 @pytest.mark.parametrize("checkpoint,kv_cache_dtype", [("bf16", "auto"), ("bf16", "int8"),
                                                        pytest.param("w4a8", "auto", marks=needs_vnni),
                                                        pytest.param("w8a8", "auto", marks=needs_vnni),
-                                                       ("int4", "auto"), ("int8", "auto")])
+                                                       ("int4", "auto"), ("int8", "auto"), ("int4_channels", "auto"),
+                                                       pytest.param("w4a8_channels", "auto", marks=needs_vnni)])
 def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_dtype, tiny_llama_dir, request,
                                                            monkeypatch, native_steps):
     model_dir = tiny_llama_dir if checkpoint == "bf16" else request.getfixturevalue(f"{checkpoint}_dir")
@@ -100,12 +115,12 @@ def test_native_loop_gives_the_modules_tokens_and_logprobs(checkpoint, kv_cache_
     # weight-only: torch's packed int4 or the int8 GEMV up to 4 rows, then the dpbf16 kernels (woq_amx,
     # where AMX runs, has no native entry); W8A8: its GEMV up to 4 rows (w8a8_amx, first where AMX runs,
     # and fbgemm have none)
-    if checkpoint in ("int4", "int8"):
+    if checkpoint in ("int4", "int8", "int4_channels"):
         largest = 4 if native_has("quant", "amx") else 6
     elif checkpoint == "w8a8":
         largest = 0 if native_has("quant", "amx") else 4
     else:
-        largest = 6 if checkpoint == "w4a8" or native_has("core", "amx") or onednn_bf16_available() else 4
+        largest = 6 if checkpoint.startswith("w4a8") or native_has("core", "amx") or onednn_bf16_available() else 4
     assert native_steps == {size: 3 if size == 6 else 2 for size in range(1, largest + 1)}
 
 

@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     mixed.add_argument("--bf16-budget", type=float, default=None, metavar="FRACTION",
                        help="keep the most sensitive ops in bf16, up to this fraction of the linear weights "
                             "(ranked by the --keep-bf16 report, or by an analysis run now)")
+    mixed.add_argument("--bf16-channels", type=float, default=0.0, metavar="FRACTION",
+                       help="GPTQ: keep this fraction of each linear's input channels in bf16, the most salient "
+                            "(E[x_j^2] ||W[:, j]||^2 on the calibration data); GPTQ quantizes them last, so they "
+                            "absorb its error updates")
     mixed.add_argument("--rank-by", default="kl",
                        choices=["kl", "dppl", "R", "energy", "skew", "restore", "restore_per_byte"],
                        help="metric that ranks ops for --bf16-budget and --auto; restore: the leave-one-out gain "
@@ -81,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                          symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
                          alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args),
-                         lm_head=args.lm_head)
+                         lm_head=args.lm_head, bf16_channels=args.bf16_channels)
     model_config, state = load_state(path, progress=not args.quiet)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)

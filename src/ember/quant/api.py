@@ -14,7 +14,7 @@ from ember.quant.awq import apply_clip, awq_search_clip, awq_search_scales
 from ember.quant.calibration import (ChannelStats, ForwardFn, LayerInputs, capture_activations,
                                      collect_layer_inputs, default_forward, find_decoder_layers, run_layer)
 from ember.quant.config import QuantConfig
-from ember.quant.gptq import HessianAccumulator, gptq_quantize
+from ember.quant.gptq import HessianAccumulator, channel_saliency, gptq_quantize
 from ember.quant.layout import fold_scales, scale_groups
 from ember.quant.linear import QuantLinear
 from ember.quant.rotation import rotate_model, untie_embeddings
@@ -106,18 +106,50 @@ def _quantize_layerwise(model: nn.Module, config: QuantConfig, batches: Sequence
 
 def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
     args = config.method_args
+    generator = torch.Generator().manual_seed(int(args.get("channel_seed", 0)))
 
     def layer_fn(layer: nn.Module, targets: dict[str, nn.Linear], inputs: LayerInputs,
                  schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
         hessians = HessianAccumulator()
         with capture_activations(layer, list(targets), reducer=hessians):
             run_layer(layer, inputs)
+        kept = _kept_channels(targets, hessians.hessians, config.bf16_channels,
+                              args.get("channel_order", "saliency"), generator)
         return {name: gptq_quantize(lin.weight, hessians.hessians[name], schemes[name],
                                     block_size=int(args.get("block_size", 128)),
                                     percdamp=float(args.get("percdamp", 0.01)),
-                                    act_order=bool(args.get("act_order", True)))
+                                    act_order=bool(args.get("act_order", True)), keep_channels=kept.get(name))
                 for name, lin in targets.items()}
     return layer_fn
+
+
+# linears of one module that read the same input (the engine fuses them): one choice of float channels, so the
+# fused layer holds each kept channel once
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _kept_channels(targets: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], fraction: float, order: str,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The input channels each target keeps in float: the floor(fraction * K) most salient (or random) ones, one
+    choice for each set of linears sharing an input (their saliencies added)."""
+    sets: dict[tuple[str, int], list[str]] = {}
+    for name in targets:
+        parent, _, leaf = name.rpartition(".")
+        shared = next((i for i, group in enumerate(SHARED_INPUTS) if leaf in group), None)
+        sets.setdefault((parent, shared) if shared is not None else (name, -1), []).append(name)
+    kept = {}
+    for names in sets.values():
+        cols = targets[names[0]].in_features
+        count = int(fraction * cols)
+        if not count:
+            continue
+        if order == "random":
+            channels = torch.randperm(cols, generator=generator)[:count]
+        else:
+            saliency = channel_saliency([targets[n].weight for n in names], hessians[names[0]])
+            channels = torch.topk(saliency, count).indices
+        kept.update({n: channels.sort().values for n in names})
+    return kept
 
 
 def _awq_layer_fn(config: QuantConfig) -> LayerFn:

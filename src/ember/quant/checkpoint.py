@@ -86,7 +86,9 @@ def load_quantized(model: nn.Module, directory: str | Path, policy: KernelPolicy
             raise ValueError(f"{name} is listed as quantized but its precision is bf16")
         layer = QuantLinear(linear.in_features, linear.out_features, scheme, act_bits=config.act_bits_for(name),
                             bias=f"{name}.bias" in state, policy=policy,
-                            has_fallback=f"{name}.fallback_weight" in state)
+                            has_fallback=f"{name}.fallback_weight" in state,
+                            num_float_channels=state[f"{name}.channel_index"].numel()
+                            if f"{name}.channel_index" in state else 0)
         model.set_submodule(name, layer)
     if config.rotate and isinstance(getattr(model, "lm_head", None), nn.Linear):
         # rotated checkpoints carry their own lm_head; never re-tie it to the embedding

@@ -16,6 +16,7 @@ DEFAULT_MODULES = (
 )
 FORMAT_VERSION = 1
 LM_HEAD_PRECISIONS = (None, "int8", "int4")
+CHANNEL_ORDERS = ("saliency", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,12 @@ class QuantConfig:
             ``"int8"`` gives it its own copy, RTN int8 per output channel, weight-only whatever
             ``act_bits`` says; ``"int4"`` the 4-bit scheme of the other linears, with their ``act_bits``
             (llama.cpp's GGUFs quantize the output matrix too).
+        bf16_channels: GPTQ only: this fraction of each quantized linear's input channels (rounded down)
+            stays in float, chosen by saliency (E[x_j^2] ||W[:, j]||^2 on the calibration data; one choice
+            for the linears that read the same input, q/k/v and gate/up) and quantized last, so they absorb
+            GPTQ's error updates. ``method_args``
+            ``channel_order`` ``"random"`` (seed ``channel_seed``, 0) picks them at random instead, the
+            control of the choice.
     Raises:
         ValueError: on any inconsistent combination.
     """
@@ -65,6 +72,7 @@ class QuantConfig:
     precisions: dict[str, str] = dataclasses.field(default_factory=dict)
     fallback_modules: tuple[str, ...] = ()
     lm_head: str | None = None
+    bf16_channels: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +100,12 @@ class QuantConfig:
             raise ValueError("per-linear precisions are for weight-only configs (act_bits=None)")
         if self.lm_head not in LM_HEAD_PRECISIONS:
             raise ValueError(f"lm_head must be one of {LM_HEAD_PRECISIONS}, got {self.lm_head!r}")
+        if not 0.0 <= self.bf16_channels < 1.0:
+            raise ValueError(f"bf16_channels must be in [0, 1), got {self.bf16_channels}")
+        if self.bf16_channels and self.method != "gptq":
+            raise ValueError("bf16_channels needs method='gptq' (the kept channels absorb its error updates)")
+        if self.method_args.get("channel_order", "saliency") not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {self.method_args['channel_order']!r}")
         if self.lm_head == "int4" and self.bits != 4:
             raise ValueError("lm_head='int4' takes the 4-bit scheme of the other linears: set bits=4")
 

@@ -45,8 +45,16 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
+def channel_saliency(weights: list[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
+    """Per input channel j: E[x_j^2] * sum over ``weights`` of ||W[:, j]||^2, the energy the channel carries into
+    the outputs of the linears that read it ([K], float32; ``hessian`` is 2 X^T X / n, so its diagonal is 2 E[x^2])."""
+    energy = sum(w.detach().float().pow(2).sum(0) for w in weights)
+    return torch.diagonal(hessian).float() * energy
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False) -> QuantizedWeight:
+                  percdamp: float = 0.01, act_order: bool = False,
+                  keep_channels: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] column by column, spreading each column's error over the rest.
 
     Args:
@@ -58,6 +66,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
         block_size: columns updated lazily together (rounded to a multiple of the group size).
         percdamp: damping as a fraction of the mean Hessian diagonal.
         act_order: quantize columns in decreasing diag(H) order.
+        keep_channels: input channels [C] (int64) kept in float. They come last in the order, so they
+            take the error updates of every quantized column and are never rounded (as the unquantized
+            columns of GPTQ's lazy batches are); their codes are what 0 rounds to, and the result's
+            ``channel_weight`` holds the rest. Group parameters are computed up front, as with
+            ``act_order``, on the weight with these columns zeroed.
     Returns:
         a ``QuantizedWeight`` in the original column order.
     """
@@ -67,21 +80,32 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     hessian = hessian.double().clone()
     dead = torch.diagonal(hessian) == 0  # channels never active: any value is fine, pin to 0
     hessian[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(cols)
+    keep = torch.zeros(cols, dtype=torch.bool)
+    if keep_channels is not None:
+        keep[keep_channels] = True
+    order = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(cols)
+    perm = torch.cat([order[~keep[order]], order[keep[order]]])
     w = weight.detach().float().clone()
     w[:, dead] = 0.0
+    static = act_order or keep_channels is not None
+    # original-order params (kept columns as zeros); overwritten group by group when computed dynamically
+    scales, offsets = grouped_qparams(weight.detach().float().masked_fill(keep, 0.0), scheme)
     w = w[:, perm].contiguous()  # [N, K] in quantization order
     hinv = _inverse_cholesky(hessian[perm][:, perm], percdamp).float()  # [K, K] upper, float32 as in GPTQ
 
-    # original-order params; overwritten group by group when computed dynamically
-    scales, offsets = grouped_qparams(weight.detach().float(), scheme)
     state = _State(codes=torch.zeros(rows, cols, dtype=torch.int16), scales=scales, offsets=offsets,
-                   order=perm.tolist(), size=size, dynamic=bool(scheme.group_size) and not act_order)
+                   order=perm.tolist(), size=size, dynamic=bool(scheme.group_size) and not static,
+                   num_quantized=cols - int(keep.sum()), kept=torch.zeros(rows, int(keep.sum())))
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         errors = _quantize_block(w, hinv, start, end, state, scheme)
         w[:, end:] -= errors @ hinv[start:end, end:]  # lazy batch update (GPTQ Sec. 4, step 2)
-    return pack_weight(state.codes, state.scales, state.offsets, scheme)
+    packed = pack_weight(state.codes, state.scales, state.offsets, scheme)
+    if keep_channels is not None:
+        index, where = perm[state.num_quantized:].sort()
+        packed.channel_weight = state.kept[:, where] - packed.dequantize()[:, index]
+        packed.channel_index = index
+    return packed
 
 
 @dataclasses.dataclass
@@ -92,13 +116,15 @@ class _State:
     order: list[int]  # quantization position -> original column
     size: int  # group length
     dynamic: bool  # group params computed when the group starts (no act-order)
+    num_quantized: int  # positions from here on are kept in float
+    kept: torch.Tensor  # [N, K - num_quantized] final values of the kept columns, in order
 
 
 def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, state: _State,
                     scheme: WeightScheme) -> torch.Tensor:
     """Quantize columns [start, end) one by one, updating the rest of the block (GPTQ Alg. 1)."""
     block = w[:, start:end].clone()  # [N, B]
-    errors = torch.empty_like(block)
+    errors = torch.zeros_like(block)
     for i in range(end - start):
         column = state.order[start + i]
         group = column // state.size
@@ -106,6 +132,10 @@ def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, s
             scale, offset = compute_qparams(block[:, i:i + state.size], scheme)
             state.scales[:, group], state.offsets[:, group] = scale[:, 0], offset[:, 0]
         scale, offset = state.scales[:, group], state.offsets[:, group]
+        if start + i >= state.num_quantized:  # kept in float: the code of 0, no error to spread
+            state.kept[:, start + i - state.num_quantized] = block[:, i]
+            state.codes[:, column] = torch.round(-offset / scale).clamp_(scheme.qmin, scheme.qmax).to(torch.int16)
+            continue
         q = torch.round((block[:, i] - offset) / scale).clamp_(scheme.qmin, scheme.qmax)  # [N]
         state.codes[:, column] = q.to(torch.int16)
         err = (block[:, i] - (q * scale + offset)) / hinv[start + i, start + i]

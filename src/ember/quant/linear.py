@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from ember.kernels.linear.base import LinearWeights
+from ember.kernels.linear.dense import channel_matmul, pad_channels
 from ember.kernels.linear.module import KernelLinear
 from ember.kernels.linear.registry import KernelPolicy
 from ember.kernels.linear.spec import LinearSpec, QuantizedWeight, WeightScheme
@@ -18,8 +19,10 @@ class QuantLinear(KernelLinear):
     two codes per byte); ``scales`` float32 [N, groups]; ``offsets`` float32 [N, groups]
     (asymmetric 4-bit only; w = code * scale + offset); ``bias`` [N] if present; ``fallback_weight``
     [N, K] float, if the checkpoint carries a high-precision copy of the op (per-request precision
-    fallback; it follows the model's dtype). Kernel operands are derived from these on first use per
-    activation dtype and are not part of the state dict.
+    fallback; it follows the model's dtype); ``channel_index`` int64 [C] and ``channel_weight`` [N, C] float
+    (following the model's dtype), if some input channels were kept in float (``QuantizedWeight``): the
+    kernel computes the codes' part and x[:, channel_index] @ channel_weight^T is added. Kernel operands
+    are derived from these on first use per activation dtype and are not part of the state dict.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -28,11 +31,12 @@ class QuantLinear(KernelLinear):
         bias: whether the layer has a bias.
         policy: kernel selection policy.
         has_fallback: whether to hold a float copy of the weight (``fallback_weight``).
+        num_float_channels: input channels kept in float (``channel_index``, ``channel_weight``).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, *,
                  act_bits: int | None = None, bias: bool = False, policy: KernelPolicy | None = None,
-                 has_fallback: bool = False) -> None:
+                 has_fallback: bool = False, num_float_channels: int = 0) -> None:
         groups = in_features // scheme.group_len(in_features)
         super().__init__(LinearSpec(in_features, out_features, scheme, act_bits, groups, bias), policy)
         self.scheme, self.act_bits = scheme, act_bits
@@ -47,6 +51,9 @@ class QuantLinear(KernelLinear):
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("fallback_weight", torch.zeros(out_features, in_features) if has_fallback else None)
+        channels = num_float_channels > 0
+        self.register_buffer("channel_index", torch.zeros(num_float_channels, dtype=torch.long) if channels else None)
+        self.register_buffer("channel_weight", torch.zeros(out_features, num_float_channels) if channels else None)
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
@@ -55,10 +62,15 @@ class QuantLinear(KernelLinear):
         """Build from a ``QuantizedWeight`` (and the float bias of the replaced linear, and optionally
         its float weight as the high-precision copy)."""
         out_features = weight.scales.shape[0]
+        channels = 0 if weight.channel_index is None else weight.channel_index.numel()
         layer = cls(weight.in_features, out_features, weight.scheme, act_bits=act_bits,
-                    bias=bias is not None, policy=policy, has_fallback=fallback_weight is not None)
+                    bias=bias is not None, policy=policy, has_fallback=fallback_weight is not None,
+                    num_float_channels=channels)
         if fallback_weight is not None:
             layer.fallback_weight.copy_(fallback_weight.detach())
+        if channels:
+            layer.channel_index.copy_(weight.channel_index)
+            layer.channel_weight.copy_(weight.channel_weight)
         layer.qweight.copy_(weight.qweight)
         layer.scales.copy_(weight.scales)
         if weight.offsets is not None:
@@ -72,7 +84,8 @@ class QuantLinear(KernelLinear):
         """One layer computing [y_1; y_2; ...] for linears sharing an input (fused q/k/v, gate/up).
 
         Exact: output rows keep their own codes and scales, and W8A8 activations are quantized per
-        token, the same for every part. Raises ValueError if schemes or inputs differ.
+        token, the same for every part; float channels are the union of the parts' (zeros where a part
+        has none). Raises ValueError if schemes or inputs differ.
         """
         first = layers[0]
         if any((lay.in_features, lay.scheme, lay.act_bits) != (first.in_features, first.scheme, first.act_bits)
@@ -80,10 +93,22 @@ class QuantLinear(KernelLinear):
             raise ValueError("only layers with the same input size, scheme and activation bits can be fused")
         has_bias = [lay.bias is not None for lay in layers]
         has_fallback = all(lay.fallback_weight is not None for lay in layers)
+        parts = [lay for lay in layers if lay.channel_index is not None]
+        channels = torch.unique(torch.cat([lay.channel_index for lay in parts])) if parts else None
         fused = cls(first.in_features, sum(lay.out_features for lay in layers), first.scheme,
-                    act_bits=first.act_bits, bias=any(has_bias), policy=first.policy, has_fallback=has_fallback)
+                    act_bits=first.act_bits, bias=any(has_bias), policy=first.policy, has_fallback=has_fallback,
+                    num_float_channels=0 if channels is None else channels.numel())
         if has_fallback:
             fused.fallback_weight = torch.cat([lay.fallback_weight for lay in layers])
+        if parts:
+            fused.channel_index.copy_(channels)
+            fused.channel_weight = fused.channel_weight.to(parts[0].channel_weight.dtype)
+            row = 0
+            for lay in layers:
+                if lay.channel_index is not None:
+                    columns = torch.searchsorted(channels, lay.channel_index)
+                    fused.channel_weight[row:row + lay.out_features, columns] = lay.channel_weight
+                row += lay.out_features
         for name in ("qweight", "scales", "offsets"):
             if getattr(first, name) is not None:
                 getattr(fused, name).copy_(torch.cat([getattr(lay, name) for lay in layers]))
@@ -96,15 +121,41 @@ class QuantLinear(KernelLinear):
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.scheme, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [N, K] this layer represents."""
-        return self.quantized_weight().dequantize(dtype)
+        """The float weight [N, K] this layer represents (float channels included)."""
+        weight = self.quantized_weight()
+        weight.channel_index, weight.channel_weight = self.channel_index, self.channel_weight
+        return weight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.channel_index is None:
+            return out
+        index, weight = self._channel_operands(x.dtype)
+        part = channel_matmul(x.reshape(-1, self.in_features).index_select(1, index), weight)
+        return out + part.reshape(out.shape)
+
+    def _channel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float channels padded for the GEMV (``pad_channels``), in ``dtype``; cached with the kernels' operands."""
+        key = ("float_channels", dtype)
+        if key not in self._prepared:
+            self._prepared[key] = pad_channels(self.channel_index, self.channel_weight.to(dtype))
+        return self._prepared[key]
+
+    def native_call(self, num_tokens: int, dtype: torch.dtype) -> tuple[str, list[torch.Tensor], int] | None:
+        # float channels ride along as "<kernel>+channels" with two more tensors (decode_layers.cpp)
+        call = super().native_call(num_tokens, dtype)
+        if call is None or self.channel_index is None:
+            return call
+        name, tensors, arg = call
+        return name + "+channels", [*tensors, *self._channel_operands(dtype)], arg
 
     def linear_weights(self) -> LinearWeights:
         return LinearWeights(quantized=self.quantized_weight(), bias=self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""
-        stored = {name: buf for name, buf in self._buffers.items() if buf is not None and name != "fallback_weight"}
+        stored = {name: buf for name, buf in self._buffers.items()
+                  if buf is not None and name not in ("fallback_weight", "channel_weight")}
         super()._apply(fn, recurse)
         for name, old in stored.items():
             new = self._buffers[name]

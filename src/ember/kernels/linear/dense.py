@@ -118,3 +118,24 @@ BF16_DPBF16 = LinearKernel(
     native=lambda spec, panels: ([panels], spec.out_features))
 
 DENSE_KERNELS = (AMX_BF16, BF16_DPBF16, BF16_GEMV, ONEDNN_BF16, ONEDNN_F32, DENSE_REFERENCE)
+
+
+# Input channels kept in float beside a quantized weight (QuantLinear): x[:, index] @ weight^T, padded to the
+# GEMV's K step so decode-sized calls take it, in the module and in the native decode loop alike.
+CHANNEL_STEP = 32
+
+
+def pad_channels(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight [N, C]) padded to a multiple of ``CHANNEL_STEP`` channels: the first channel again, with
+    zero weights."""
+    pad = -index.numel() % CHANNEL_STEP
+    index = torch.cat([index, index[:1].expand(pad)])
+    return index.contiguous(), F.pad(weight, (0, pad)).contiguous()
+
+
+def channel_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, C] @ weight^T as decode_layers.cpp computes it: the bf16 GEMV up to its row count, else F.linear."""
+    if x.dtype == torch.bfloat16 and native_has("core", "avx512_bf16") and x.shape[0] <= core_ops().max_gemv_tokens:
+        return core_ops().bf16_gemv(x, weight)
+    return F.linear(x, weight)
+

@@ -61,6 +61,10 @@ class QuantizedWeight:
     qweight: int8 [N, K] (8-bit) or uint8 [N, K // 2] (4-bit, see ``pack_int4``).
     scales: float32 [N, num_groups]. offsets: float32 [N, num_groups] for asymmetric 4-bit (the group
     minimum, as in GGUF Q4_1), else None (implied: -8 * scale for symmetric 4-bit, 0 for 8-bit).
+    channel_index: int64 [C], input channels kept in float (GPTQ with ``bf16_channels``), else None;
+    channel_weight: float [N, C], what those columns add on top of their codes (w - code * scale -
+    offset). Kernels compute the codes' part only; ``QuantLinear`` adds x[:, channel_index] @
+    channel_weight^T.
     """
 
     qweight: torch.Tensor
@@ -68,6 +72,8 @@ class QuantizedWeight:
     offsets: torch.Tensor | None
     scheme: WeightScheme
     in_features: int
+    channel_index: torch.Tensor | None = None
+    channel_weight: torch.Tensor | None = None
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes [N, K] (int16 to keep arithmetic safe)."""
@@ -82,8 +88,11 @@ class QuantizedWeight:
         return implied_offset(self.scales.float(), self.scheme)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Reference dequantization: code * scale + offset per group -> [N, K] in ``dtype``."""
-        return dequantize_codes(self.codes(), self.scales, self.group_offsets(), self.in_features).to(dtype)
+        """Reference dequantization: code * scale + offset per group, plus the float channels -> [N, K] in ``dtype``."""
+        weight = dequantize_codes(self.codes(), self.scales, self.group_offsets(), self.in_features)
+        if self.channel_index is not None:
+            weight.index_add_(1, self.channel_index, self.channel_weight.float())
+        return weight.to(dtype)
 
 
 def implied_offset(scale: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:

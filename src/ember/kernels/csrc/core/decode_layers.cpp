@@ -5,6 +5,9 @@
 //
 // Linears: W4A8 and weight-only int8 / int4 from the quant extension (through its c_api table), the dense
 // bf16 GEMV, panel and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
+// A quantized linear with input channels kept in float ("<kernel>+channels") adds x[:, index] @ weight^T
+// after its kernel, as QuantLinear.forward does (kernels/linear/dense.py, channel_matmul): the bf16 GEMV up
+// to its row count, else at::linear.
 //
 // Dual-precision ops (a quantized and a dense copy of one op) whose rows split between the two in this step
 // run as the modules' DualPrecisionLinear does: the dense kernel on the dense rows, copied over the quantized
@@ -19,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "gemv.h"
 #include "quant_api.h"
 
 // The core extension's own ops (fused_ops.cpp, paged_decode.cpp, bf16_gemv.cpp, bf16_dpbf16.cpp, bf16_amx.cpp).
@@ -47,7 +51,10 @@ struct Linear {
   } kind;
   std::vector<torch::Tensor> operands;
   int64_t arg;  // w4a8_vnni, int4_dpbf16, int4_weight_only: group length; amx_bf16, bf16_dpbf16: out_features; others unused
+  torch::Tensor channel_index, channel_weight;  // float input channels [C] and their weight [N, C], or undefined
 };
+
+constexpr char kChannels[] = "+channels";
 
 // Operand `i` if the linear has it (an optional bias follows the kernel's own operands).
 c10::optional<torch::Tensor> optional_operand(const std::vector<torch::Tensor>& operands, size_t i) {
@@ -63,7 +70,20 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed)
   return stack.back().toTensor();
 }
 
-Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operands, int64_t arg) {
+Linear make_linear(std::string kernel, std::vector<torch::Tensor> operands, int64_t arg) {
+  torch::Tensor channel_index, channel_weight;
+  const size_t suffix = kernel.size() >= sizeof(kChannels) - 1 ? kernel.size() - (sizeof(kChannels) - 1) : 0;
+  if (suffix > 0 && kernel.compare(suffix, std::string::npos, kChannels) == 0) {
+    TORCH_CHECK(operands.size() >= 2, "'", kernel, "' ends with the channel index and weight");
+    channel_weight = operands.back();
+    operands.pop_back();
+    channel_index = operands.back();
+    operands.pop_back();
+    TORCH_CHECK(channel_index.dim() == 1 && channel_index.scalar_type() == torch::kLong && channel_weight.dim() == 2 &&
+                    channel_weight.size(1) == channel_index.size(0) && channel_weight.scalar_type() == torch::kBFloat16,
+                "channels: int64 index [C] and bf16 weight [N, C]");
+    kernel.resize(suffix);
+  }
   size_t expected = 1;
   Linear::Kind kind;
   if (kernel == "w4a8_vnni") {
@@ -101,7 +121,7 @@ Linear make_linear(const std::string& kernel, std::vector<torch::Tensor> operand
   const bool takes_bias = kind == Linear::kW4A8 || kind == Linear::kW8A8Gemv;
   TORCH_CHECK(operands.size() == expected || (takes_bias && operands.size() == expected + 1),
               "kernel '", kernel, "' takes ", expected, " operands, got ", operands.size());
-  return Linear{kind, std::move(operands), arg};
+  return Linear{kind, std::move(operands), arg, channel_index, channel_weight};
 }
 
 // One linear of a layer as the step runs it: `main` on every row, or, when `split` >= 0, `dense` on the dense
@@ -242,6 +262,14 @@ class DecodeLayers {
   }
 
   torch::Tensor run(const Linear& linear, const torch::Tensor& x) const {
+    torch::Tensor out = run_kernel(linear, x);
+    if (!linear.channel_index.defined()) return out;
+    const torch::Tensor picked = x.index_select(1, linear.channel_index);
+    return out + (picked.size(0) <= ember_gemv::kMaxTokens ? bf16_gemv(picked, linear.channel_weight)
+                                                          : at::linear(picked, linear.channel_weight));
+  }
+
+  torch::Tensor run_kernel(const Linear& linear, const torch::Tensor& x) const {
     const auto& w = linear.operands;
     switch (linear.kind) {
       case Linear::kW4A8:
