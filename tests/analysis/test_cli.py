@@ -136,3 +136,17 @@ def test_restore_reuses_a_report_and_ranks_per_byte(report, tiny_llama_dir, tmp_
     linears = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
                "down_proj": "mlp.down_proj"}
     assert precisions[f"model.layers.{top['layer']}.{linears[top['op']]}"] == "bf16"
+
+
+def test_bf16_channels_checkpoint_and_bad_flags(tiny_llama_dir, tmp_path):
+    out = tmp_path / "channels"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
+          "--bf16-channels", "0.25", "--output", str(out), *CALIB])
+    assert json.loads((out / "quantization_config.json").read_text())["bf16_channels"] == 0.25
+    llm = LLM(model=str(out), dtype="float32", num_kv_blocks=32, max_model_len=128)
+    q_proj = llm.engine.runner.model.model.layers[0].self_attn.q_proj
+    assert q_proj.channel_index.numel() == q_proj.in_features // 4
+    assert len(_generate(out).outputs[0].token_ids) == 4
+    with pytest.raises(SystemExit, match="bf16_channels needs method='gptq'"):
+        main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--bf16-channels", "0.25", "--output", str(tmp_path / "bad")])

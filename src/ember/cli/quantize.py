@@ -82,10 +82,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     path = resolve_model_path(args.model)
     act_bits = 8 if args.method == "smoothquant" else args.act_bits
     method_args = {"act_order": True} if args.act_order else {}
-    config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
-                         symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
-                         alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args),
-                         lm_head=args.lm_head, bf16_channels=args.bf16_channels)
+    try:
+        config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
+                             symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
+                             alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args),
+                             lm_head=args.lm_head, bf16_channels=args.bf16_channels)
+    except ValueError as error:  # a bad combination of flags: say which, not where
+        raise SystemExit(f"ember quantize: {error}") from None
     model_config, state = load_state(path, progress=not args.quiet)
     model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
