@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint directories to score")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per evaluation play")
-    parser.add_argument("--skip", action="append", default=[], help="settings to skip: float, uniform, mix, random, channels (the salient-channel one)")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="settings to skip: float, uniform, mix, random, channels (the salient-channel one)")
     return parser.parse_args(argv)
 
 

@@ -105,7 +105,8 @@ class QuantConfig:
         if self.bf16_channels and self.method != "gptq":
             raise ValueError("bf16_channels needs method='gptq' (the kept channels absorb its error updates)")
         if self.method_args.get("channel_order", "saliency") not in CHANNEL_ORDERS:
-            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {self.method_args['channel_order']!r}")
+            raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, "
+                             f"got {self.method_args['channel_order']!r}")
         if self.lm_head == "int4" and self.bits != 4:
             raise ValueError("lm_head='int4' takes the 4-bit scheme of the other linears: set bits=4")
 

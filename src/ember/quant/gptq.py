@@ -95,7 +95,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
 
     state = _State(codes=torch.zeros(rows, cols, dtype=torch.int16), scales=scales, offsets=offsets,
                    order=perm.tolist(), size=size, dynamic=bool(scheme.group_size) and not static,
-                   num_quantized=cols - int(keep.sum()), kept=torch.zeros(rows, int(keep.sum())))
+                   num_quantized=cols - int(keep.sum()))
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         errors = _quantize_block(w, hinv, start, end, state, scheme)
@@ -103,7 +103,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     packed = pack_weight(state.codes, state.scales, state.offsets, scheme)
     if keep_channels is not None:
         index, where = perm[state.num_quantized:].sort()
-        packed.channel_weight = state.kept[:, where] - packed.dequantize()[:, index]
+        packed.channel_weight = w[:, state.num_quantized:][:, where] - packed.dequantize()[:, index]
         packed.channel_index = index
     return packed
 
@@ -116,8 +116,7 @@ class _State:
     order: list[int]  # quantization position -> original column
     size: int  # group length
     dynamic: bool  # group params computed when the group starts (no act-order)
-    num_quantized: int  # positions from here on are kept in float
-    kept: torch.Tensor  # [N, K - num_quantized] final values of the kept columns, in order
+    num_quantized: int  # positions from here on are kept in float (their final values written back to w)
 
 
 def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, state: _State,
@@ -133,7 +132,7 @@ def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, s
             state.scales[:, group], state.offsets[:, group] = scale[:, 0], offset[:, 0]
         scale, offset = state.scales[:, group], state.offsets[:, group]
         if start + i >= state.num_quantized:  # kept in float: the code of 0, no error to spread
-            state.kept[:, start + i - state.num_quantized] = block[:, i]
+            w[:, start + i] = block[:, i]
             state.codes[:, column] = torch.round(-offset / scale).clamp_(scheme.qmin, scheme.qmax).to(torch.int16)
             continue
         q = torch.round((block[:, i] - offset) / scale).clamp_(scheme.qmin, scheme.qmax)  # [N]

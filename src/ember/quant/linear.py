@@ -135,7 +135,8 @@ class QuantLinear(KernelLinear):
         return out + part.reshape(out.shape)
 
     def _channel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float channels padded for the GEMV (``pad_channels``), in ``dtype``; cached with the kernels' operands."""
+        """The float channels padded for the GEMV (``pad_channels``), in ``dtype``; cached with the kernels'
+        operands."""
         key = ("float_channels", dtype)
         if key not in self._prepared:
             self._prepared[key] = pad_channels(self.channel_index, self.channel_weight.to(dtype))

@@ -156,7 +156,9 @@ class Speculator:
     def observe_step(self, scheduled: list, seconds: float) -> None:
         """Time one model step (`SchedulerOutput.scheduled`): a decode-only step (each request one token
         and its drafts) goes into the step costs the draft plan reads (only the "goodput" budget reads them)."""
-        if self.config.draft_budget == "goodput" and scheduled and all(entry.num_new_tokens == 1 + len(entry.spec_token_ids) for entry in scheduled):
+        if self.config.draft_budget != "goodput" or not scheduled:
+            return
+        if all(entry.num_new_tokens == 1 + len(entry.spec_token_ids) for entry in scheduled):
             self.step_costs.observe(sum(entry.num_new_tokens for entry in scheduled), seconds)
 
     def _num_drafts(self, request: Request) -> int:

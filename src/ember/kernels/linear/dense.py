@@ -138,4 +138,3 @@ def channel_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and native_has("core", "avx512_bf16") and x.shape[0] <= core_ops().max_gemv_tokens:
         return core_ops().bf16_gemv(x, weight)
     return F.linear(x, weight)
-
