@@ -7,7 +7,7 @@ bf16 up to `--bf16-budget` of the linear weights (ranked by `--rank-by` in the `
 report); `--seeds` random choices of ops with at most the same bf16 bytes; with `--bf16-channels F`,
 GPTQ keeping each linear's most salient fraction F of input channels in bf16, and `--seeds` random
 choices of as many channels; plus any `--checkpoint` directories (e.g. an `ember quantize --auto`
-result). Prints one JSON object.
+result). `--clip-search` runs GPTQ with its weighted clip search in every setting. Prints one JSON object.
 
     .venv/bin/python benchmarks/mixed_precision.py --sensitivity sens.json --bf16-budget 0.10
 """
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16-channels", type=float, default=0.0, metavar="FRACTION",
                         help="also score GPTQ keeping this fraction of each linear's input channels in bf16 "
                              "(salient, and random controls)")
+    parser.add_argument("--clip-search", action="store_true",
+                        help="GPTQ's weighted clip search (`ember quantize --clip-search`) in every setting")
     parser.add_argument("--seeds", type=int, default=3, help="random controls")
     parser.add_argument("--first-seed", type=int, default=0, help="seed of the first random control")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint directories to score")
@@ -66,13 +68,14 @@ def evaluation_ppl(model_dir: str | None, dtype: str, max_tokens: int) -> float:
 
 
 def quantize_and_score(float_model, batches, precisions: dict[str, str], args, scratch: str,
-                       **channels) -> tuple[float, dict]:
+                       bf16_channels: float = 0.0, method_args: dict | None = None) -> tuple[float, dict]:
     """Perplexity of the checkpoint written for this setting, and its float-channel bytes (when it keeps some)."""
     from ember.quant import QuantConfig, QuantLinear, quantize_model, save_quantized
 
+    method_args = {**(method_args or {}), **({"clip_search": True} if args.clip_search else {})}
     config = QuantConfig(method=args.method, bits=4, group_size=args.group_size, precisions=precisions,
                          calibration={"files": "calibration plays", "num_samples": 16, "seq_len": 256, "seed": 0},
-                         **channels)
+                         bf16_channels=bf16_channels, method_args=method_args)
     model = copy.deepcopy(float_model)
     quantize_model(model, config, calib_batches=batches)
     save_quantized(model, scratch, config)

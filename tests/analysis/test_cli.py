@@ -138,11 +138,12 @@ def test_restore_reuses_a_report_and_ranks_per_byte(report, tiny_llama_dir, tmp_
     assert precisions[f"model.layers.{top['layer']}.{linears[top['op']]}"] == "bf16"
 
 
-def test_bf16_channels_checkpoint_and_bad_flags(tiny_llama_dir, tmp_path):
+def test_bf16_channels_clip_search_checkpoint_and_bad_flags(tiny_llama_dir, tmp_path):
     out = tmp_path / "channels"
     main(["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
-          "--bf16-channels", "0.25", "--output", str(out), *CALIB])
-    assert json.loads((out / "quantization_config.json").read_text())["bf16_channels"] == 0.25
+          "--bf16-channels", "0.25", "--clip-search", "--output", str(out), *CALIB])
+    recorded = json.loads((out / "quantization_config.json").read_text())
+    assert recorded["bf16_channels"] == 0.25 and recorded["method_args"]["clip_search"] is True
     llm = LLM(model=str(out), dtype="float32", num_kv_blocks=32, max_model_len=128)
     q_proj = llm.engine.runner.model.model.layers[0].self_attn.q_proj
     assert q_proj.channel_index.numel() == q_proj.in_features // 4
@@ -150,3 +151,6 @@ def test_bf16_channels_checkpoint_and_bad_flags(tiny_llama_dir, tmp_path):
     with pytest.raises(SystemExit, match="bf16_channels needs method='gptq'"):
         main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--bf16-channels", "0.25", "--output", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="clip_search is for GPTQ"):
+        main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--clip-search", "--output", str(tmp_path / "bad")])

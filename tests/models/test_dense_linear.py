@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from ember.kernels.linear.dense import AMX_MAX_TOKENS, PANELS_MAX_TOKENS, PANELS_MIN_TOKENS, onednn_bf16_available
+from ember.kernels.linear.dense import (AMX_MAX_TOKENS, PANELS_MAX_TOKENS, PANELS_MIN_TOKENS, add_channels,
+                                       onednn_bf16_available)
 from ember.kernels.linear.registry import KERNEL_REGISTRY, KernelPolicy
 from ember.kernels.linear.tiles import pair_panels, tile_bf16_weight
-from ember.kernels.ops import core_ops
+from ember.kernels.ops import core_ops, native_has
 from ember.models.layers.linear import DenseLinear, use_dense_kernels
 
 needs_onednn = pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bfloat16 support")
@@ -114,6 +115,27 @@ def test_gemv_path_rounds_the_float32_sum_once(out_features, in_features, rows):
         assert layer.select_kernel(rows, torch.bfloat16) is gemv
         direct = core_ops().bf16_gemv(x, linear.weight.contiguous())
         assert torch.equal(direct, out[0])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_channel_gemv_adds_the_gathered_sum_to_out_rounded_once(rows):
+    # QuantLinear's float channels at decode sizes: out += x[:, index] @ w^T in place, float32, one rounding
+    if not native_has("core", "avx512_bf16"):
+        pytest.skip("no AVX512-BF16 GEMV here")
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    index = torch.cat([torch.randperm(576, generator=gen)[:57], torch.zeros(7, dtype=torch.long)])  # padded to 64
+    weight = torch.randn(960, 64, generator=gen).to(torch.bfloat16)
+    weight[:, 57:] = 0
+    out = torch.randn(rows, 960, generator=gen).to(torch.bfloat16)
+    before = out.clone()
+    result = add_channels(out, x, index, weight)
+    assert result.data_ptr() == out.data_ptr()  # in place
+    exact = before.double() + x[:, index].double() @ weight.double().T
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x[:, index].double().abs() @ weight.double().abs().T + 1)
+    assert bool(((out.double() - exact).abs() <= bound).all())
+    with pytest.raises(RuntimeError, match="out of range"):
+        core_ops().bf16_gemv_channels_(out, x, torch.full((64,), 576, dtype=torch.long), weight)
 
 
 def test_pair_panels_hold_bf16_pairs_of_k():

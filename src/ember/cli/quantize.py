@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--rotate", action="store_true", help="fold a Hadamard rotation in first (QuaRot)")
     parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian diagonal")
+    parser.add_argument("--clip-search", action="store_true",
+                        help="GPTQ: shrink each group's range by the factor (1.0 down to 0.7) that minimizes its "
+                             "rounding error weighted by the Hessian diagonal")
     add_calibration_args(parser)
     mixed = parser.add_argument_group("mixed precision")
     mixed.add_argument("--keep-bf16", metavar="REPORT", default=None,
@@ -82,6 +85,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     path = resolve_model_path(args.model)
     act_bits = 8 if args.method == "smoothquant" else args.act_bits
     method_args = {"act_order": True} if args.act_order else {}
+    if args.clip_search:
+        method_args["clip_search"] = True
     try:
         config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                              symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,

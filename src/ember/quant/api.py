@@ -118,7 +118,8 @@ def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
         return {name: gptq_quantize(lin.weight, hessians.hessians[name], schemes[name],
                                     block_size=int(args.get("block_size", 128)),
                                     percdamp=float(args.get("percdamp", 0.01)),
-                                    act_order=bool(args.get("act_order", True)), keep_channels=kept.get(name))
+                                    act_order=bool(args.get("act_order", True)), keep_channels=kept.get(name),
+                                    clip_search=bool(args.get("clip_search", False)))
                 for name, lin in targets.items()}
     return layer_fn
 

@@ -38,7 +38,8 @@ class QuantConfig:
         calibration: free-form description of the calibration data (source, number of samples,
             tokens per sample); ``None`` when the method needs none.
         method_args: extra method knobs. GPTQ: ``percdamp`` (0.01), ``act_order`` (True; static
-            groups), ``block_size`` (128). AWQ: ``n_grid`` (20), ``max_tokens`` (1024), ``clip``
+            groups), ``block_size`` (128), ``clip_search`` (False; each group's range shrunk to minimize
+            its rounding error weighted by the Hessian diagonal, ``rtn.weighted_qparams``). AWQ: ``n_grid`` (20), ``max_tokens`` (1024), ``clip``
             (True). SmoothQuant: ``smooth_down`` (True). Rotation: ``rotation_seed`` (0).
         precisions: per-linear exceptions to ``bits``, by full Hugging Face name: ``"bf16"`` keeps the
             linear in float, ``"int8"`` is symmetric per output channel, ``"int4"`` symmetric with
@@ -104,6 +105,8 @@ class QuantConfig:
             raise ValueError(f"bf16_channels must be in [0, 1), got {self.bf16_channels}")
         if self.bf16_channels and self.method != "gptq":
             raise ValueError("bf16_channels needs method='gptq' (the kept channels absorb its error updates)")
+        if self.method_args.get("clip_search") and (self.method != "gptq" or self.bits != 4):
+            raise ValueError("clip_search is for GPTQ's 4-bit groups (AWQ searches its clipping by default)")
         if self.method_args.get("channel_order", "saliency") not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, "
                              f"got {self.method_args['channel_order']!r}")

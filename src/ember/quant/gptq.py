@@ -5,7 +5,8 @@ import dataclasses
 
 import torch
 
-from ember.quant.rtn import QuantizedWeight, WeightScheme, compute_qparams, grouped_qparams, pack_weight
+from ember.quant.rtn import (QuantizedWeight, WeightScheme, compute_qparams, grouped_qparams, pack_weight,
+                             weighted_qparams)
 
 
 class HessianAccumulator:
@@ -54,7 +55,7 @@ def channel_saliency(weights: list[torch.Tensor], hessian: torch.Tensor) -> torc
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = False,
-                  keep_channels: torch.Tensor | None = None) -> QuantizedWeight:
+                  keep_channels: torch.Tensor | None = None, clip_search: bool = False) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] column by column, spreading each column's error over the rest.
 
     Args:
@@ -71,6 +72,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
             columns of GPTQ's lazy batches are); their codes are what 0 rounds to, and the result's
             ``channel_weight`` holds the rest. Group parameters are computed up front, as with
             ``act_order``, on the weight with these columns zeroed.
+        clip_search: each group's range shrunk by the factor that minimizes its rounding error weighted by
+            the Hessian diagonal (``weighted_qparams``), instead of spanning the group's extremes.
     Returns:
         a ``QuantizedWeight`` in the original column order.
     """
@@ -89,13 +92,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     w[:, dead] = 0.0
     static = act_order or keep_channels is not None
     # original-order params (kept columns as zeros); overwritten group by group when computed dynamically
-    scales, offsets = grouped_qparams(weight.detach().float().masked_fill(keep, 0.0), scheme)
+    weighting = torch.diagonal(hessian).float().masked_fill(keep | dead, 0.0) if clip_search else None
+    original = weight.detach().float().masked_fill(keep, 0.0)
+    scales, offsets = (grouped_qparams(original, scheme) if weighting is None
+                       else weighted_qparams(original, scheme, weighting))
     w = w[:, perm].contiguous()  # [N, K] in quantization order
     hinv = _inverse_cholesky(hessian[perm][:, perm], percdamp).float()  # [K, K] upper, float32 as in GPTQ
 
     state = _State(codes=torch.zeros(rows, cols, dtype=torch.int16), scales=scales, offsets=offsets,
                    order=perm.tolist(), size=size, dynamic=bool(scheme.group_size) and not static,
-                   num_quantized=cols - int(keep.sum()))
+                   num_quantized=cols - int(keep.sum()),
+                   weighting=None if weighting is None else weighting[perm])
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         errors = _quantize_block(w, hinv, start, end, state, scheme)
@@ -117,6 +124,7 @@ class _State:
     size: int  # group length
     dynamic: bool  # group params computed when the group starts (no act-order)
     num_quantized: int  # positions from here on are kept in float (their final values written back to w)
+    weighting: torch.Tensor | None = None  # clip search: Hessian diagonal [K] in quantization order
 
 
 def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, state: _State,
@@ -128,7 +136,9 @@ def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, start: int, end: int, s
         column = state.order[start + i]
         group = column // state.size
         if state.dynamic and (start + i) % state.size == 0:
-            scale, offset = compute_qparams(block[:, i:i + state.size], scheme)
+            part = block[:, i:i + state.size]
+            scale, offset = (compute_qparams(part, scheme) if state.weighting is None else weighted_qparams(
+                part, scheme, state.weighting[start + i:start + i + state.size]))
             state.scales[:, group], state.offsets[:, group] = scale[:, 0], offset[:, 0]
         scale, offset = state.scales[:, group], state.offsets[:, group]
         if start + i >= state.num_quantized:  # kept in float: the code of 0, no error to spread

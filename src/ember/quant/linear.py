@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ember.kernels.linear.base import LinearWeights
-from ember.kernels.linear.dense import channel_matmul, pad_channels
+from ember.kernels.linear.dense import add_channels, pad_channels
 from ember.kernels.linear.module import KernelLinear
 from ember.kernels.linear.registry import KernelPolicy
 from ember.kernels.linear.spec import LinearSpec, QuantizedWeight, WeightScheme
@@ -131,8 +131,8 @@ class QuantLinear(KernelLinear):
         if self.channel_index is None:
             return out
         index, weight = self._channel_operands(x.dtype)
-        part = channel_matmul(x.reshape(-1, self.in_features).index_select(1, index), weight)
-        return out + part.reshape(out.shape)
+        rows = x.reshape(-1, self.in_features)
+        return add_channels(out.reshape(rows.shape[0], -1), rows, index, weight).reshape(out.shape)
 
     def _channel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The float channels padded for the GEMV (``pad_channels``), in ``dtype``; cached with the kernels'

@@ -42,6 +42,35 @@ def grouped_qparams(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor
     return scale.view(rows, cols // size), offset.view(rows, cols // size)
 
 
+# range shrink factors the weighted clip search tries for each group: 1.00, 0.98, ..., 0.70
+CLIP_SHRINKS = tuple(1.0 - 0.02 * i for i in range(16))
+
+
+def weighted_qparams(w: torch.Tensor, scheme: WeightScheme, column_weights: torch.Tensor,
+                     shrinks: tuple[float, ...] = CLIP_SHRINKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped RTN parameters as ``grouped_qparams`` gives them for ``w`` [N, K] scaled by a factor p of
+    ``shrinks`` (the range shrunk toward 0, so the largest weights clip), p chosen per (row, group) to minimize
+    the group's rounding error sum_j c_j (w_j - q(w_j))^2 with c = ``column_weights`` [K]. GPTQ passes its
+    Hessian diagonal 2 E[x_j^2], so the error is the one the layer's outputs see when errors of different
+    columns are uncorrelated. -> (scales, offsets), each [N, K // group]."""
+    rows, cols = w.shape
+    size = scheme.group_len(cols)
+    w = w.float()
+    groups = w.view(rows, cols // size, size)
+    weights = column_weights.float().view(1, cols // size, size)
+    best_error = torch.full((rows, cols // size), float("inf"))
+    best_scale, best_offset = grouped_qparams(w, scheme)
+    for shrink in shrinks:
+        scale, offset = grouped_qparams(w * shrink, scheme)
+        deq = fake_quantize_group(groups, scale.unsqueeze(-1), offset.unsqueeze(-1), scheme)
+        error = ((deq - groups) ** 2 * weights).sum(-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_offset = torch.where(better, offset, best_offset)
+    return best_scale, best_offset
+
+
 def pack_weight(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
     """Build a ``QuantizedWeight`` from integer codes [N, K] and [N, G] parameters."""
     qweight = pack_int4(codes) if scheme.bits == 4 else pack_int8(codes)

@@ -133,8 +133,11 @@ def pad_channels(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
     return index.contiguous(), F.pad(weight, (0, pad)).contiguous()
 
 
-def channel_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, C] @ weight^T as decode_layers.cpp computes it: the bf16 GEMV up to its row count, else F.linear."""
-    if x.dtype == torch.bfloat16 and native_has("core", "avx512_bf16") and x.shape[0] <= core_ops().max_gemv_tokens:
-        return core_ops().bf16_gemv(x, weight)
-    return F.linear(x, weight)
+def add_channels(out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out [M, N] + x[:, index] @ weight^T as decode_layers.cpp computes it: up to the GEMV's row count the
+    bf16 GEMV gathers the channels and adds each sum to ``out`` in place (rounded once), else F.linear and an
+    add."""
+    if (x.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and native_has("core", "avx512_bf16")
+            and x.shape[0] <= core_ops().max_gemv_tokens):
+        return core_ops().bf16_gemv_channels_(out.contiguous(), x, index, weight)
+    return out + F.linear(x.index_select(1, index), weight)

@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "gemv.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -21,8 +23,9 @@ using ember_gemv::kMaxTokens;
 #ifdef EMBER_BF16_GEMV_AVX512
 inline __m512bh load_bf16x32(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
-// Rows [n0, n1) of the weight against M activation rows; K % 32 == 0.
-template <int M>
+// Rows [n0, n1) of the weight against M activation rows; K % 32 == 0. With Accumulate, each sum is added to
+// y's value in float32 and rounded once.
+template <int M, bool Accumulate = false>
 void row_band(const uint16_t* w, const uint16_t* x, at::BFloat16* y, int64_t n, int64_t k, int64_t n0,
               int64_t n1) {
   for (int64_t r = n0; r < n1; ++r) {
@@ -41,8 +44,10 @@ void row_band(const uint16_t* w, const uint16_t* x, at::BFloat16* y, int64_t n, 
       const __m512bh w0 = load_bf16x32(row + i);
       for (int m = 0; m < M; ++m) acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, load_bf16x32(x + m * k + i));
     }
-    for (int m = 0; m < M; ++m)
-      y[m * n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])));
+    for (int m = 0; m < M; ++m) {
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+      y[m * n + r] = static_cast<at::BFloat16>(Accumulate ? static_cast<float>(y[m * n + r]) + sum : sum);
+    }
   }
 }
 #endif
@@ -74,6 +79,45 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight) {
   return y;
 }
 
+// out bf16 [M <= 4, N] += x[:, index] @ weight^T in place, each sum added in float32 and rounded once: the
+// input channels a quantized linear keeps in float (QuantLinear), gathered here instead of copied out first.
+// x bf16 [M, K]; index int64 [C]; weight bf16 [N, C]. Needs C % 32 == 0.
+torch::Tensor bf16_gemv_channels_(torch::Tensor out, torch::Tensor x, torch::Tensor index, torch::Tensor weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(0) <= kMaxTokens,
+              "x must be bfloat16 [M <= 4, K]");
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == torch::kLong, "index must be int64 [C]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.size(1) == index.size(0),
+              "weight must be bfloat16 [N, C]");
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kBFloat16 && out.is_contiguous() &&
+                  out.size(0) == x.size(0) && out.size(1) == weight.size(0),
+              "out must be contiguous bfloat16 [M, N]");
+  const int64_t m = x.size(0), n = weight.size(0), c = weight.size(1), k = x.size(1);
+  TORCH_CHECK(c % 32 == 0, "needs a multiple of 32 channels");
+#ifdef EMBER_BF16_GEMV_AVX512
+  if (m == 0) return out;
+  x = x.contiguous();
+  index = index.contiguous();
+  weight = weight.contiguous();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<uint16_t> picked(m * c);
+  for (int64_t j = 0; j < c; ++j) {
+    TORCH_CHECK(idx[j] >= 0 && idx[j] < k, "channel index ", idx[j], " out of range for ", k, " input features");
+    for (int64_t r = 0; r < m; ++r) picked[r * c + j] = xp[r * k + idx[j]];
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = out.data_ptr<at::BFloat16>();
+  ember_gemv::for_row_bands(m, n, [&](auto tokens, int64_t begin, int64_t end) {
+    row_band<decltype(tokens)::value, true>(w, picked.data(), yp, n, c, begin, end);
+  });
+#else
+  TORCH_CHECK(false, "built without AVX512-BF16");
+#endif
+  return out;
+}
+
 void register_bf16_gemv(pybind11::module& m) {
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [<= 4, K] @ bf16 weight [N, K]^T, float32 sums rounded once");
+  m.def("bf16_gemv_channels_", &bf16_gemv_channels_,
+        "out [<= 4, N] += x[:, index] @ weight [N, C]^T in place, bf16, each sum added in float32 and rounded once");
 }

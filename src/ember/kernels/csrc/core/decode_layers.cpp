@@ -6,8 +6,8 @@
 // Linears: W4A8 and weight-only int8 / int4 from the quant extension (through its c_api table), the dense
 // bf16 GEMV, panel and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
 // A quantized linear with input channels kept in float ("<kernel>+channels") adds x[:, index] @ weight^T
-// after its kernel, as QuantLinear.forward does (kernels/linear/dense.py, channel_matmul): the bf16 GEMV up
-// to its row count, else at::linear.
+// to its kernel's output, as QuantLinear.forward does (kernels/linear/dense.py, add_channels): gathered and
+// added in place by the bf16 GEMV up to its row count, else at::linear and an add.
 //
 // Dual-precision ops (a quantized and a dense copy of one op) whose rows split between the two in this step
 // run as the modules' DualPrecisionLinear does: the dense kernel on the dense rows, copied over the quantized
@@ -37,6 +37,7 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_codes
                                           torch::Tensor v_res_codes, torch::Tensor v_res_scales, torch::Tensor block_tables,
                                           torch::Tensor seq_lens, double scale);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight);
+torch::Tensor bf16_gemv_channels_(torch::Tensor out, torch::Tensor x, torch::Tensor index, torch::Tensor weight);
 torch::Tensor bf16_linear_amx(torch::Tensor x, torch::Tensor w_tiles, int64_t out_features);
 torch::Tensor bf16_linear_dpbf16(torch::Tensor x, torch::Tensor panels, int64_t out_features);
 
@@ -264,9 +265,9 @@ class DecodeLayers {
   torch::Tensor run(const Linear& linear, const torch::Tensor& x) const {
     torch::Tensor out = run_kernel(linear, x);
     if (!linear.channel_index.defined()) return out;
-    const torch::Tensor picked = x.index_select(1, linear.channel_index);
-    return out + (picked.size(0) <= ember_gemv::kMaxTokens ? bf16_gemv(picked, linear.channel_weight)
-                                                          : at::linear(picked, linear.channel_weight));
+    if (x.size(0) <= ember_gemv::kMaxTokens)
+      return bf16_gemv_channels_(out.contiguous(), x, linear.channel_index, linear.channel_weight);
+    return out + at::linear(x.index_select(1, linear.channel_index), linear.channel_weight);
   }
 
   torch::Tensor run_kernel(const Linear& linear, const torch::Tensor& x) const {
