@@ -87,6 +87,22 @@ def test_weighted_clip_search_reaches_the_best_shrink(scheme):
     assert shrunk > 0  # the search moved some groups off their full range
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_clip_search_takes_the_weighted_scales_of_its_groups(act_order):
+    # with a diagonal Hessian no column's error reaches another, so GPTQ is RTN on its group scales: those of
+    # the weighted search over each group's weights (computed when the group starts without act-order)
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(32, 256, generator=gen) ** 3
+    diagonal = torch.rand(256, generator=gen) + 0.1
+    scheme = SCHEMES[1]
+    quantized = gptq_quantize(weight, torch.diag(diagonal).double(), scheme, act_order=act_order, block_size=64,
+                              clip_search=True)
+    scales, _ = weighted_qparams(weight, scheme, diagonal)
+    torch.testing.assert_close(quantized.scales, scales)
+    plain = gptq_quantize(weight, torch.diag(diagonal).double(), scheme, act_order=act_order, block_size=64)
+    assert not torch.equal(plain.scales, quantized.scales)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_awq_beats_rtn(scheme):
     x, weight = _outlier_inputs()
