@@ -49,7 +49,9 @@ def make_quantizer(method: str, scheme: WeightScheme, method_args: dict[str, Any
         hessians = HessianAccumulator()
         hessians(op, x)
         return [gptq_quantize(lin.weight, hessians.hessians[op], scheme, act_order=bool(args.get("act_order", True)),
-                              percdamp=float(args.get("percdamp", 0.01))).dequantize() for lin in linears]
+                              percdamp=float(args.get("percdamp", 0.01)),
+                              clip_search=bool(args.get("clip_search", False)) and scheme.bits == 4).dequantize()
+                for lin in linears]
 
     def awq(op: str, linears: list[nn.Linear], x: torch.Tensor, layer: nn.Module | None) -> list[torch.Tensor]:
         scalable = op in ("qkv_proj", "gate_up_proj", "down_proj") or (

@@ -163,7 +163,7 @@ def _sensitivity(args: argparse.Namespace, config, model, batches):
         return report
     method = args.method if args.method in ("rtn", "gptq", "awq") else "rtn"
     return analyze_sensitivity(model, batches, config.weight_scheme(), method=method, progress=not args.quiet,
-                               restore=args.rank_by.startswith("restore"))
+                               restore=args.rank_by.startswith("restore"), method_args=config.method_args)
 
 
 def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokenizer) -> dict[str, str]:
