@@ -122,3 +122,13 @@ def test_pareto_front():
     make = lambda b, p: Candidate({}, b, p, 0.0, f"{b}")  # noqa: E731
     cands = [make(10, 5.0), make(20, 4.0), make(15, 6.0), make(30, 4.5), make(40, 3.0)]
     assert [c.weight_bytes for c in pareto_front(cands)] == [10, 20, 40]
+
+
+def test_evaluator_quantizes_with_the_method_args(setup):
+    # GPTQ's clip search reaches the int4 candidates (4-bit only); the int8 ones are GPTQ's plain per-channel
+    model, batches, _ = setup
+    plain = PlanEvaluator(model, batches, group_size=32, method="gptq")
+    clipped = PlanEvaluator(model, batches, group_size=32, method="gptq", method_args={"clip_search": True})
+    ref = decoder_ops(3)[0]
+    assert not torch.equal(plain.weights[(ref, "int4")][0], clipped.weights[(ref, "int4")][0])
+    assert torch.equal(plain.weights[(ref, "int8")][0], clipped.weights[(ref, "int8")][0])

@@ -72,7 +72,7 @@ class PlanEvaluator:
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], group_size: int = 64,
                  method: str = "gptq", score_windows: Sequence[torch.Tensor] | None = None,
-                 score_from: int = 0) -> None:
+                 score_from: int = 0, method_args: dict | None = None) -> None:
         self.model, self.batches = model, list(batches)
         self.score_windows = list(self.batches if score_windows is None else score_windows)
         self.score_from = score_from
@@ -81,14 +81,14 @@ class PlanEvaluator:
         self.shapes = op_shapes(model, self.ops)
         self.group_size = group_size
         self.original = {ref: [model.get_submodule(n).weight.data for n in ref.linear_names()] for ref in self.ops}
-        self.weights = self._quantize_all(method)
+        self.weights = self._quantize_all(method, method_args)
         self.base_nll = self._nll()
 
     @torch.no_grad()
-    def _quantize_all(self, method: str) -> dict[tuple[OpRef, str], list[torch.Tensor]]:
+    def _quantize_all(self, method: str, method_args: dict | None) -> dict[tuple[OpRef, str], list[torch.Tensor]]:
         """Fake-quantized weights of every op at int4 and int8, from the float model's own inputs."""
-        quantizers = {"int4": make_quantizer(method, WeightScheme(4, self.group_size, True)),
-                      "int8": make_quantizer(method, WeightScheme(8, None, True))}
+        quantizers = {"int4": make_quantizer(method, WeightScheme(4, self.group_size, True), method_args),
+                      "int8": make_quantizer(method, WeightScheme(8, None, True), method_args)}
         _, layers = find_decoder_layers(self.model)
         inputs = collect_layer_inputs(self.model, self.batches)
         out: dict[tuple[OpRef, str], list[torch.Tensor]] = {}

@@ -181,7 +181,8 @@ def _auto_plan(args: argparse.Namespace, config, model, batches, report, tokeniz
     if config.bits != 4 or config.method not in ("rtn", "gptq"):
         raise SystemExit("--auto searches from int4: use --bits 4 --group-size G with --method gptq or rtn")
     evaluator = PlanEvaluator(model, batches, group_size=config.group_size, method=config.method,
-                              score_windows=load_search_windows(args, tokenizer), score_from=args.search_seq_len // 2)
+                              score_windows=load_search_windows(args, tokenizer), score_from=args.search_seq_len // 2,
+                              method_args=config.method_args)
     tpot: dict[str, float] = {}
 
     def fastest(candidates, bound):  # the latency objective: measure each bf16 count's cheapest feasible plan
