@@ -58,17 +58,14 @@ def weighted_qparams(w: torch.Tensor, scheme: WeightScheme, column_weights: torc
     w = w.float()
     groups = w.view(rows, cols // size, size)
     weights = column_weights.float().view(1, cols // size, size)
-    best_error = torch.full((rows, cols // size), float("inf"))
-    best_scale, best_offset = grouped_qparams(w, scheme)
+    best = None  # (error, scale, offset) of the best factor so far, per (row, group)
     for shrink in shrinks:
         scale, offset = grouped_qparams(w * shrink, scheme)
         deq = fake_quantize_group(groups, scale.unsqueeze(-1), offset.unsqueeze(-1), scheme)
-        error = ((deq - groups) ** 2 * weights).sum(-1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_offset = torch.where(better, offset, best_offset)
-    return best_scale, best_offset
+        candidate = (((deq - groups) ** 2 * weights).sum(-1), scale, offset)
+        better = None if best is None else candidate[0] < best[0]
+        best = candidate if best is None else tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
+    return best[1], best[2]
 
 
 def pack_weight(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
