@@ -167,3 +167,34 @@ def test_int4_dpbf16_multiplies_the_bf16_dequantized_weight(out_features, in_fea
     bias = layer.bias.bfloat16().float()
     bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ dense.abs().T)
     assert bool(((ours.float() - exact - bias).abs() <= bound + 2 ** -8 * (exact + bias).abs()).all())
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(4, 32, False)])
+@pytest.mark.parametrize("num_tokens", [5, 13, 40])
+@pytest.mark.skipif(not native_has("quant", "avx512_bf16"), reason="int4_dpbf16 needs AVX512-BF16")
+def test_int4_dpbf16_takes_kept_float_channels_inside_its_panels(scheme, num_tokens):
+    # input channels kept in float (even and odd k, the first and the last): each kept column of the bf16
+    # weight becomes its codes' value plus its float part, rounded to bf16 once; the module adds nothing more
+    out_features, in_features = 80, 192
+    gen = torch.Generator().manual_seed(num_tokens)
+    weight = quantize_weight(torch.randn(out_features, in_features, generator=gen), scheme)
+    weight.channel_index = torch.tensor([0, 7, 64, 65, 130, 191])
+    weight.channel_weight = torch.randn(out_features, 6, generator=gen)
+    layer = QuantLinear.from_quantized(weight).to(torch.bfloat16)
+    x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+    offsets = layer.offsets if layer.offsets is not None else torch.empty(0)
+    codes_only = quant_ops().dequantize_bf16(layer.qweight, layer.scales, offsets, 4, in_features).float()
+    dense = codes_only.clone()
+    index = weight.channel_index
+    dense[:, index] = layer.dequantize()[:, index].bfloat16().float()  # codes' value + float part, one rounding
+    exact = x.float() @ dense.T
+    bound = 2 ** -8 * exact.abs() + 1e-5 * (x.float().abs() @ dense.abs().T)
+    if not native_has("quant", "amx"):  # woq_amx takes these calls where AMX runs
+        assert layer.select_kernel(num_tokens, torch.bfloat16).name == "int4_dpbf16"
+        assert bool(((layer(x).float() - exact).abs() <= bound).all())
+    ours = layer.run_kernel(x, KERNEL_REGISTRY["int4_dpbf16"])
+    assert bool(((ours.float() - exact).abs() <= bound).all())
+    assert not bool(((ours.float() - x.float() @ codes_only.T).abs() <= bound).all())  # the channels count
+    codes, scales, offsets, group_len, kept, columns = layer.prepare(KERNEL_REGISTRY["int4_dpbf16"], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside"):
+        quant_ops().int4_linear_dpbf16(x, codes, scales, offsets, group_len, kept + in_features, columns)

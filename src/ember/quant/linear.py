@@ -21,7 +21,8 @@ class QuantLinear(KernelLinear):
     [N, K] float, if the checkpoint carries a high-precision copy of the op (per-request precision
     fallback; it follows the model's dtype); ``channel_index`` int64 [C] and ``channel_weight`` [N, C] float
     (following the model's dtype), if some input channels were kept in float (``QuantizedWeight``): the
-    kernel computes the codes' part and x[:, channel_index] @ channel_weight^T is added. Kernel operands
+    kernel computes the codes' part and x[:, channel_index] @ channel_weight^T is added (or, for a kernel that
+    ``fuses_channels``, the kept columns take their float values inside the kernel). Kernel operands
     are derived from these on first use per activation dtype and are not part of the state dict.
 
     Args:
@@ -128,7 +129,7 @@ class QuantLinear(KernelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.channel_index is None:
+        if self.channel_index is None or self._cached_plan(x.numel() // self.in_features, x.dtype)[0].fuses_channels:
             return out
         index, weight = self._channel_operands(x.dtype)
         rows = x.reshape(-1, self.in_features)
@@ -145,13 +146,14 @@ class QuantLinear(KernelLinear):
     def native_call(self, num_tokens: int, dtype: torch.dtype) -> tuple[str, list[torch.Tensor], int] | None:
         # float channels ride along as "<kernel>+channels" with two more tensors (decode_layers.cpp)
         call = super().native_call(num_tokens, dtype)
-        if call is None or self.channel_index is None:
+        if call is None or self.channel_index is None or self._cached_plan(num_tokens, dtype)[0].fuses_channels:
             return call
         name, tensors, arg = call
         return name + "+channels", [*tensors, *self._channel_operands(dtype)], arg
 
     def linear_weights(self) -> LinearWeights:
-        return LinearWeights(quantized=self.quantized_weight(), bias=self.bias)
+        return LinearWeights(quantized=self.quantized_weight(), bias=self.bias, channel_index=self.channel_index,
+                             channel_weight=self.channel_weight)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Follow device moves but keep the stored dtypes: ``model.to(torch.bfloat16)`` must not round scales."""

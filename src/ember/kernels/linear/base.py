@@ -14,11 +14,15 @@ Operands = Any  # whatever a kernel's prepare() packs for its run()
 
 @dataclasses.dataclass(frozen=True)
 class LinearWeights:
-    """The tensors of one linear: a float weight [N, K] (dense) or quantized codes and scales; the bias [N]."""
+    """The tensors of one linear: a float weight [N, K] (dense) or quantized codes and scales; the bias [N];
+    input channels kept in float beside the codes (``QuantizedWeight``'s channel_index [C], channel_weight
+    [N, C]), which only kernels that fuse them read."""
 
     weight: torch.Tensor | None = None
     quantized: QuantizedWeight | None = None
     bias: torch.Tensor | None = None
+    channel_index: torch.Tensor | None = None
+    channel_weight: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,8 @@ class LinearKernel:
         prepare: (spec, weights, dtype) -> operands, built once per layer and dtype.
         run: (x [M, K], spec, operands) -> y [M, N] in x's dtype.
         fuses_bias: whether run() adds the bias itself (else the caller adds it, in x's dtype).
+        fuses_channels: whether run() computes the float input channels too (``LinearWeights``), so the caller
+            does not add them.
         max_tokens: (spec) -> the most tokens per call this kernel is chosen for, or None for no limit.
             Each limit lives here, once: the native GEMVs' row limit, the measured crossovers.
         min_tokens: the fewest tokens per call it is chosen for (a measured crossover: below it a later
@@ -47,6 +53,7 @@ class LinearKernel:
     prepare: Callable[[LinearSpec, LinearWeights, torch.dtype], Operands]
     run: Callable[[torch.Tensor, LinearSpec, Operands], torch.Tensor]
     fuses_bias: bool = False
+    fuses_channels: bool = False
     max_tokens: Callable[[LinearSpec], int | None] = lambda spec: None
     min_tokens: int = 1
     native: Callable[[LinearSpec, Operands], tuple[list[torch.Tensor], int]] | None = None

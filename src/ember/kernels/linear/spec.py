@@ -63,8 +63,8 @@ class QuantizedWeight:
     minimum, as in GGUF Q4_1), else None (implied: -8 * scale for symmetric 4-bit, 0 for 8-bit).
     channel_index: int64 [C], input channels kept in float (GPTQ with ``bf16_channels``), else None;
     channel_weight: float [N, C], what those columns add on top of their codes (w - code * scale -
-    offset). Kernels compute the codes' part only; ``QuantLinear`` adds x[:, channel_index] @
-    channel_weight^T.
+    offset). Most kernels compute the codes' part only and ``QuantLinear`` adds x[:, channel_index] @
+    channel_weight^T; a kernel with ``fuses_channels`` (int4_dpbf16) computes both.
     """
 
     qweight: torch.Tensor

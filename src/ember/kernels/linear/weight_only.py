@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels.linear.base import LinearKernel, LinearWeights, require
-from ember.kernels.linear.spec import WEIGHT_ONLY, LinearSpec
+from ember.kernels.linear.spec import WEIGHT_ONLY, LinearSpec, dequantize_codes
 from ember.kernels.linear.tiles import TILE_K_BF16, TILE_N, tile_params, tile_woq_codes
 from ember.kernels.ops import native_has, quant_ops
 
@@ -130,13 +130,24 @@ def _int4_dpbf16_check(spec: LinearSpec, dtype: torch.dtype) -> str | None:
 
 def _int4_dpbf16_prepare(spec: LinearSpec, weights: LinearWeights, dtype: torch.dtype):
     weight = weights.quantized  # qweight uint8 [N, K / 2]: byte j holds k = 2j (low nibble) and 2j + 1
-    return (_by_blocks(weight.qweight), _by_blocks(weight.scales.float()),
-            _by_blocks(weight.group_offsets().float()), spec.group_len)
+    operands = (_by_blocks(weight.qweight), _by_blocks(weight.scales.float()),
+                _by_blocks(weight.group_offsets().float()), spec.group_len)
+    if weights.channel_index is None:
+        return operands
+    # the kept columns' values, codes' part plus float part rounded once, replace their columns in each panel
+    index = weights.channel_index.long().contiguous()
+    codes_part = dequantize_codes(weight.codes(), weight.scales, weight.group_offsets(), spec.in_features)[:, index]
+    columns = (codes_part + weights.channel_weight.float()).to(torch.bfloat16)  # [N, C]
+    return (*operands, index, _by_blocks(columns))
+
+
+def _int4_dpbf16_native(spec: LinearSpec, ops) -> tuple[list[torch.Tensor], int]:
+    return [*ops[:3], *ops[4:]], ops[3]
 
 
 INT4_DPBF16 = LinearKernel(
     "int4_dpbf16", WEIGHT_ONLY_KINDS, _int4_dpbf16_check, _int4_dpbf16_prepare,
-    lambda x, spec, ops: quant_ops().int4_linear_dpbf16(x, *ops), native=lambda spec, ops: (list(ops[:3]), ops[3]))
+    lambda x, spec, ops: quant_ops().int4_linear_dpbf16(x, *ops), fuses_channels=True, native=_int4_dpbf16_native)
 
 
 # --- int4, torch._weight_int4pack_mm_for_cpu --------------------------------------------------------

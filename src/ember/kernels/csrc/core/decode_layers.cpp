@@ -7,7 +7,8 @@
 // bf16 GEMV, panel and AMX kernels of this extension, oneDNN and torch's packed weight-only ops through ATen.
 // A quantized linear with input channels kept in float ("<kernel>+channels") adds x[:, index] @ weight^T
 // to its kernel's output, as QuantLinear.forward does (kernels/linear/dense.py, add_channels): gathered and
-// added in place by the bf16 GEMV up to its row count, else at::linear and an add.
+// added in place by the bf16 GEMV up to its row count, else at::linear and an add. int4_dpbf16 takes the
+// kept channels inside its panels instead (two more operands, no "+channels").
 //
 // Dual-precision ops (a quantized and a dense copy of one op) whose rows split between the two in this step
 // run as the modules' DualPrecisionLinear does: the dense kernel on the dense rows, copied over the quantized
@@ -106,7 +107,7 @@ Linear make_linear(std::string kernel, std::vector<torch::Tensor> operands, int6
     expected = 2;  // codes by pairs of k, scales
   } else if (kernel == "int4_dpbf16") {
     kind = Linear::kInt4Dpbf16;
-    expected = 3;  // codes by blocks, scales, offsets
+    expected = 3;  // codes by blocks, scales, offsets (+ the kept channels' index and columns, fused)
   } else if (kernel == "int4_weight_only") {
     kind = Linear::kInt4Packed;
     expected = 2;  // torch's packed codes, scales and zeros
@@ -120,7 +121,9 @@ Linear make_linear(std::string kernel, std::vector<torch::Tensor> operands, int6
     TORCH_CHECK(false, "the decode loop cannot run kernel '", kernel, "'");
   }
   const bool takes_bias = kind == Linear::kW4A8 || kind == Linear::kW8A8Gemv;
-  TORCH_CHECK(operands.size() == expected || (takes_bias && operands.size() == expected + 1),
+  const bool fuses_channels = kind == Linear::kInt4Dpbf16 && !channel_index.defined();
+  TORCH_CHECK(operands.size() == expected || (takes_bias && operands.size() == expected + 1) ||
+                  (fuses_channels && operands.size() == expected + 2),
               "kernel '", kernel, "' takes ", expected, " operands, got ", operands.size());
   return Linear{kind, std::move(operands), arg, channel_index, channel_weight};
 }
@@ -288,7 +291,8 @@ class DecodeLayers {
       case Linear::kInt8Dpbf16:
         return quant_->int8_linear_dpbf16(x, w[0], w[1]);
       case Linear::kInt4Dpbf16:
-        return quant_->int4_linear_dpbf16(x, w[0], w[1], w[2], linear.arg);
+        return quant_->int4_linear_dpbf16(x, w[0], w[1], w[2], linear.arg, optional_operand(w, 3),
+                                          optional_operand(w, 4));
       case Linear::kInt4Packed:
         return at::_weight_int4pack_mm_for_cpu(x, w[0], linear.arg, w[1]);
       case Linear::kInt8Packed:

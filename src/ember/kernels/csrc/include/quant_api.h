@@ -9,7 +9,7 @@
 namespace ember_quant_api {
 
 constexpr const char* kCapsuleName = "ember.quant.c_api";
-constexpr int kVersion = 4;
+constexpr int kVersion = 5;
 
 struct Table {
   int version;
@@ -22,9 +22,12 @@ struct Table {
   torch::Tensor (*int8_gemv)(torch::Tensor x, torch::Tensor codes, torch::Tensor scale);
   // weight-only int8 per channel, any M: codes by pairs of k, scale [N] (woq_dpbf16.cpp)
   torch::Tensor (*int8_linear_dpbf16)(torch::Tensor x, torch::Tensor codes, torch::Tensor scale);
-  // weight-only int4 groups, any M: codes by 16-channel blocks, scales and offsets [N / 16, G, 16], group length
+  // weight-only int4 groups, any M: codes by 16-channel blocks, scales and offsets [N / 16, G, 16], group length,
+  // optionally the input channels kept in float: index [C] and their bf16 columns [N / 16, C, 16]
   torch::Tensor (*int4_linear_dpbf16)(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                                      torch::Tensor offsets, int64_t group_len);
+                                      torch::Tensor offsets, int64_t group_len,
+                                      c10::optional<torch::Tensor> channel_index,
+                                      c10::optional<torch::Tensor> channel_columns);
   // W8A8 per channel, x [M <= 4, K] quantized per token: codes [N, K], their row sums, scale [N], optional bias
   torch::Tensor (*w8a8_linear_gemv)(torch::Tensor x, torch::Tensor codes, torch::Tensor colsum, torch::Tensor w_scale,
                                     c10::optional<torch::Tensor> bias);
