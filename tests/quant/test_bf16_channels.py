@@ -98,6 +98,15 @@ def test_quant_linear_adds_its_float_channels_and_fuses_different_sets():
     assert fused.channel_index.tolist() == [1, 9, 50, 100]
     torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in parts], dim=1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(fused.dequantize(), torch.cat([layer.dequantize() for layer in parts]))
+    # in bfloat16, every kernel the policy picks (the channels added after it, or written into its panels where
+    # int4_dpbf16 runs): a union column that a part does not keep holds that part's codes and a zero float part
+    fused_bf16 = fused.to(torch.bfloat16)
+    reference = fused_bf16.dequantize().double()
+    for tokens in (1, 4, 5, 13, 70):
+        x16 = x[:tokens].bfloat16()
+        exact = x16.double() @ reference.T
+        bound = 2 ** -7 * exact.abs() + 2 ** -8 * (x16.double().abs() @ reference.abs().T)
+        assert bool(((fused_bf16(x16).double() - exact).abs() <= bound).all()), tokens
 
 
 def test_linears_sharing_an_input_keep_one_set_of_their_most_salient_channels(calib_batches):
