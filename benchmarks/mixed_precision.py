@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16-channels", type=float, default=0.0, metavar="FRACTION",
                         help="also score GPTQ keeping this fraction of each linear's input channels in bf16 "
                              "(salient, and random controls)")
+    parser.add_argument("--bf16-channel-split", default=None, metavar="OP=WEIGHT[,OP=WEIGHT...]",
+                        help="share the channels' bytes within each layer by op weight "
+                             "(`ember quantize --bf16-channel-split`), salient and random alike")
+    parser.add_argument("--calibration-seed", type=int, default=0,
+                        help="seed of the 16 calibration windows (the same windows for every setting)")
     parser.add_argument("--clip-search", action="store_true",
                         help="GPTQ's weighted clip search (`ember quantize --clip-search`) in every setting")
     parser.add_argument("--seeds", type=int, default=3, help="random controls")
@@ -70,11 +75,15 @@ def evaluation_ppl(model_dir: str | None, dtype: str, max_tokens: int) -> float:
 def quantize_and_score(float_model, batches, precisions: dict[str, str], args, scratch: str,
                        bf16_channels: float = 0.0, method_args: dict | None = None) -> tuple[float, dict]:
     """Perplexity of the checkpoint written for this setting, and its float-channel bytes (when it keeps some)."""
+    from ember.cli.quantize import parse_channel_split
     from ember.quant import QuantConfig, QuantLinear, quantize_model, save_quantized
 
     method_args = {**(method_args or {}), **({"clip_search": True} if args.clip_search else {})}
+    if bf16_channels and args.bf16_channel_split:
+        method_args["channel_split"] = parse_channel_split(args.bf16_channel_split)
     config = QuantConfig(method=args.method, bits=4, group_size=args.group_size, precisions=precisions,
-                         calibration={"files": "calibration plays", "num_samples": 16, "seq_len": 256, "seed": 0},
+                         calibration={"files": "calibration plays", "num_samples": 16, "seq_len": 256,
+                                      "seed": args.calibration_seed},
                          bf16_channels=bf16_channels, method_args=method_args)
     model = copy.deepcopy(float_model)
     quantize_model(model, config, calib_batches=batches)
@@ -107,7 +116,7 @@ def main() -> None:
     float_model = to_hf_model(model_config, state)
     tokenizer = Tokenizer.from_path(path)
     ids = torch.tensor(tokenizer.encode(read_texts(play_paths(CALIBRATION_PLAYS)), add_special_tokens=False))
-    batches = sample_calibration_batches(ids, 16, 256, seed=0)
+    batches = sample_calibration_batches(ids, 16, 256, seed=args.calibration_seed)
     ops = decoder_ops(model_config.num_hidden_layers)
     shapes = op_shapes(float_model, ops)
     report = SensitivityReport.load(args.sensitivity)

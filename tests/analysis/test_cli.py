@@ -154,3 +154,22 @@ def test_bf16_channels_clip_search_checkpoint_and_bad_flags(tiny_llama_dir, tmp_
     with pytest.raises(SystemExit, match="clip_search is for GPTQ"):
         main(["quantize", "--model", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--clip-search", "--output", str(tmp_path / "bad")])
+
+
+def test_bf16_channel_split_is_recorded_and_bad_splits_are_refused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "split"
+    main(["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
+          "--bf16-channels", "0.25", "--bf16-channel-split", "down_proj=2,gate_up_proj=0.5", "--output", str(out),
+          *CALIB])
+    recorded = json.loads((out / "quantization_config.json").read_text())
+    assert recorded["method_args"]["channel_split"] == {"down_proj": 2.0, "gate_up_proj": 0.5}
+    layer = LLM(model=str(out), dtype="float32", num_kv_blocks=32, max_model_len=128).engine.runner.model.model.layers[0]
+    down = layer.mlp.down_proj
+    gate_up = layer.mlp.up_proj if layer.mlp.gate_up_proj is None else layer.mlp.gate_up_proj  # fused in bf16 only
+    assert down.channel_index.numel() > down.in_features // 4 > 0  # down_proj's channels cost the fewest bytes
+    assert gate_up.channel_index.numel() < gate_up.in_features // 4
+    for split, message in (("down_proj", "OP=WEIGHT"), ("down_proj=x", "OP=WEIGHT"), ("mlp=2", "among"),
+                           ("down_proj=-1", "positive")):
+        with pytest.raises(SystemExit, match=message):
+            main(["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                  "--bf16-channels", "0.25", "--bf16-channel-split", split, "--output", str(tmp_path / "bad")])

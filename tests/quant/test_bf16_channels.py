@@ -126,6 +126,29 @@ def test_linears_sharing_an_input_keep_one_set_of_their_most_salient_channels(ca
     assert other.numel() == 12 and not torch.equal(other, attn.q_proj.channel_index)
 
 
+@pytest.mark.parametrize("split", [{"down_proj": 2.0, "gate_up_proj": 0.5}, {"down_proj": 3.0}])
+def test_channel_split_shares_each_layers_float_bytes_by_op_weight(calib_batches, split):
+    # tiny Llama: q/k/v 256 x 128, o 128 x 128, gate/up 512 x 128, down 128 x 256
+    shapes = {"qkv_proj": (256, 128), "o_proj": (128, 128), "gate_up_proj": (512, 128), "down_proj": (128, 256)}
+    params = {op: n * k for op, (n, k) in shapes.items()}
+    scale = sum(params.values()) / sum(split.get(op, 1.0) * params[op] for op in shapes)
+    expected = {op: int(scale * split.get(op, 1.0) * 0.1 * k) for op, (n, k) in shapes.items()}
+    assert sum(expected[op] * n for op, (n, k) in shapes.items()) <= 0.1 * sum(params.values())
+    for order in ("saliency", "random"):
+        model = make_tiny_llama()
+        quantize_model(model, QuantConfig(method="gptq", bits=4, group_size=64, bf16_channels=0.1,
+                                          method_args={"channel_split": split, "channel_order": order}),
+                       calib_batches=calib_batches)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            counts = {"qkv_proj": attn.q_proj.channel_index.numel(), "o_proj": attn.o_proj.channel_index.numel(),
+                      "gate_up_proj": mlp.up_proj.channel_index.numel(),
+                      "down_proj": mlp.down_proj.channel_index.numel()}
+            assert counts == expected, order
+            assert torch.equal(attn.q_proj.channel_index, attn.k_proj.channel_index)
+    assert expected["down_proj"] > int(0.1 * 256)  # the split moved bytes to down_proj
+
+
 def test_bad_channel_settings_are_refused():
     with pytest.raises(ValueError, match="gptq"):
         QuantConfig(method="rtn", bits=4, group_size=64, bf16_channels=0.1)
@@ -133,6 +156,13 @@ def test_bad_channel_settings_are_refused():
         QuantConfig(method="gptq", bits=4, group_size=64, bf16_channels=1.0)
     with pytest.raises(ValueError, match="channel_order"):
         QuantConfig(method="gptq", bits=4, group_size=64, bf16_channels=0.1, method_args={"channel_order": "x"})
+    with pytest.raises(ValueError, match="set bf16_channels"):
+        QuantConfig(method="gptq", bits=4, group_size=64, method_args={"channel_split": {"down_proj": 2.0}})
+    with pytest.raises(ValueError, match="among"):
+        QuantConfig(method="gptq", bits=4, group_size=64, bf16_channels=0.1, method_args={"channel_split": {"mlp": 2}})
+    with pytest.raises(ValueError, match="positive"):
+        QuantConfig(method="gptq", bits=4, group_size=64, bf16_channels=0.1,
+                    method_args={"channel_split": {"down_proj": 0}})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

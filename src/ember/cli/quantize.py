@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                        help="GPTQ: keep this fraction of each linear's input channels in bf16, the most salient "
                             "(E[x_j^2] ||W[:, j]||^2 on the calibration data); GPTQ quantizes them last, so they "
                             "absorb its error updates")
+    mixed.add_argument("--bf16-channel-split", default=None, metavar="OP=WEIGHT[,OP=WEIGHT...]",
+                       help="share --bf16-channels' bytes within each layer by op weight (ops: qkv_proj, o_proj, "
+                            "gate_up_proj, down_proj; 1 when not named), e.g. down_proj=2,gate_up_proj=0.5")
     mixed.add_argument("--rank-by", default="kl",
                        choices=["kl", "dppl", "R", "energy", "skew", "restore", "restore_per_byte"],
                        help="metric that ranks ops for --bf16-budget and --auto; restore: the leave-one-out gain "
@@ -88,6 +91,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.clip_search:
         method_args["clip_search"] = True
     try:
+        if args.bf16_channel_split is not None:
+            method_args["channel_split"] = parse_channel_split(args.bf16_channel_split)
         config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size,
                              symmetric=not args.asymmetric, act_bits=act_bits, rotate=args.rotate,
                              alpha=args.alpha, method_args=method_args, calibration=describe_calibration(args),
@@ -117,6 +122,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps({"output": args.output, "config": config.to_dict(), "quantized_modules": len(replaced),
                       "fallback_copies_bf16_mb": round(2 * copies / 1e6, 1),
                       "quantize_s": round(time.monotonic() - start, 1)}, indent=1))
+
+
+def parse_channel_split(text: str) -> dict[str, float]:
+    """'down_proj=2,gate_up_proj=0.5' -> {"down_proj": 2.0, "gate_up_proj": 0.5} (QuantConfig checks the ops)."""
+    split = {}
+    for item in text.split(","):
+        op, sep, weight = item.partition("=")
+        try:
+            split[op.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--bf16-channel-split takes OP=WEIGHT items, got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--bf16-channel-split takes OP=WEIGHT items, got {item!r}")
+    return split
 
 
 def _fallback_modules(args: argparse.Namespace, config, model, report, precisions: dict[str, str]) -> list[str]:

@@ -114,7 +114,7 @@ def _gptq_layer_fn(config: QuantConfig) -> LayerFn:
         with capture_activations(layer, list(targets), reducer=hessians):
             run_layer(layer, inputs)
         kept = _kept_channels(targets, hessians.hessians, config.bf16_channels,
-                              args.get("channel_order", "saliency"), generator)
+                              args.get("channel_order", "saliency"), generator, args.get("channel_split"))
         return {name: gptq_quantize(lin.weight, hessians.hessians[name], schemes[name],
                                     block_size=int(args.get("block_size", 128)),
                                     percdamp=float(args.get("percdamp", 0.01)),
@@ -130,18 +130,23 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _kept_channels(targets: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], fraction: float, order: str,
-                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator, split: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """The input channels each target keeps in float: the floor(fraction * K) most salient (or random) ones, one
-    choice for each set of linears sharing an input (their saliencies added)."""
+    choice for each set of linears sharing an input (their saliencies added). With ``split`` ({op: weight}),
+    a set of op o keeps floor(lambda * weight_o * fraction * K) instead, lambda = the targets' parameters over
+    their weighted parameters, so the float share of all of them stays at most ``fraction``."""
     sets: dict[tuple[str, int], list[str]] = {}
     for name in targets:
         parent, _, leaf = name.rpartition(".")
         shared = next((i for i, group in enumerate(SHARED_INPUTS) if leaf in group), None)
         sets.setdefault((parent, shared) if shared is not None else (name, -1), []).append(name)
+    weights = {key: (split or {}).get(_split_op(names[0]), 1.0) for key, names in sets.items()}
+    params = {key: sum(targets[n].weight.numel() for n in names) for key, names in sets.items()}
+    scale = sum(params.values()) / sum(weights[key] * params[key] for key in sets)
     kept = {}
-    for names in sets.values():
+    for key, names in sets.items():
         cols = targets[names[0]].in_features
-        count = int(fraction * cols)
+        count = min(int(scale * weights[key] * fraction * cols), cols)
         if not count:
             continue
         if order == "random":
@@ -151,6 +156,13 @@ def _kept_channels(targets: dict[str, nn.Linear], hessians: dict[str, torch.Tens
             channels = torch.topk(saliency, count).indices
         kept.update({n: channels.sort().values for n in names})
     return kept
+
+
+def _split_op(name: str) -> str:
+    """The ``channel_split`` op a linear belongs to (q/k/v -> qkv_proj, gate/up -> gate_up_proj, else its own name)."""
+    leaf = name.rpartition(".")[2]
+    return {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+            "up_proj": "gate_up_proj"}.get(leaf, leaf)
 
 
 def _awq_layer_fn(config: QuantConfig) -> LayerFn:

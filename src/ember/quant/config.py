@@ -17,6 +17,8 @@ DEFAULT_MODULES = (
 FORMAT_VERSION = 1
 LM_HEAD_PRECISIONS = (None, "int8", "int4")
 CHANNEL_ORDERS = ("saliency", "random")
+# the ops ``method_args["channel_split"]`` weighs (the sensitivity report's op names: q/k/v and gate/up share inputs)
+CHANNEL_SPLIT_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,10 @@ class QuantConfig:
             for the linears that read the same input, q/k/v and gate/up) and quantized last, so they absorb
             GPTQ's error updates. ``method_args``
             ``channel_order`` ``"random"`` (seed ``channel_seed``, 0) picks them at random instead, the
-            control of the choice.
+            control of the choice. ``method_args`` ``channel_split`` ({op: weight} over
+            ``CHANNEL_SPLIT_OPS``, 1 for ops not named) shares each decoder layer's float bytes unevenly:
+            op o keeps floor(lambda * weight_o * bf16_channels * K_o) channels, lambda scaling the weighted
+            parameters back to the layer's, so the layer's float share stays at most ``bf16_channels``.
     Raises:
         ValueError: on any inconsistent combination.
     """
@@ -110,6 +115,17 @@ class QuantConfig:
         if self.method_args.get("channel_order", "saliency") not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, "
                              f"got {self.method_args['channel_order']!r}")
+        split = self.method_args.get("channel_split")
+        if split is not None:
+            if not self.bf16_channels:
+                raise ValueError("channel_split shares the bf16_channels budget: set bf16_channels")
+            if not isinstance(split, dict) or not split:
+                raise ValueError(f"channel_split must map ops to weights, got {split!r}")
+            bad_ops = sorted(set(split) - set(CHANNEL_SPLIT_OPS))
+            if bad_ops:
+                raise ValueError(f"channel_split ops must be among {CHANNEL_SPLIT_OPS}, got {bad_ops}")
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in split.values()):
+                raise ValueError(f"channel_split weights must be positive numbers, got {split}")
         if self.lm_head == "int4" and self.bits != 4:
             raise ValueError("lm_head='int4' takes the 4-bit scheme of the other linears: set bits=4")
 
