@@ -7,7 +7,9 @@ bf16 up to `--bf16-budget` of the linear weights (ranked by `--rank-by` in the `
 report); `--seeds` random choices of ops with at most the same bf16 bytes; with `--bf16-channels F`,
 GPTQ keeping each linear's most salient fraction F of input channels in bf16, and `--seeds` random
 choices of as many channels; plus any `--checkpoint` directories (e.g. an `ember quantize --auto`
-result). `--clip-search` runs GPTQ with its weighted clip search in every setting. Prints one JSON object.
+result). `--clip-search` runs GPTQ with its weighted clip search in every setting; `--bf16-channel-split`
+shares the channels' bytes by op (salient and random alike); `--calibration-seed` draws other calibration
+windows. Prints one JSON object.
 
     .venv/bin/python benchmarks/mixed_precision.py --sensitivity sens.json --bf16-budget 0.10
 """
