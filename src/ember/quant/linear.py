@@ -128,12 +128,17 @@ class QuantLinear(KernelLinear):
         return weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.channel_index is None or self._cached_plan(x.numel() // self.in_features, x.dtype)[0].fuses_channels:
-            return out
-        index, weight = self._channel_operands(x.dtype)
+        if self.channel_index is None:
+            return super().forward(x)
         rows = x.reshape(-1, self.in_features)
-        return add_channels(out.reshape(rows.shape[0], -1), rows, index, weight).reshape(out.shape)
+        kernel, operands, add_bias = self._cached_plan(rows.shape[0], x.dtype)
+        out = kernel.run(rows, self.spec, operands)
+        if add_bias:
+            out = out + self.bias.to(out.dtype)
+        if not kernel.fuses_channels:  # else the kernel wrote the kept columns' values into its own weight
+            index, weight = self._channel_operands(x.dtype)
+            out = add_channels(out, rows, index, weight)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _channel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The float channels padded for the GEMV (``pad_channels``), in ``dtype``; cached with the kernels'
