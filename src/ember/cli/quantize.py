@@ -128,13 +128,11 @@ def parse_channel_split(text: str) -> dict[str, float]:
     """'down_proj=2,gate_up_proj=0.5' -> {"down_proj": 2.0, "gate_up_proj": 0.5} (QuantConfig checks the ops)."""
     split = {}
     for item in text.split(","):
-        op, sep, weight = item.partition("=")
-        try:
+        op, _, weight = item.partition("=")
+        try:  # an item without "=" has an empty weight
             split[op.strip()] = float(weight)
         except ValueError:
             raise ValueError(f"--bf16-channel-split takes OP=WEIGHT items, got {item!r}") from None
-        if not sep:
-            raise ValueError(f"--bf16-channel-split takes OP=WEIGHT items, got {item!r}")
     return split
 
 

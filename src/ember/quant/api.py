@@ -17,6 +17,7 @@ from ember.quant.config import QuantConfig
 from ember.quant.gptq import HessianAccumulator, channel_saliency, gptq_quantize
 from ember.quant.layout import fold_scales, scale_groups
 from ember.quant.linear import QuantLinear
+from ember.quant.plan import OP_LINEARS
 from ember.quant.rotation import rotate_model, untie_embeddings
 from ember.quant.rtn import quantize_weight
 from ember.quant.smoothquant import smoothing_scales
@@ -158,11 +159,14 @@ def _kept_channels(targets: dict[str, nn.Linear], hessians: dict[str, torch.Tens
     return kept
 
 
+# linear leaf name -> the op it is part of (q_proj -> qkv_proj, ...), as plan.OP_LINEARS groups them
+_OP_OF_LEAF = {path.rpartition(".")[2]: op for op, paths in OP_LINEARS.items() for path in paths}
+
+
 def _split_op(name: str) -> str:
-    """The ``channel_split`` op a linear belongs to (q/k/v -> qkv_proj, gate/up -> gate_up_proj, else its own name)."""
+    """The ``channel_split`` op a linear belongs to (its own leaf name outside the decoder ops)."""
     leaf = name.rpartition(".")[2]
-    return {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-            "up_proj": "gate_up_proj"}.get(leaf, leaf)
+    return _OP_OF_LEAF.get(leaf, leaf)
 
 
 def _awq_layer_fn(config: QuantConfig) -> LayerFn:

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from ember.kernels.linear.spec import WeightScheme
-from ember.quant.plan import LM_HEAD, PRECISIONS
+from ember.quant.plan import LM_HEAD, OP_LINEARS, PRECISIONS
 
 METHODS = ("rtn", "awq", "gptq", "smoothquant")
 GROUP_SIZES = (32, 64, 128)
@@ -17,8 +17,8 @@ DEFAULT_MODULES = (
 FORMAT_VERSION = 1
 LM_HEAD_PRECISIONS = (None, "int8", "int4")
 CHANNEL_ORDERS = ("saliency", "random")
-# the ops ``method_args["channel_split"]`` weighs (the sensitivity report's op names: q/k/v and gate/up share inputs)
-CHANNEL_SPLIT_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# the ops ``method_args["channel_split"]`` weighs: a decoder layer's ops (plan.OP_LINEARS)
+CHANNEL_SPLIT_OPS = tuple(OP_LINEARS)
 
 
 @dataclasses.dataclass(frozen=True)
